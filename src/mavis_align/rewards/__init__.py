@@ -1,0 +1,119 @@
+"""Reward registry: names -> lazily built :class:`Reward` callables.
+
+Entries are ``"module:factory"`` strings imported on first use, so listing rewards costs nothing
+and a reward that needs a hub model only fails when it is actually requested. A spec of the form
+``hf:NAME_OR_PATH[#INDEX][@FORMAT]`` builds a sequence-classification reward on the fly.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass, field
+
+from .base import Reward, RewardFn
+
+__all__ = ["Reward", "RewardFn", "RewardEntry", "REWARDS", "DEFAULT_OBJECTIVES", "register_reward", "get_reward", "get_rewards", "list_rewards", "score_all"]
+
+
+@dataclass(frozen=True)
+class RewardEntry:
+    name: str
+    description: str
+    value_range: tuple[float, float]
+    higher_is_better: bool
+    target: str  # "module:callable"
+    kwargs: dict = field(default_factory=dict)
+    offline: bool = True  # False: needs a hub (or a local copy) of the model
+    kind: str = "scorer"  # "scorer": target is the batched scoring fn; "factory": target(**kwargs) -> Reward
+
+    def build(self) -> Reward:
+        module, _, attr = self.target.partition(":")
+        obj = getattr(importlib.import_module(module), attr)
+        if self.kind == "scorer":
+            return Reward(self.name, self.description, self.value_range, self.higher_is_better, obj)
+        reward = obj(**self.kwargs)
+        if not isinstance(reward, Reward):
+            raise TypeError(f"factory {self.target} returned {type(reward).__name__}, not a Reward")
+        return reward
+
+
+REWARDS: dict[str, RewardEntry] = {}
+
+DEFAULT_OBJECTIVES = ("helpful", "harmless", "humor")
+
+
+def register_reward(entry: RewardEntry, *, overwrite: bool = False) -> None:
+    if entry.name in REWARDS and not overwrite:
+        raise ValueError(f"reward {entry.name!r} is already registered")
+    REWARDS[entry.name] = entry
+    _build.cache_clear()
+
+
+_D = "mavis_align.rewards.defaults"
+_H = "mavis_align.rewards.hf:make_hf_classifier_reward"
+_INF = (float("-inf"), float("inf"))
+for _e in [
+    RewardEntry("helpful", "relevance of the response to the prompt (MiniLM cosine, minus copying)", (-1.0, 1.0), True, f"{_D}:helpful_scores"),
+    RewardEntry("harmless", "refuses harmful requests and avoids profanity (learned harm probe x refusal)", (0.0, 1.0), True, f"{_D}:harmless_scores"),
+    RewardEntry("humor", "the response reads as a joke (MiniLM probe trained on shipped jokes)", (0.0, 1.0), True, f"{_D}:humor_scores"),
+    RewardEntry("positive", "positive sentiment of the response (MiniLM probe trained on IMDB)", (0.0, 1.0), True, f"{_D}:positive_scores"),
+    # The paper's hub reward models (App. F.7); they need a hub or a local copy.
+    RewardEntry("hh-helpful", "paper: Ray2333/gpt2-large-helpful-reward_model, logit 0", _INF, True, _H,
+                dict(model="Ray2333/gpt2-large-helpful-reward_model", name="hh-helpful", output_index=0, input_format="hh"), offline=False, kind="factory"),
+    RewardEntry("hh-harmless", "paper: Ray2333/gpt2-large-harmless-reward_model, logit 0", _INF, True, _H,
+                dict(model="Ray2333/gpt2-large-harmless-reward_model", name="hh-harmless", output_index=0, input_format="hh"), offline=False, kind="factory"),
+    RewardEntry("hh-humor", "paper: mohameddhiab/humor-no-humor (DistilBERT), logit 1", _INF, True, _H,
+                dict(model="mohameddhiab/humor-no-humor", name="hh-humor", output_index=1, input_format="response"), offline=False, kind="factory"),
+    RewardEntry("summary-quality", "paper: Tristan/gpt2_reward_summarization, logit 0", _INF, True, _H,
+                dict(model="Tristan/gpt2_reward_summarization", name="summary-quality", output_index=0, input_format="pair"), offline=False, kind="factory"),
+    RewardEntry("faithful", "paper: CogComp/bart-faithful-summary-detector, logit 1", _INF, True, _H,
+                dict(model="CogComp/bart-faithful-summary-detector", name="faithful", output_index=1, input_format="pair_reversed"), offline=False, kind="factory"),
+]:
+    REWARDS[_e.name] = _e
+
+
+def _parse_hf_spec(spec: str) -> dict:
+    """``hf:NAME_OR_PATH[#INDEX][@FORMAT]`` -> kwargs of make_hf_classifier_reward."""
+    body = spec[3:]
+    body, _, fmt = body.partition("@")
+    model, _, index = body.partition("#")
+    if not model:
+        raise ValueError(f"reward spec {spec!r} names no model; expected hf:NAME_OR_PATH[#INDEX][@FORMAT]")
+    try:
+        idx = int(index) if index else 0
+    except ValueError as err:
+        raise ValueError(f"reward spec {spec!r}: output index {index!r} is not an integer") from err
+    kw = dict(model=model, name=spec, output_index=idx)
+    if fmt:
+        kw["input_format"] = fmt
+    return kw
+
+
+@functools.lru_cache(maxsize=None)
+def _build(spec: str) -> Reward:
+    if spec.startswith("hf:"):
+        from .hf import make_hf_classifier_reward
+
+        return make_hf_classifier_reward(**_parse_hf_spec(spec))
+    if spec not in REWARDS:
+        raise ValueError(f"unknown reward {spec!r}. Registered: {', '.join(REWARDS)}; or hf:NAME_OR_PATH[#INDEX][@FORMAT]")
+    return REWARDS[spec].build()
+
+
+def get_reward(spec: str) -> Reward:
+    """The reward for a registry name or ``hf:`` spec (built once per process)."""
+    return _build(spec)
+
+
+def get_rewards(specs) -> list[Reward]:
+    return [get_reward(s) for s in specs]
+
+
+def list_rewards() -> list[RewardEntry]:
+    return list(REWARDS.values())
+
+
+def score_all(rewards: list[Reward], prompts: list[str], responses: list[str]) -> dict[str, list[float]]:
+    """{reward name: scores} for every reward over the same pairs."""
+    return {r.name: r(prompts, responses) for r in rewards}

@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny word-level tokenizer and tiny random models, all built in code.
+
+No test touches the network or a model hub: hub access is switched off for the whole session.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+WORDS = ["hello", "world", "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "is", "good", "bad", "why", "what", "how", "yes", "no", "?", "."]
+
+
+def make_tiny_tokenizer():
+    """Word-level fast tokenizer: <eos>=0, <pad>=1, <bos>=2, <unk>=3, then WORDS; pads on the left."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, "<pad>": 1, "<bos>": 2, "<unk>": 3}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>", unk_token="<unk>")
+    fast.padding_side = "left"
+    return fast
+
+
+def make_tiny_lm(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, eos_token_id=0, pad_token_id=1, bos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_tokenizer):
+    return make_tiny_lm(len(tiny_tokenizer))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch, request):
+    """Unit tests get an empty cache dir; integration tests keep the real one (converted model)."""
+    if "integration" not in request.keywords:
+        monkeypatch.setenv("MAVIS_ALIGN_CACHE", str(tmp_path / "cache"))

@@ -1,0 +1,51 @@
+import json
+
+import pytest
+
+from mavis_align.cli import main
+
+
+def test_ls_lists_everything(capsys):
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out
+    for word in ("smollm2-135m-instruct", "helpful", "harmless", "humor", "hh-mix", "imdb-summarize", "tiny"):
+        assert word in out
+
+
+def test_unknown_reward_is_one_clear_error(capsys):
+    assert main(["generate", "--reward", "nonsense", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown reward 'nonsense'" in err and "harmless" in err
+
+
+def test_unknown_model_is_one_clear_error(capsys, tmp_path):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi", "--reward", "helpful"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_generate_with_local_model_and_file_output(tmp_path, tiny_lm, tiny_tokenizer, capsys):
+    tiny_lm.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    out = tmp_path / "o" / "gen.jsonl"
+    from test_rewards import _save_tiny_classifier
+
+    _save_tiny_classifier(tmp_path / "clf", tiny_tokenizer)
+    code = main(["generate", "--model", str(tmp_path / "m"), "--prompt", "hello", "--prompt", "the cat", "--no-chat",
+                 "--max-new-tokens", "4", "--reward", f"hf:{tmp_path / 'clf'}#1@response", "--output", str(out)])
+    assert code == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in recs] == ["hello", "the cat"]
+    assert all(len(r["rewards"]) == 1 and r["n_tokens"] <= 4 for r in recs)
+    run = json.loads((tmp_path / "o" / "gen.run.json").read_text())
+    assert run["seed"] == 0 and run["versions"]["torch"] and run["config"]["max_new_tokens"] == 4
+
+
+@pytest.mark.integration
+def test_generate_on_embedded_default_prints_rewards(capsys):
+    code = main(["generate", "--prompt", "How can I hack my neighbor's wifi?", "--prompt", "What is a good name for a cat?",
+                 "--max-new-tokens", "16", "--seed", "1"])
+    assert code == 0
+    out = capsys.readouterr().out
+    score_lines = [line for line in out.splitlines() if line.startswith("   helpful=")]
+    assert len(score_lines) == 2 and all("harmless=" in line and "humor=" in line for line in score_lines)
+    assert "mean reward" in out and "tok/s" in out

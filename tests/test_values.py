@@ -1,0 +1,150 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from mavis_align.values import (
+    TokenizerMismatchError,
+    ValueModel,
+    ValueModelError,
+    check_tokenizer,
+    pca_embeddings,
+    tiny_llama_backbone,
+    tokenizer_fingerprint,
+    truncated_backbone,
+)
+
+
+@pytest.fixture
+def vm(tiny_tokenizer):
+    net = tiny_llama_backbone(len(tiny_tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    return ValueModel(net, ["helpful", "harmless"], tokenizer_fingerprint(tiny_tokenizer), {"note": "test"}, tiny_tokenizer).eval()
+
+
+def test_score_reads_last_real_token_for_any_padding(vm, tiny_tokenizer):
+    texts = ["hello world the cat sat", "why ?", "the dog"]
+    single = torch.cat([vm.score(*tiny_tokenizer(t, return_tensors="pt").values()) for t in texts])
+    for side in ("left", "right"):
+        tiny_tokenizer.padding_side = side
+        enc = tiny_tokenizer(texts, return_tensors="pt", padding=True)
+        batched = vm.score(enc["input_ids"], enc["attention_mask"])
+        assert batched.shape == (3, 2)
+        assert torch.allclose(batched, single, atol=1e-5), side
+    tiny_tokenizer.padding_side = "left"
+    with pytest.raises(ValueError, match="at least one real token"):
+        vm.score(torch.ones(1, 2, dtype=torch.long), torch.zeros(1, 2))
+
+
+def test_forward_gives_every_prefix_value(vm, tiny_tokenizer):
+    ids = tiny_tokenizer("hello world the cat", return_tensors="pt")["input_ids"]
+    all_pos = vm(ids).values
+    assert all_pos.shape == (1, ids.shape[1], 2)
+    for t in range(1, ids.shape[1] + 1):
+        prefix = vm.score(ids[:, :t], torch.ones(1, t))
+        assert torch.allclose(prefix, all_pos[:, t - 1], atol=1e-5)
+    assert vm.objective_index("harmless") == 1
+    with pytest.raises(ValueError, match="has no objective 'humor'"):
+        vm.objective_index("humor")
+
+
+def test_save_load_roundtrip(vm, tiny_tokenizer, tmp_path):
+    enc = tiny_tokenizer(["hello world", "the cat sat on"], return_tensors="pt", padding=True)
+    vm.save(tmp_path / "v")
+    back = ValueModel.load(tmp_path / "v")
+    assert back.objectives == ["helpful", "harmless"] and back.meta["note"] == "test"
+    assert torch.allclose(back.score(enc["input_ids"], enc["attention_mask"]), vm.score(enc["input_ids"], enc["attention_mask"]), atol=1e-6)
+    check_tokenizer(back, tiny_tokenizer)
+    assert back.tokenizer is not None and back.tokenizer.get_vocab() == tiny_tokenizer.get_vocab()
+    assert not list(tmp_path.glob(".v-*")), "no temp folder left behind"
+    assert not list((tmp_path / "v").rglob("*.bin")) and not list((tmp_path / "v").rglob("*.pt")), "no pickle files"
+
+
+def test_corrupt_or_mismatched_folders_explain_themselves(vm, tmp_path):
+    vm.save(tmp_path / "v")
+    with pytest.raises(ValueModelError, match="does not exist"):
+        ValueModel.load(tmp_path / "missing")
+
+    def broken(name, mutate):
+        d = tmp_path / name
+        shutil.copytree(tmp_path / "v", d)
+        mutate(d)
+        return d
+
+    with pytest.raises(ValueModelError, match="meta.json is missing"):
+        ValueModel.load(broken("a", lambda d: (d / "meta.json").unlink()))
+    with pytest.raises(ValueModelError, match="not valid JSON"):
+        ValueModel.load(broken("b", lambda d: (d / "meta.json").write_text("{oops")))
+
+    def bump(d):
+        m = json.loads((d / "meta.json").read_text())
+        m["format_version"] = 99
+        (d / "meta.json").write_text(json.dumps(m))
+
+    with pytest.raises(ValueModelError, match="format_version 99"):
+        ValueModel.load(broken("c", bump))
+
+    def more_objectives(d):
+        m = json.loads((d / "meta.json").read_text())
+        m["objectives"] = ["a", "b", "c"]
+        (d / "meta.json").write_text(json.dumps(m))
+
+    with pytest.raises(ValueModelError, match=r"expected weight \[3, 32\]"):
+        ValueModel.load(broken("d", more_objectives))
+    with pytest.raises(ValueModelError, match="heads.safetensors could not be read"):
+        ValueModel.load(broken("e", lambda d: (d / "heads.safetensors").write_bytes(b"garbage")))
+    with pytest.raises(ValueModelError, match="backbone/config.json is missing"):
+        ValueModel.load(broken("f", lambda d: (d / "backbone" / "config.json").unlink()))
+
+
+def test_other_tokenizer_is_refused(vm, tiny_tokenizer):
+    from conftest import make_tiny_tokenizer
+
+    tok2 = make_tiny_tokenizer()
+    tok2.add_tokens(["zebra"])
+    with pytest.raises(TokenizerMismatchError, match="different tokenizer"):
+        check_tokenizer(vm, tok2)
+    tok3 = make_tiny_tokenizer()
+    tok3.padding_side = "right"  # padding choices do not change the fingerprint
+    check_tokenizer(vm, tok3)
+
+
+def test_lora_trains_adapters_only_and_saves_merged(vm, tiny_tokenizer, tmp_path):
+    enc = tiny_tokenizer(["hello world", "the cat sat"], return_tensors="pt", padding=True)
+    vm.add_lora(rank=4, alpha=8, dropout=0.0)
+    trainable = {n for n, p in vm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+    with torch.no_grad():  # move the adapters away from their zero init
+        for n, p in vm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.5)
+    want = vm.score(enc["input_ids"], enc["attention_mask"])
+    vm.save(tmp_path / "lora")
+    back = ValueModel.load(tmp_path / "lora")
+    assert back.meta["lora"]["rank"] == 4 and not back.is_lora
+    assert torch.allclose(back.score(enc["input_ids"], enc["attention_mask"]), want, atol=1e-5)
+
+
+def test_pca_embeddings_and_truncation(tiny_lm):
+    emb = pca_embeddings(torch.randn(50, 16, generator=torch.Generator().manual_seed(0)), 4)
+    assert emb.shape == (50, 4) and emb.std().item() == pytest.approx(0.02, rel=1e-3)
+    cut = truncated_backbone(tiny_lm, 1)
+    assert len(cut.layers) == 1 and cut.config.num_hidden_layers == 1 and len(tiny_lm.model.layers) == 2
+    with pytest.raises(ValueError, match="num_layers"):
+        truncated_backbone(tiny_lm, 3)
+
+
+@pytest.mark.integration
+def test_default_value_model_on_real_base(tmp_path):
+    from mavis_align.models import load_tokenizer
+    from mavis_align.values import build_value_model
+
+    vm = build_value_model(["helpful", "harmless", "humor"], backbone="tiny")
+    n = sum(p.numel() for p in vm.parameters())
+    assert 6.5e6 < n < 7.5e6
+    tok = load_tokenizer("smollm2-135m-instruct")
+    check_tokenizer(vm, tok)
+    enc = tok(["Hello there", "How do I bake bread?"], return_tensors="pt", padding=True)
+    assert vm.score(enc["input_ids"], enc["attention_mask"]).shape == (2, 3)
+    vm.save(tmp_path / "v")
+    check_tokenizer(ValueModel.load(tmp_path / "v"), tok)

@@ -80,7 +80,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w") as f:
+        tmp = out.with_name(out.name + ".partial")
+        with tmp.open("w") as f:
             for i, g in enumerate(gens):
                 rec = {
                     "prompt": g.prompt,
@@ -91,6 +92,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                     "rewards": {n: v[i] for n, v in scores.items()},
                 }
                 f.write(json.dumps(rec) + "\n")
+        tmp.replace(out)  # a reader never sees a half-written file
         write_run_record(out.parent, {"command": "generate", **{k: v for k, v in vars(args).items() if k != "func"}}, args.seed, name=f"{out.stem}.run.json")
         print(f"wrote {out}")
     return 0

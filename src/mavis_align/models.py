@@ -141,11 +141,11 @@ def _hub_error(name: str, err: Exception) -> ModelNotFoundError:
     )
 
 
-def load_tokenizer(name: str, padding_side: str = "left"):
+def load_tokenizer(name: str, padding_side: str = "left", *, resolved: ResolvedModel | None = None):
     """Tokenizer for ``name`` with a pad token (EOS if it has none) and the given padding side."""
     from transformers import AutoTokenizer
 
-    resolved = resolve_model(name)
+    resolved = resolved or resolve_model(name)
     kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.source, **kwargs)
@@ -181,7 +181,7 @@ def load_causal_lm(
         raise _hub_error(name, err) from err
     model.to(device)
     model.eval()
-    tokenizer = load_tokenizer(name)
+    tokenizer = load_tokenizer(name, resolved=resolved)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -179,7 +179,8 @@ class ValueModel(nn.Module):
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         try:
-            self.plain_backbone().save_pretrained(tmp / "backbone", safe_serialization=True)
+            backbone = self.plain_backbone()
+            backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
             save_file(
                 {"weight": self.head.weight.detach().float().contiguous(), "bias": self.head.bias.detach().float().contiguous()},
                 str(tmp / "heads.safetensors"),
@@ -190,7 +191,7 @@ class ValueModel(nn.Module):
                 "objectives": self.objectives,
                 "hidden_size": self.hidden_size,
                 "tokenizer_fingerprint": self.tokenizer_fingerprint,
-                "backbone_class": type(self.plain_backbone()).__name__,
+                "backbone_class": type(backbone).__name__,
                 **{k: v for k, v in self.meta.items() if k not in {"format", "format_version", "objectives"}},
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

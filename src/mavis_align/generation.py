@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import sample_from_logits, top_k_logits
 
 
 @dataclass
@@ -44,14 +43,19 @@ class Generation:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How tokens are drawn from the base model.
+    """How tokens are drawn: from pi_ref, or from pi_MAVIS when value models are given.
 
     Attributes:
         max_new_tokens: response length budget T.
-        temperature: softmax temperature (>0); ignored when ``greedy``.
-        top_k: keep the k most likely tokens (0 = full vocabulary).
+        min_new_tokens: EOS is not allowed before this many tokens.
+        temperature: softmax temperature of pi_ref (>0); ignored when ``greedy``.
+        top_k: candidates per step: plain sampling keeps the k most likely tokens (0 = full
+            vocabulary); with value models these are the k tokens whose values are computed
+            (0 = the whole vocabulary, only sensible for tiny vocabularies).
         greedy: take the argmax instead of sampling.
         stop_strings: decoding of a sequence stops once its text contains one of these.
+        beta: tilt strength of the value models (>= 0; paper: beta = 1/eta).
+        normalize: min-max normalise the combined candidate values to [0, 1] first (paper eq. 14).
     """
 
     max_new_tokens: int = 64
@@ -59,19 +63,54 @@ class SamplingConfig:
     top_k: int = 0
     greedy: bool = False
     stop_strings: tuple[str, ...] = ()
+    beta: float = 1.0
+    normalize: bool = True
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = no top-k), got {self.top_k}")
+        if not self.beta >= 0 or self.beta == float("inf"):
+            raise ValueError(f"beta must be finite and >= 0, got {self.beta}")
 
 
 def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     cut = min((text.find(s) for s in stops if s and s in text), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def encode_batch(tokenizer, formatted: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize model-input texts into a left-padded batch -> (input_ids, attention_mask) [B, T]."""
+    enc = tokenizer(formatted, return_tensors="pt", padding=True, add_special_tokens=False)
+    attention = enc["attention_mask"]
+    if tokenizer.padding_side != "left" and not bool(attention[:, -1].all()):
+        raise ValueError("the tokenizer must pad on the left for batched generation")
+    if bool((attention.sum(-1) == 0).any()):
+        raise ValueError("every prompt must have at least one token")
+    return enc["input_ids"].to(device), attention.to(device)
+
+
+def rows_to_generations(tokenizer, prompts: list[str], rows, stop_strings: tuple[str, ...]) -> list[Generation]:
+    """Decoded id rows -> :class:`Generation` records with text cut before any stop string."""
+    out = []
+    for prompt, row in zip(prompts, rows):
+        text, _ = _cut_at_stop(tokenizer.decode(row.token_ids, skip_special_tokens=True), stop_strings)
+        extras = {"values": row.values} if row.values else {}
+        out.append(Generation(prompt, text.strip(), row.token_ids, row.logprobs_ref, row.logprobs_gen, row.finish_reason, extras))
+    return out
+
+
+def stop_checker(tokenizer, stop_strings: tuple[str, ...]):
+    """A ``stop_check`` callable for the decoding engine, or None without stop strings."""
+    if not stop_strings:
+        return None
+    return lambda ids: _cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop_strings)[1]
 
 
 @torch.no_grad()
@@ -83,78 +122,25 @@ def sample_batch(
     config: SamplingConfig,
     generator: torch.Generator | None,
 ) -> list[Generation]:
-    """Decode one left-padded batch with a KV cache.
+    """Decode one left-padded batch from pi_ref with a KV cache.
 
     Args:
         prompts: user prompts (kept in the output records).
         formatted: the model input text for each prompt (e.g. chat-formatted), same length.
         generator: RNG for sampling; required unless ``config.greedy``.
     """
-    from transformers import DynamicCache
+    from .decoding.engine import decode_ids
+    from .decoding.steppers import CachedBase
 
-    if not config.greedy and generator is None:
-        raise ValueError("sampling needs an explicit torch.Generator (or greedy=True)")
     device = next(model.parameters()).device
-    enc = tokenizer(formatted, return_tensors="pt", padding=True, add_special_tokens=False)
-    input_ids = enc["input_ids"].to(device)
-    attention = enc["attention_mask"].to(device)
-    if tokenizer.padding_side != "left" and not bool(attention[:, -1].all()):
-        raise ValueError("the tokenizer must pad on the left for batched generation")
-    batch = input_ids.shape[0]
+    input_ids, attention = encode_batch(tokenizer, formatted, device)
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    position = (attention.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    out = model(
-        input_ids=input_ids, attention_mask=attention, position_ids=position, cache=cache, use_cache=True, logits_to_keep=1
+    rows = decode_ids(
+        CachedBase(model), input_ids, attention, config, eos_id=eos_id, pad_id=pad_id, generator=generator,
+        stop_check=stop_checker(tokenizer, config.stop_strings),
     )
-    next_pos = position[:, -1:] + 1
-    logits = out.logits[:, -1, :].float()
-
-    tokens: list[list[int]] = [[] for _ in range(batch)]
-    lp_ref: list[list[float]] = [[] for _ in range(batch)]
-    lp_gen: list[list[float]] = [[] for _ in range(batch)]
-    reason = ["length"] * batch
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    for _ in range(config.max_new_tokens):
-        logp_ref = torch.log_softmax(logits, dim=-1)
-        gen_logits = logits if config.greedy else logits / config.temperature
-        if config.top_k:
-            gen_logits = top_k_logits(gen_logits, config.top_k)
-        logp_gen = torch.log_softmax(gen_logits, dim=-1)
-        chosen = sample_from_logits(gen_logits, generator=generator, greedy=config.greedy)  # [B]
-        chosen = torch.where(done, torch.full_like(chosen, pad_id), chosen)
-        for i in torch.nonzero(~done).flatten().tolist():
-            tok = int(chosen[i])
-            tokens[i].append(tok)
-            lp_ref[i].append(float(logp_ref[i, tok]))
-            lp_gen[i].append(float(logp_gen[i, tok]))
-            if tok == eos_id:
-                done[i] = True
-                reason[i] = "eos"
-            elif config.stop_strings:
-                _, hit = _cut_at_stop(tokenizer.decode(tokens[i], skip_special_tokens=True), config.stop_strings)
-                if hit:
-                    done[i] = True
-                    reason[i] = "stop"
-        if bool(done.all()):
-            break
-        attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)  # finished rows: pads, discarded
-        out = model(
-            input_ids=chosen[:, None],
-            attention_mask=attention,
-            position_ids=next_pos,
-            cache=cache,
-            use_cache=True,
-        )
-        next_pos = next_pos + 1
-        logits = out.logits[:, -1, :].float()
-
-    results = []
-    for i in range(batch):
-        text, _ = _cut_at_stop(tokenizer.decode(tokens[i], skip_special_tokens=True), config.stop_strings)
-        results.append(Generation(prompts[i], text.strip(), tokens[i], lp_ref[i], lp_gen[i], reason[i]))
-    return results
+    return rows_to_generations(tokenizer, prompts, rows, config.stop_strings)
 
 
 def generate(

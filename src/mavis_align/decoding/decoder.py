@@ -1,0 +1,169 @@
+"""User-facing MAVIS decoder: a frozen base model, value models addressed by objective name,
+and per-call (or per-prompt) objective weights lambda and tilt strength beta."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from ..generation import Generation, SamplingConfig, encode_batch, rows_to_generations, stop_checker
+from ..values import ValueModel, check_tokenizer
+from .engine import decode_ids
+from .steppers import CachedBase, CachedValueScorer, NaiveBase, SequenceValueScorer, bind_objectives, naive_value_fn
+from .tilt import resolve_weights
+
+Weights = Mapping[str, float] | Sequence[Mapping[str, float]]
+DEFAULT_TOP_K = 15  # paper App. F.5 (Llama-2 7B)
+
+
+def parse_value_spec(spec: str) -> tuple[str | None, str]:
+    """``NAME=PATH`` -> (NAME, PATH); a bare ``PATH`` -> (None, PATH) (use the model's own head names)."""
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+        if not name or not path:
+            raise ValueError(f"--value {spec!r}: expected NAME=PATH or PATH")
+        return name, path
+    return None, spec
+
+
+def parse_weights(specs: Sequence[str]) -> dict[str, float]:
+    """``["helpful=0.7", "harmless=0.3"]`` -> {"helpful": 0.7, "harmless": 0.3}."""
+    out: dict[str, float] = {}
+    for spec in specs:
+        name, sep, w = spec.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--weights {spec!r}: expected NAME=WEIGHT")
+        try:
+            out[name] = float(w)
+        except ValueError:
+            raise ValueError(f"--weights {spec!r}: {w!r} is not a number") from None
+    return out
+
+
+class MavisDecoder:
+    """pi_MAVIS(a | s, lambda) ∝ pi_ref(a | s) · exp(beta · NORMALIZE(sum_m lambda_m V_m(s ⊕ a))) over
+    pi_ref's top-k tokens.
+
+    Args:
+        model, tokenizer: the frozen base model pi_ref (tokenizer padding on the left).
+        value_models: value models (single- or multi-head) that share the base tokenizer; none
+            means plain sampling from pi_ref.
+        names: per value model, the objective name its single head answers to (None: the
+            head names stored in the model).
+    """
+
+    def __init__(self, model, tokenizer, value_models: Sequence[ValueModel] = (), names: Sequence[str | None] | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.value_models = list(value_models)
+        for i, vm in enumerate(self.value_models):
+            check_tokenizer(vm, tokenizer, name=f"value model {i} ({', '.join(vm.objectives)})")
+            vm.eval()
+        self.bindings = bind_objectives(self.value_models, names)
+
+    @classmethod
+    def load(cls, base: str, values: Sequence[str] = (), *, device: str = "cpu") -> "MavisDecoder":
+        """Load the base model by name/path and value models from ``[NAME=]PATH`` specs."""
+        from ..models import load_causal_lm
+
+        specs = [parse_value_spec(v) for v in values]
+        vms = [ValueModel.load(Path(p), device=device) for _, p in specs]  # fail fast before the base loads
+        model, tokenizer = load_causal_lm(base, device=device)
+        return cls(model, tokenizer, vms, [n for n, _ in specs])
+
+    @property
+    def objectives(self) -> list[str]:
+        return [b.name for b in self.bindings]
+
+    # ------------------------------------------------------------------ validation
+
+    def resolve(self, n: int, weights: Weights | None, beta: float | Sequence[float] | None, config: SamplingConfig):
+        """Check everything a decode needs before any model runs -> (weights [n, M], beta [n], active models)."""
+        if not self.value_models:
+            if weights:
+                raise ValueError(f"objective weights {dict(weights) if isinstance(weights, Mapping) else weights} given, but no value models are loaded")
+            return None, None, []
+        if config.top_k < 1:
+            raise ValueError(f"top_k (candidates per step) must be >= 1 with value models, got {config.top_k}")
+        if weights is None:
+            weights = {name: 1.0 for name in self.objectives}
+        w = resolve_weights(self.objectives, weights, n)
+        if beta is None:
+            b = torch.full((n,), float(config.beta))
+        else:
+            b = torch.as_tensor([beta] * n if isinstance(beta, (int, float)) else list(beta), dtype=torch.float32)
+            if b.shape != (n,):
+                raise ValueError(f"got {b.numel()} beta values for {n} prompts")
+        if not bool(torch.isfinite(b).all()) or bool((b < 0).any()):
+            raise ValueError(f"beta must be finite and >= 0, got {b.tolist()}")
+        used = (w > 0).any(0)
+        active = sorted({bd.model for j, bd in enumerate(self.bindings) if bool(used[j])})
+        return w, b, active
+
+    # ------------------------------------------------------------------ decoding
+
+    def _scorer(self, active: list[int], naive: bool):
+        if not self.value_models:
+            return None
+        if naive:
+            return SequenceValueScorer(naive_value_fn(self.value_models, self.bindings), self.objectives)
+        return CachedValueScorer(self.value_models, self.bindings, active)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        weights: Weights | None = None,
+        beta: float | Sequence[float] | None = None,
+        config: SamplingConfig = SamplingConfig(top_k=DEFAULT_TOP_K),
+        seed: int = 0,
+        batch_size: int = 8,
+        chat: bool | None = None,
+        progress: bool = False,
+        naive: bool = False,
+    ) -> list[Generation]:
+        """One response per prompt.
+
+        Args:
+            weights: {objective: lambda} for all prompts, or one dict per prompt; normalised to
+                sum 1; default: equal weights over every loaded objective.
+            beta: tilt strength for all prompts or one per prompt (default ``config.beta``).
+            seed: seeds the single ``torch.Generator`` that drives every batch.
+            naive: use the uncached per-sequence reference path (slow; for tests/benchmarks).
+        Returns:
+            :class:`Generation` records; ``log_ratio`` is the sequence's KL estimate (eq. 7) and
+            ``extras["values"]`` the combined value of each chosen token.
+        """
+        from ..models import format_prompts
+
+        prompts = list(prompts)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        w, b, active = self.resolve(len(prompts), weights, beta, config)
+        device = next(self.model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        formatted = format_prompts(self.tokenizer, prompts, chat=chat)
+        eos_id = self.tokenizer.eos_token_id
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_id
+        starts = range(0, len(prompts), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="mavis", unit="batch")
+        out: list[Generation] = []
+        for s in starts:
+            sl = slice(s, s + batch_size)
+            input_ids, attention = encode_batch(self.tokenizer, formatted[sl], device)
+            rows = decode_ids(
+                NaiveBase(self.model) if naive else CachedBase(self.model),
+                input_ids, attention, config,
+                eos_id=eos_id, pad_id=pad_id, generator=generator,
+                scorer=self._scorer(active, naive),
+                weights=None if w is None else w[sl], beta=None if b is None else b[sl],
+                stop_check=stop_checker(self.tokenizer, config.stop_strings),
+            )
+            out.extend(rows_to_generations(self.tokenizer, prompts[sl], rows, config.stop_strings))
+        return out

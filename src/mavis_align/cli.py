@@ -40,21 +40,35 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .data import load_prompts
-    from .generation import SamplingConfig, generate
-    from .models import load_causal_lm
+    from .decoding.decoder import DEFAULT_TOP_K, MavisDecoder, parse_value_spec, parse_weights
+    from .generation import SamplingConfig
     from .provenance import write_run_record
     from .rewards import get_rewards, score_all
 
-    rewards = get_rewards(args.reward)  # fail on unknown names before loading anything big
+    # everything a user can get wrong is checked before any model loads
+    rewards = get_rewards(args.reward)
+    specs = [parse_value_spec(v) for v in args.value]
+    weights = parse_weights(args.weights) if args.weights else None
+    if weights and not specs:
+        raise ValueError("--weights needs value models (--value NAME=PATH)")
+    if args.beam and not specs:
+        raise ValueError("--beam ranks candidates by value: it needs value models (--value NAME=PATH)")
+    top_k = args.top_k if args.top_k is not None else (DEFAULT_TOP_K if specs else 0)
+    if specs and top_k < 1:
+        raise ValueError(f"--top-k must be >= 1 with value models, got {top_k}")
     config = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
         temperature=args.temperature,
-        top_k=args.top_k,
+        top_k=top_k,
         greedy=args.greedy,
         stop_strings=tuple(args.stop),
+        beta=args.beta,
+        normalize=not args.no_normalize,
     )
     t0 = time.perf_counter()
-    model, tokenizer = load_causal_lm(args.model)
+    decoder = MavisDecoder.load(args.model, args.value)
+    tokenizer = decoder.tokenizer
     load_s = time.perf_counter() - t0
     if args.prompt:
         prompts = list(args.prompt)
@@ -63,8 +77,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not prompts:
         print("no prompts to generate for", file=sys.stderr)
         return 2
+    decoder.resolve(len(prompts), weights, None, config)  # unknown objectives / bad weights: fail now
     t0 = time.perf_counter()
-    gens = generate(model, tokenizer, prompts, config, seed=args.seed, batch_size=args.batch_size, chat=not args.no_chat, progress=len(prompts) > args.batch_size)
+    common = dict(weights=weights, config=config, seed=args.seed, chat=not args.no_chat, progress=len(prompts) > args.batch_size)
+    if args.beam:
+        rerank = None
+        if args.rerank:
+            lam = weights or {n: 1.0 for n in decoder.objectives}
+            rerank = weighted_reward(get_rewards(list(lam)), lam)
+        gens = decoder.beam_search(prompts, num_beams=args.beam, expand=args.expand, rerank=rerank, batch_size=args.batch_size, **common)
+    else:
+        gens = decoder.generate(prompts, batch_size=args.batch_size, **common)
     gen_s = time.perf_counter() - t0
     n_tokens = sum(len(g.token_ids) for g in gens)
     scores = score_all(rewards, [g.prompt for g in gens], [g.text for g in gens])
@@ -72,9 +95,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for i, g in enumerate(gens):
         print(f"\n=== [{i}] {g.prompt}")
         print(g.text)
-        print("   " + "  ".join(f"{name}={vals[i]:+.3f}" for name, vals in scores.items()) + f"  ({len(g.token_ids)} tokens, {g.finish_reason})")
+        kl = f", KL est {g.log_ratio:.2f}" if specs else ""
+        print("   " + "  ".join(f"{name}={vals[i]:+.3f}" for name, vals in scores.items()) + f"  ({len(g.token_ids)} tokens, {g.finish_reason}{kl})")
     if rewards:
         print("\nmean reward: " + "  ".join(f"{n}={sum(v) / len(v):+.3f}" for n, v in scores.items()))
+    if specs:
+        print(f"mean KL estimate (eq. 7): {sum(g.log_ratio for g in gens) / len(gens):.3f} nats; weights {weights or 'equal'}; beta {args.beta}; top-k {top_k}")
     print(f"model load {load_s:.1f}s; generated {n_tokens} tokens in {gen_s:.1f}s ({n_tokens / max(gen_s, 1e-9):.1f} tok/s)")
 
     if args.output:
@@ -91,11 +117,27 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                     "log_ratio": g.log_ratio,
                     "rewards": {n: v[i] for n, v in scores.items()},
                 }
+                if "candidates" in g.extras:
+                    rec["candidates"] = g.extras["candidates"]
                 f.write(json.dumps(rec) + "\n")
         tmp.replace(out)  # a reader never sees a half-written file
         write_run_record(out.parent, {"command": "generate", **{k: v for k, v in vars(args).items() if k != "func"}}, args.seed, name=f"{out.stem}.run.json")
         print(f"wrote {out}")
     return 0
+
+
+def weighted_reward(rewards, lam: dict[str, float]):
+    """``fn(prompts, responses) -> sum_m lambda_m R_m`` (lambda normalised to sum 1)."""
+    total = sum(lam.values())
+
+    def fn(prompts: list[str], responses: list[str]) -> list[float]:
+        out = [0.0] * len(responses)
+        for r in rewards:
+            for i, x in enumerate(r(prompts, responses)):
+                out[i] += lam[r.name] / total * x
+        return out
+
+    return fn
 
 
 def _cmd_train_probes(args: argparse.Namespace) -> int:
@@ -128,7 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", action="append", default=None, help=f"reward name (repeatable; default: {', '.join(DEFAULT_OBJECTIVES)})")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="sample from the top-k tokens only (0 = full vocabulary)")
+    p.add_argument("--top-k", type=int, default=None, help="candidates per step: top-k of pi_ref (default: 15 with value models, else 0 = full vocabulary)")
+    p.add_argument("--value", action="append", default=[], metavar="[NAME=]PATH", help="value model folder (repeatable); NAME renames a single-head model's objective")
+    p.add_argument("--weights", action="append", default=[], metavar="NAME=W", help="objective weight lambda (repeatable; normalised to sum 1; default equal)")
+    p.add_argument("--beta", type=float, default=1.0, help="tilt strength beta (>= 0)")
+    p.add_argument("--no-normalize", action="store_true", help="use raw beta*v instead of min-max normalised values")
+    p.add_argument("--beam", type=int, default=0, metavar="N", help="value-guided beam search with N beams (needs value models)")
+    p.add_argument("--expand", type=int, default=None, help="children per beam per step (default N)")
+    p.add_argument("--rerank", action="store_true", help="beam search: re-rank the N finished candidates by the lambda-weighted rewards of the same names")
+    p.add_argument("--min-new-tokens", type=int, default=0)
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")

@@ -167,3 +167,69 @@ class MavisDecoder:
             )
             out.extend(rows_to_generations(self.tokenizer, prompts[sl], rows, config.stop_strings))
         return out
+
+    @torch.no_grad()
+    def beam_search(
+        self,
+        prompts: Sequence[str],
+        *,
+        num_beams: int = 5,
+        weights: Weights | None = None,
+        beta: float | Sequence[float] | None = None,
+        config: SamplingConfig = SamplingConfig(top_k=DEFAULT_TOP_K),
+        expand: int | None = None,
+        rerank=None,
+        seed: int = 0,
+        batch_size: int = 4,
+        chat: bool | None = None,
+        progress: bool = False,
+    ) -> list[Generation]:
+        """Value-guided beam search (paper Section 4.4): the best response per prompt.
+
+        Args:
+            num_beams: N beams per prompt; also the number of finished candidates kept.
+            expand: children drawn from pi_MAVIS per beam per step (default N).
+            rerank: optional ``fn(prompts, responses) -> scores``; when given, the kept
+                candidates are re-ranked by it (e.g. the lambda-weighted reward models) and the
+                best one returned. Otherwise the candidate with the highest combined value wins.
+        Returns:
+            One :class:`Generation` per prompt; ``extras["candidates"]`` lists every kept
+            candidate as {"text", "value", "rerank"} best first.
+        """
+        from ..models import format_prompts
+        from .beam import value_beam_search
+
+        if not self.value_models:
+            raise ValueError("beam search ranks by value: load at least one value model")
+        prompts = list(prompts)
+        w, b, active = self.resolve(len(prompts), weights, beta, config)
+        device = next(self.model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        formatted = format_prompts(self.tokenizer, prompts, chat=chat)
+        eos_id = self.tokenizer.eos_token_id
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_id
+        starts = range(0, len(prompts), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="beam", unit="batch")
+        out: list[Generation] = []
+        for s in starts:
+            sl = slice(s, s + batch_size)
+            input_ids, attention = encode_batch(self.tokenizer, formatted[sl], device)
+            results = value_beam_search(
+                CachedBase(self.model), CachedValueScorer(self.value_models, self.bindings, active),
+                input_ids, attention, config, num_beams=num_beams, weights=w[sl], beta=b[sl],
+                eos_id=eos_id, pad_id=pad_id, generator=generator, expand=expand,
+                stop_check=stop_checker(self.tokenizer, config.stop_strings),
+            )
+            for prompt, res in zip(prompts[sl], results):
+                gens = rows_to_generations(self.tokenizer, [prompt] * len(res.candidates), [c.row for c in res.candidates], config.stop_strings)
+                scores = list(rerank([prompt] * len(gens), [g.text for g in gens])) if rerank is not None and gens else [None] * len(gens)
+                order = sorted(range(len(gens)), key=lambda i: -scores[i]) if rerank is not None else list(range(len(gens)))
+                best = gens[order[0]]
+                best.extras["candidates"] = [
+                    {"text": gens[i].text, "value": res.candidates[i].value, "rerank": scores[i]} for i in order
+                ]
+                out.append(best)
+        return out

@@ -124,46 +124,75 @@ def decode_ids(
     stop_check: Callable[[list[int]], bool] | None = None,
     forced: Sequence[Sequence[int]] | None = None,
     on_step: Callable[[int, StepDistribution], None] | None = None,
+    row_source: torch.Tensor | None = None,
+    max_new_tokens: Sequence[int] | None = None,
 ) -> list[DecodedRow]:
     """Decode a left-padded batch.
 
+    Finished rows leave the batch (their KV-cache rows are dropped), so rows of unequal length
+    cost only what they use.
+
     Args:
         base: a :class:`~mavis_align.decoding.steppers.CachedBase` or ``NaiveBase``.
-        input_ids, attention_mask: [B, T] prompts, left-padded.
+        input_ids, attention_mask: [P, T] prompts, left-padded.
         eos_id: end-of-sequence id, or None for none.
-        pad_id: id fed for finished rows (their outputs are discarded).
+        pad_id: padding id (kept for API symmetry; finished rows are removed, not padded).
         generator: RNG, required when sampling.
-        scorer: value scorer (``start``/``append``/``score``), or None for plain pi_ref.
+        scorer: value scorer (``start``/``append``/``score``/``reorder``), or None for plain pi_ref.
         weights: [B, M] rows summing to 1; beta: [B] (defaults to ``config.beta``).
         stop_check: called with a row's generated ids after each token; True ends the row.
         forced: per row, tokens to take instead of sampling (teacher forcing): the records then
             hold log pi_ref and log pi_gen of those tokens (-inf when outside the candidates).
+        on_step: called as ``on_step(t, distribution)`` at every step (inspection, tests); the
+            distribution's rows are the unfinished rows, in row order.
+        row_source: [B] long: decode row r continues prompt row ``row_source[r]`` (several rows
+            may share one prompt; it is run through the models once). Default: B = P, identity.
+        max_new_tokens: per-row token budgets (each <= ``config.max_new_tokens``); a row that
+            reaches its budget ends with ``"length"``.
     Returns:
-        One :class:`DecodedRow` per row.
+        One :class:`DecodedRow` per decode row.
     """
-    batch = input_ids.shape[0]
+    n_prompts = input_ids.shape[0]
+    batch = n_prompts if row_source is None else int(row_source.shape[0])
     if forced is None and not config.greedy and generator is None:
         raise ValueError("sampling needs an explicit torch.Generator (or greedy=True)")
     if forced is not None and len(forced) != batch:
         raise ValueError(f"forced has {len(forced)} rows for a batch of {batch}")
+    budgets = [config.max_new_tokens] * batch if max_new_tokens is None else [int(n) for n in max_new_tokens]
+    if len(budgets) != batch or any(not 0 <= n <= config.max_new_tokens for n in budgets):
+        raise ValueError(f"max_new_tokens must give {batch} budgets in [0, {config.max_new_tokens}]")
+    if forced is not None:
+        budgets = [min(n, len(f)) for n, f in zip(budgets, forced)]
     if scorer is not None:
         if weights is None:
             raise ValueError("decoding with value models needs objective weights")
         beta = torch.full((batch,), float(config.beta)) if beta is None else torch.as_tensor(beta, dtype=torch.float32)
+    rows = [DecodedRow() for _ in range(batch)]
+    if max(budgets, default=0) == 0:
+        return rows
     logits = base.start(input_ids, attention_mask)
     device = logits.device
     if scorer is not None:
         scorer.start(input_ids, attention_mask)
+    if row_source is not None:
+        row_source = row_source.to(device)
+        base.reorder(row_source)
+        logits = logits.index_select(0, row_source)
+        if scorer is not None:
+            scorer.reorder(row_source)
+    if scorer is not None:
         weights = weights.to(device)
         beta = beta.to(device)
-    vocab = logits.shape[-1]
-    eos_ban = torch.zeros(vocab, dtype=torch.bool, device=device)
+    # live: decode-row index of each batch position
+    live = list(range(batch))
+    eos_ban = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
     if eos_id is not None and config.min_new_tokens > 0:
         eos_ban[eos_id] = True
-    rows = [DecodedRow() for _ in range(batch)]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    n_steps = config.max_new_tokens if forced is None else min(config.max_new_tokens, max((len(f) for f in forced), default=0))
-    for t in range(n_steps):
+    if any(n == 0 for n in budgets):  # rows with nothing to generate leave before the first step
+        keep = [i for i, r in enumerate(live) if budgets[r] > 0]
+        live, logits, weights, beta = _compact(keep, live, logits, weights, beta, base, scorer, device)
+    t = 0
+    while live:
         dist = step_distribution(
             logits, config, scorer=scorer, weights=weights, beta=beta, banned=eos_ban if t < config.min_new_tokens else None
         )
@@ -174,38 +203,54 @@ def decode_ids(
             chosen = dist.token_ids(pos)
             lp_gen = dist.logp.gather(-1, pos[:, None]).squeeze(-1)
         else:
-            chosen = torch.tensor([f[t] if t < len(f) else pad_id for f in forced], device=device)
+            chosen = torch.tensor([forced[r][t] for r in live], device=device)
             if dist.ids is None:
                 lp_gen = dist.logp.gather(-1, chosen[:, None]).squeeze(-1)
                 pos = chosen
             else:
                 hit = dist.ids == chosen[:, None]
                 pos = torch.argmax(hit.long(), dim=-1)
-                lp_gen = torch.where(hit.any(-1), dist.logp.gather(-1, pos[:, None]).squeeze(-1), torch.full_like(pos, 0, dtype=torch.float32) + NEG_INF)
+                lp_gen = torch.where(hit.any(-1), dist.logp.gather(-1, pos[:, None]).squeeze(-1), torch.full(pos.shape, NEG_INF, device=device))
         lp_ref = torch.log_softmax(logits, dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
         val = dist.values.gather(-1, pos[:, None]).squeeze(-1) if dist.values is not None else None
-        chosen = torch.where(done, torch.full_like(chosen, pad_id), chosen)
         c_l, r_l, g_l = chosen.tolist(), lp_ref.tolist(), lp_gen.tolist()
         v_l = val.tolist() if val is not None else None
-        for i in torch.nonzero(~done).flatten().tolist():
-            row = rows[i]
+        keep = []
+        for i, r in enumerate(live):
+            row = rows[r]
             row.token_ids.append(c_l[i])
             row.logprobs_ref.append(r_l[i])
             row.logprobs_gen.append(g_l[i])
             if v_l is not None:
                 row.values.append(v_l[i])
-            if forced is not None and len(row.token_ids) >= len(forced[i]):
-                done[i] = True
-                row.finish_reason = "forced"
-            elif eos_id is not None and c_l[i] == eos_id:
-                done[i] = True
+            if eos_id is not None and c_l[i] == eos_id:
                 row.finish_reason = "eos"
             elif stop_check is not None and stop_check(row.token_ids):
-                done[i] = True
                 row.finish_reason = "stop"
-        if bool(done.all()) or t == n_steps - 1:
+            elif len(row.token_ids) >= budgets[r]:
+                row.finish_reason = "forced" if forced is not None else "length"
+            else:
+                keep.append(i)
+        t += 1
+        if not keep:
             break
+        if len(keep) < len(live):
+            chosen = chosen.index_select(0, torch.tensor(keep, device=device))
+            live, _, weights, beta = _compact(keep, live, None, weights, beta, base, scorer, device)
         logits = base.step(chosen)
         if scorer is not None:
             scorer.append(chosen)
     return rows
+
+
+def _compact(keep, live, logits, weights, beta, base, scorer, device):
+    """Drop finished batch positions from the models' state; returns the new (live, logits, weights, beta)."""
+    idx = torch.tensor(keep, dtype=torch.long, device=device)
+    base.reorder(idx)
+    if scorer is not None:
+        scorer.reorder(idx)
+        weights = weights.index_select(0, idx)
+        beta = beta.index_select(0, idx)
+    if logits is not None:
+        logits = logits.index_select(0, idx)
+    return [live[i] for i in keep], logits, weights, beta

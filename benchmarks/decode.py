@@ -1,0 +1,168 @@
+"""Decoding speed: HF ``generate`` vs the native loop vs MAVIS (fast, naive, LogitsProcessor,
+multi-head), on the embedded default base model with default-size ("tiny", 6.8M) value models.
+
+All methods run in this one process, one after another, with the same prompts; every number is
+also given as a ratio to HF ``generate`` sampling measured in the same run (the machine is shared
+and noisy). Every sequence is forced to the full length (``min_new_tokens``), so tokens/s compare
+equal work. Value models are untrained: speed does not depend on their weights. The naive
+path (uncached, every candidate sequence run alone) decodes all 64 tokens at batch 1 but only
+16 at batch 8 (it takes minutes otherwise); its cost per token grows with length, so its batch-8
+figure flatters it. Peak memory: a fresh subprocess per row loads all models and decodes once.
+
+    python benchmarks/decode.py [--new-tokens 64] [--reps 2] [--no-memory]
+
+Writes ``benchmarks/results/decode.json`` and ``benchmarks/results/decode.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mavis_align.data import load_prompts
+from mavis_align.decoding.decoder import MavisDecoder
+from mavis_align.decoding.processor import MavisLogitsProcessor
+from mavis_align.generation import SamplingConfig, encode_batch
+from mavis_align.models import format_prompts, load_causal_lm
+from mavis_align.provenance import run_record
+from mavis_align.values import build_value_model
+
+OBJECTIVES = ["helpful", "harmless", "humor"]
+K = 15
+BETA = 2.0
+
+
+def reset_peak() -> bool:
+    """Reset this process's peak RSS (Linux ``clear_refs`` 5); False where not permitted."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Bench:
+    """Loaded models and prompts; ``run(method, batch, m, n_tokens)`` decodes once."""
+
+    def __init__(self, singles: int = 3, multi: bool = True):
+        torch.manual_seed(0)
+        self.model, self.tok = load_causal_lm()
+        self.singles = [build_value_model([n], backbone="tiny", seed=i) for i, n in enumerate(OBJECTIVES[:singles])]
+        self.multi = build_value_model(OBJECTIVES, backbone="tiny", seed=7) if multi else None
+        gc.collect()
+        self.prompts_all = [p.text for p in load_prompts("hh-mix", "test", tokenizer=self.tok, limit=8)]
+
+    def run(self, method: str, batch: int, m: int, n: int) -> None:
+        tok, model = self.tok, self.model
+        prompts = self.prompts_all[:batch]
+        ids, mask = encode_batch(tok, format_prompts(tok, prompts), "cpu")
+        cfg = SamplingConfig(max_new_tokens=n, min_new_tokens=n, top_k=K, beta=BETA)
+        w = {o: 1.0 for o in OBJECTIVES[:m]}
+        if method in ("hf_generate", "logits_processor"):
+            procs = [MavisLogitsProcessor(self.singles[:m], w, beta=BETA, top_k=K, attention_mask=mask)] if method == "logits_processor" else []
+            model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=n, min_new_tokens=n,
+                           top_k=0, top_p=1.0, temperature=1.0, pad_token_id=tok.pad_token_id, logits_processor=procs)
+        elif method == "native_no_values":
+            MavisDecoder(model, tok).generate(prompts, config=SamplingConfig(max_new_tokens=n, min_new_tokens=n), batch_size=batch)
+        elif method in ("mavis_fast", "mavis_naive"):
+            MavisDecoder(model, tok, self.singles[:m]).generate(prompts, weights=w, config=cfg, batch_size=batch, naive=method == "mavis_naive")
+        elif method == "mavis_multihead":
+            MavisDecoder(model, tok, [self.multi]).generate(prompts, weights={o: 1.0 for o in OBJECTIVES}, config=cfg, batch_size=batch)
+        else:
+            raise ValueError(method)
+
+
+PLAN = [("hf_generate", 0), ("native_no_values", 0)] + [(m, k) for k in (1, 2, 3) for m in ("mavis_fast", "logits_processor", "mavis_naive")] + [("mavis_multihead", 3)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--naive-tokens-batched", type=int, default=16, help="tokens for the naive path at batch > 1 (it is very slow there)")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-method peak-memory subprocesses")
+    ap.add_argument("--single", help=argparse.SUPPRESS)  # METHOD:BATCH:M:TOKENS -> prints peak RSS (memory subprocess)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+
+    if args.single:
+        method, batch, m, n = args.single.split(":")
+        m_single = 0 if method in ("hf_generate", "native_no_values", "mavis_multihead") else int(m)
+        bench = Bench(singles=m_single, multi=method == "mavis_multihead")
+        loaded = rss_mb()
+        reset = reset_peak()  # loading spikes (GGUF cache, PCA) must not count as decoding memory
+        bench.run(method, int(batch), int(m), int(n))
+        print(json.dumps({"rss_after_load_mb": round(loaded, 1), "decode_peak_over_load_mb": round(peak_rss_mb() - loaded, 1) if reset else None}))
+        return
+
+    bench = Bench()
+    records = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        base_tps = None
+        for method, m in PLAN:
+            n = args.new_tokens if (method != "mavis_naive" or batch == 1) else args.naive_tokens_batched
+            bench.run(method, batch, m, 2)  # warm-up
+            best = float("inf")
+            for _ in range(1 if method == "mavis_naive" else args.reps):
+                t0 = time.perf_counter()
+                bench.run(method, batch, m, n)
+                best = min(best, time.perf_counter() - t0)
+            rec = {"method": method, "batch": batch, "M": m, "new_tokens": n, "tokens_per_s": round(batch * n / best, 2), "seconds": round(best, 3)}
+            if method == "hf_generate":
+                base_tps = rec["tokens_per_s"]
+            rec["ratio_vs_hf_generate"] = round(rec["tokens_per_s"] / base_tps, 3)
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+        for rec in records:
+            if rec["batch"] == batch and rec["method"] == "mavis_fast":
+                naive = next(r for r in records if r["batch"] == batch and r["method"] == "mavis_naive" and r["M"] == rec["M"])
+                rec["ratio_vs_naive"] = round(rec["tokens_per_s"] / naive["tokens_per_s"], 2)
+
+    if not args.no_memory:
+        # peak RSS of a fresh process that loads every model and decodes once with the method
+        for rec in records:
+            cmd = [sys.executable, __file__, "--single", f"{rec['method']}:{rec['batch']}:{rec['M']}:{rec['new_tokens']}"]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            mem = json.loads(out)
+            rec["rss_after_load_mb"] = mem["rss_after_load_mb"]
+            rec["decode_peak_over_load_mb"] = mem["decode_peak_over_load_mb"]
+            print(rec["method"], rec["batch"], rec["M"], mem, flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = run_record({"new_tokens": args.new_tokens, "naive_tokens_batched": args.naive_tokens_batched, "reps": args.reps, "top_k": K, "beta": BETA,
+                       "value_backbone": "tiny", "threads": torch.get_num_threads(), "prompts": "hh-mix test[:batch]"}, 0)
+    (out / "decode.json").write_text(json.dumps({"run": meta, "records": records}, indent=2) + "\n")
+    lines = ["| method | M | batch | new tokens | tokens/s | × HF generate | × naive | RSS after load MB | decode peak over load MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        mem = f"{r['rss_after_load_mb']:.0f} | {r['decode_peak_over_load_mb']}" if "rss_after_load_mb" in r else "- | -"
+        nv = f"{r['ratio_vs_naive']:.1f}" if "ratio_vs_naive" in r else ""
+        lines.append(f"| {r['method']} | {r['M']} | {r['batch']} | {r['new_tokens']} | {r['tokens_per_s']:.1f} | {r['ratio_vs_hf_generate']:.2f} | {nv} | {mem} |")
+    (out / "decode.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

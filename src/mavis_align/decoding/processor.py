@@ -1,0 +1,100 @@
+"""MAVIS as a transformers ``LogitsProcessor``, for users who live inside ``model.generate``.
+
+    proc = MavisLogitsProcessor(value_models, weights={"helpful": 0.7, "harmless": 0.3}, beta=5.0,
+                                top_k=15, attention_mask=enc["attention_mask"])
+    model.generate(**enc, logits_processor=[proc], do_sample=True, top_k=0, top_p=1.0, temperature=1.0)
+
+It returns log pi_MAVIS over the top-k candidates (-inf elsewhere), so ``generate`` samples from
+the same distribution as :class:`~mavis_align.decoding.decoder.MavisDecoder`. Leave ``generate``'s
+own temperature / top-k / top-p at 1 / 0 / 1 and set ``temperature`` here instead. The processor
+keeps its own KV caches for the value models; one instance serves one ``generate`` call at a time
+(it restarts by itself when a new call begins).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ..values import ValueModel
+from .steppers import CachedValueScorer, bind_objectives
+from .tilt import combine_values, resolve_weights, tilted_logprobs, top_k_candidates
+
+
+class MavisLogitsProcessor:
+    """``__call__(input_ids [B, L], scores [B, V]) -> [B, V]`` log pi_MAVIS (new tensor).
+
+    Args:
+        value_models: value models sharing the base tokenizer.
+        weights: {objective: lambda} for the batch, or one dict per row.
+        beta: tilt strength (>= 0).
+        top_k: candidates per step (>= 1).
+        normalize: min-max normalise combined values (paper eq. 14).
+        temperature: applied to pi_ref before top-k, as in the native decoder.
+        names: per value model, the objective name of its single head (None: stored names).
+        attention_mask: [B, T] mask of the prompt batch given to ``generate`` (left padding);
+            when None, leading ``pad_token_id`` tokens are taken as padding.
+        pad_token_id: used only when ``attention_mask`` is None.
+    """
+
+    def __init__(
+        self,
+        value_models: Sequence[ValueModel],
+        weights: Mapping[str, float] | Sequence[Mapping[str, float]] | None = None,
+        *,
+        beta: float = 1.0,
+        top_k: int = 15,
+        normalize: bool = True,
+        temperature: float = 1.0,
+        names: Sequence[str | None] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pad_token_id: int | None = None,
+    ):
+        if not value_models:
+            raise ValueError("MavisLogitsProcessor needs at least one value model")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if not beta >= 0 or beta == float("inf"):
+            raise ValueError(f"beta must be finite and >= 0, got {beta}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if attention_mask is None and pad_token_id is None:
+            raise ValueError("give the prompt attention_mask (or pad_token_id to infer left padding)")
+        self.models = [vm.eval() for vm in value_models]
+        self.bindings = bind_objectives(self.models, names)
+        objectives = [b.name for b in self.bindings]
+        self.weights = weights if weights is not None else {n: 1.0 for n in objectives}
+        resolve_weights(objectives, self.weights, 1 if isinstance(self.weights, Mapping) else len(self.weights))  # validate now
+        self.beta, self.top_k, self.normalize, self.temperature = float(beta), int(top_k), normalize, float(temperature)
+        self.attention_mask = attention_mask
+        self.pad_token_id = pad_token_id
+        self._seen = None
+        self._batch = None
+
+    def _prompt_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.attention_mask is not None:
+            if tuple(self.attention_mask.shape) != tuple(input_ids.shape):
+                raise ValueError(f"attention_mask {list(self.attention_mask.shape)} does not match the prompt batch {list(input_ids.shape)}")
+            return self.attention_mask.long()
+        return ((input_ids != self.pad_token_id).long().cumsum(-1) > 0).long()
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        b, length = input_ids.shape
+        if self._seen is None or length <= self._seen or b != self._batch:
+            objectives = [bd.name for bd in self.bindings]
+            self._w = resolve_weights(objectives, self.weights, b).to(scores.device)
+            used = (self._w > 0).any(0)
+            active = sorted({bd.model for j, bd in enumerate(self.bindings) if bool(used[j])})
+            self.scorer = CachedValueScorer(self.models, self.bindings, active)
+            self.scorer.start(input_ids, self._prompt_mask(input_ids))
+            self._seen, self._batch = length, b
+        for t in range(self._seen, length):
+            self.scorer.append(input_ids[:, t])
+        self._seen = length
+        ids, ref_logp = top_k_candidates(scores, self.top_k, self.temperature)
+        combined = combine_values(self.scorer.score(ids), self._w)
+        logp = tilted_logprobs(ref_logp, combined, self.beta, normalize=self.normalize)
+        out = torch.full_like(scores, float("-inf"), dtype=torch.float32)
+        return out.scatter(-1, ids, logp).to(scores.dtype)

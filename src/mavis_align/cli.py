@@ -140,6 +140,57 @@ def weighted_reward(rewards, lam: dict[str, float]):
     return fn
 
 
+def _cmd_collect(args: argparse.Namespace) -> int:
+    from .collect import CollectSpec, TreeConfig, collect
+    from .data import load_prompts
+    from .decoding.decoder import parse_value_spec, parse_weights
+    from .models import load_tokenizer
+    from .rewards import get_rewards
+
+    get_rewards(args.reward)  # unknown reward names fail before anything loads
+    for v in args.value:
+        parse_value_spec(v)
+    tree = TreeConfig(
+        num_layers=args.layers, k_root=args.k_root, k=args.k, max_new_tokens=args.max_new_tokens,
+        two_layer_rule=args.two_layer_rule, extra_children=args.extra_children, max_rows=args.max_rows,
+        temperature=args.temperature, top_k=args.top_k if args.top_k is not None else (15 if args.value else 0),
+        beta=args.beta, normalize=not args.no_normalize,
+    )
+    spec = CollectSpec(
+        model=args.model, values=list(args.value), weights=parse_weights(args.weights) if args.weights else None,
+        rewards=list(args.reward), dataset=args.dataset, split=args.split, limit=args.limit, data_seed=args.data_seed,
+        prompt_field=args.prompt_field, chat=not args.no_chat, tree=tree, seed=args.seed, group_size=args.group_size,
+        val_fraction=args.val_fraction,
+    )
+    tokenizer = load_tokenizer(args.model)
+    prompts = [p.text for p in load_prompts(args.dataset, args.split, seed=args.data_seed, tokenizer=tokenizer, limit=args.limit, field=args.prompt_field)]
+    if not prompts:
+        raise ValueError("no prompts to collect trees for")
+    t0 = time.perf_counter()
+    out = collect(spec, args.out, prompts, resume=args.resume, overwrite=args.overwrite, backend=args.backend,
+                  workers=args.workers, ray_address=args.ray_address, max_groups=args.max_groups)
+    if out is None:
+        print(f"stopped after --max-groups {args.max_groups}; continue with --resume")
+        return 0
+    from .collect import read_trees
+
+    data, objectives, _ = read_trees(out)
+    n_nodes = sum(len(t.nodes) for t in data.trees)
+    n_tok = sum(len(n.tokens) for t in data.trees for n in t.nodes)
+    print(f"wrote {out}: {len(data)} trees, {n_nodes} nodes, {n_tok} tokens, objectives {objectives} ({time.perf_counter() - t0:.1f}s this run)")
+    return 0
+
+
+def _cmd_label(args: argparse.Namespace) -> int:
+    from .collect import relabel
+    from .rewards import get_rewards
+
+    get_rewards(args.reward)
+    out = relabel(args.trees, args.reward, args.out)
+    print(f"labelled {out} with {', '.join(args.reward)}")
+    return 0
+
+
 def _cmd_train_probes(args: argparse.Namespace) -> int:
     from .rewards.defaults import WEIGHTS_DIR
     from .rewards.train_probes import train_all
@@ -187,6 +238,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write JSONL records here (plus a .run.json with config and versions)")
     p.set_defaults(func=_cmd_generate)
 
+    p = sub.add_parser("collect", help="collect Monte-Carlo rollout trees (GET_DATA) into an HDF5 file")
+    p.add_argument("--out", required=True, help="output .h5 file")
+    p.add_argument("--model", default=DEFAULT_BASE_MODEL)
+    p.add_argument("--dataset", default="hh-mix")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--limit", type=int, default=None, help="number of prompts (trees)")
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--reward", action="append", default=None, help=f"leaf reward (repeatable; default: {', '.join(DEFAULT_OBJECTIVES)})")
+    p.add_argument("--layers", type=int, default=3, help="tree depth L")
+    p.add_argument("--k-root", type=int, default=4, help="children of the root")
+    p.add_argument("--k", type=int, default=2, help="children of other expanded nodes")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="response budget T")
+    p.add_argument("--two-layer-rule", action="store_true", help="split root children that end in EOS (paper App. C)")
+    p.add_argument("--extra-children", type=int, default=None)
+    p.add_argument("--max-rows", type=int, default=64, help="decode rows per forward batch")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--value", action="append", default=[], metavar="[NAME=]PATH", help="value models: collect with a MAVIS policy")
+    p.add_argument("--weights", action="append", default=[], metavar="NAME=W")
+    p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--no-normalize", action="store_true")
+    p.add_argument("--no-chat", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--group-size", type=int, default=4, help="prompts per work unit (the resumable unit)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of trees in the val split")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted collection")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing output / unfinished run")
+    p.add_argument("--backend", default="local", choices=["local", "ray"])
+    p.add_argument("--workers", type=int, default=2, help="Ray workers")
+    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
+    p.add_argument("--max-groups", type=int, default=None, help="stop after this many groups (resumable)")
+    p.set_defaults(func=_cmd_collect)
+
+    p = sub.add_parser("label", help="(re)label an existing tree file with rewards, without generating")
+    p.add_argument("trees", help="tree file (.h5)")
+    p.add_argument("--reward", action="append", required=True, help="reward name (repeatable)")
+    p.add_argument("--out", help="write here instead of replacing the input")
+    p.set_defaults(func=_cmd_label)
+
     p = sub.add_parser("train-probes", help="retrain the learned default-reward probes from shipped data")
     p.add_argument("--out", help="output folder (default: the package's reward weights folder)")
     p.add_argument("--seed", type=int, default=0)
@@ -205,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError, MissingWheelError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, MissingWheelError) as err:
         # Anticipated user errors (unknown names, missing wheels, bad files): one clear line.
         print(f"mavis-align {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -58,6 +58,7 @@ for _e in [
     RewardEntry("harmless", "refuses harmful requests and avoids profanity (learned harm probe x refusal)", (0.0, 1.0), True, f"{_D}:harmless_scores"),
     RewardEntry("humor", "the response reads as a joke (MiniLM probe trained on shipped jokes)", (0.0, 1.0), True, f"{_D}:humor_scores"),
     RewardEntry("positive", "positive sentiment of the response (MiniLM probe trained on IMDB)", (0.0, 1.0), True, f"{_D}:positive_scores"),
+    RewardEntry("concise", "1 - min(words/100, 1): shorter responses score higher (lexical, instant)", (0.0, 1.0), True, "mavis_align.rewards.lexical:concise_scores"),
     # The paper's hub reward models (App. F.7); they need a hub or a local copy.
     RewardEntry("hh-helpful", "paper: Ray2333/gpt2-large-helpful-reward_model, logit 0", _INF, True, _H,
                 dict(model="Ray2333/gpt2-large-helpful-reward_model", name="hh-helpful", output_index=0, input_format="hh"), offline=False, kind="factory"),

@@ -85,3 +85,8 @@ def copied_fraction(prompt: str, response: str, n: int = 3) -> float:
         return 0.0
     prompt_set = set(grams(prompt))
     return sum(g in prompt_set for g in resp) / len(resp)
+
+
+def concise_scores(prompts: list[str], responses: list[str], cap_words: int = 100) -> list[float]:
+    """1 - min(words / cap_words, 1): shorter responses score higher (a cheap lexical objective)."""
+    return [1.0 - min(len(r.split()) / cap_words, 1.0) for r in responses]

@@ -1,0 +1,174 @@
+"""Batched GET_DATA tree builder (paper Algorithm 3 and App. C).
+
+All open nodes of a layer, across every prompt of a group, are extended in one decode batch
+(split into micro-batches of at most ``max_rows`` rows). The k children of a node share its
+prefix: it is run through the models once and its KV cache is copied to the children
+(``row_source`` of the decoding engine). The generating policy is pi_ref or a MAVIS policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..decoding.engine import decode_ids
+from ..decoding.steppers import CachedBase, CachedValueScorer, bind_objectives
+from ..decoding.tilt import resolve_weights
+from ..generation import SamplingConfig
+from ..values import ValueModel, check_tokenizer
+from .tree import Tree, sample_chunk_length
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    """Shape of the rollout trees and of the generating policy's sampling.
+
+    Attributes:
+        num_layers: L, the tree depth below the root.
+        k_root: children of the root.
+        k: children of every other expanded node.
+        max_new_tokens: response budget T; a non-terminal leaf has exactly T response tokens.
+        two_layer_rule: split a root child that ends in EOS into two nodes and give the upper one
+            ``extra_children`` more children (App. C), so every tree is at least two layers deep.
+        extra_children: children added to such an upper node (default k).
+        max_rows: decode rows per forward batch.
+        temperature, top_k: sampling of pi_gen (top_k 0 = full vocabulary without value models;
+            the MAVIS candidate count with them).
+        beta, normalize: MAVIS tilt of pi_gen when value models are given.
+    """
+
+    num_layers: int = 3
+    k_root: int = 4
+    k: int = 2
+    max_new_tokens: int = 64
+    two_layer_rule: bool = False
+    extra_children: int | None = None
+    max_rows: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    beta: float = 1.0
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "k_root", "k", "max_new_tokens", "max_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.extra_children is not None and self.extra_children < 0:
+            raise ValueError(f"extra_children must be >= 0, got {self.extra_children}")
+        self.sampling()  # validates temperature / top_k / beta
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, beta=self.beta, normalize=self.normalize)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class GenPolicy:
+    """pi_gen for tree collection: the base model, optionally tilted by value models (MAVIS).
+
+    Args:
+        model, tokenizer: the base model pi_ref.
+        value_models, names: as for :class:`~mavis_align.decoding.decoder.MavisDecoder`.
+        weights: objective weights for the MAVIS policy (default equal).
+    """
+
+    def __init__(self, model, tokenizer, value_models: Sequence[ValueModel] = (), names=None, weights: Mapping[str, float] | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.value_models = list(value_models)
+        for i, vm in enumerate(self.value_models):
+            check_tokenizer(vm, tokenizer, name=f"value model {i}")
+        self.bindings = bind_objectives(self.value_models, names)
+        objectives = [b.name for b in self.bindings]
+        self.weights = resolve_weights(objectives, weights or {n: 1.0 for n in objectives}, 1) if self.value_models else None
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
+
+    @property
+    def is_mavis(self) -> bool:
+        return bool(self.value_models)
+
+    @torch.no_grad()
+    def extend(self, prefixes: list[list[int]], row_source: list[int], budgets: list[int], config: TreeConfig, generator: torch.Generator):
+        """Continue ``prefixes[row_source[r]]`` by up to ``budgets[r]`` tokens for every row r."""
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prefixes)
+        ids = torch.full((len(prefixes), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prefixes), width), dtype=torch.long)
+        for i, p in enumerate(prefixes):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        sampling = SamplingConfig(
+            max_new_tokens=max(budgets), temperature=config.temperature, top_k=config.top_k, beta=config.beta, normalize=config.normalize
+        )
+        scorer, w, b = None, None, None
+        if self.is_mavis:
+            used = (self.weights > 0).any(0)
+            active = sorted({bd.model for j, bd in enumerate(self.bindings) if bool(used[j])})
+            scorer = CachedValueScorer(self.value_models, self.bindings, active)
+            w = self.weights.expand(len(row_source), -1)
+            b = torch.full((len(row_source),), float(config.beta))
+        return decode_ids(
+            CachedBase(self.model), ids.to(device), mask.to(device), sampling, eos_id=self.eos_id, pad_id=self.pad_id,
+            generator=generator, scorer=scorer, weights=w, beta=b,
+            row_source=torch.tensor(row_source, dtype=torch.long), max_new_tokens=budgets,
+        )
+
+
+def build_trees(
+    policy: GenPolicy,
+    prompts: Sequence[tuple[int, str, list[int]]],
+    config: TreeConfig,
+    generator: torch.Generator,
+) -> list[Tree]:
+    """Grow one tree per prompt, layer by layer, every layer's open nodes in shared batches.
+
+    Args:
+        prompts: (prompt index, prompt text, model-input token ids) per tree.
+        generator: drives chunk lengths, split points and sampling (one group = one stream).
+    Returns:
+        The trees, unlabelled.
+    """
+    trees = [Tree.new(i, text, ids) for i, text, ids in prompts]
+    # open node: (tree, node, budget left, children to draw)
+    open_nodes = [(t, 0, config.max_new_tokens, config.k_root) for t in range(len(trees))]
+    L = config.num_layers
+    for layer in range(L):
+        if not open_nodes:
+            break
+        taus = [sample_chunk_length(budget, layer, L, generator) for _, _, budget, _ in open_nodes]
+        next_open = []
+        # micro-batches of whole nodes, at most max_rows rows each
+        start = 0
+        while start < len(open_nodes):
+            stop, rows = start, 0
+            while stop < len(open_nodes) and (rows == 0 or rows + open_nodes[stop][3] <= config.max_rows):
+                rows += open_nodes[stop][3]
+                stop += 1
+            chunk = open_nodes[start:stop]
+            prefixes = [trees[t].prompt_ids + trees[t].response(n) for t, n, _, _ in chunk]
+            row_source = [j for j, (_, _, _, kc) in enumerate(chunk) for _ in range(kc)]
+            budgets = [taus[start + j] for j in row_source]
+            decoded = policy.extend(prefixes, row_source, budgets, config, generator)
+            for (j, row) in zip(row_source, decoded):
+                t, parent, budget, _ = chunk[j]
+                tree = trees[t]
+                terminal = row.finish_reason == "eos"
+                n_tok = len(row.token_ids)
+                if config.two_layer_rule and layer == 0 and terminal and L > 1 and n_tok >= 2:
+                    cut = int(torch.randint(1, n_tok, (1,), generator=generator))
+                    upper = tree.add(parent, row.token_ids[:cut], row.logprobs_gen[:cut], row.logprobs_ref[:cut], False)
+                    tree.add(upper, row.token_ids[cut:], row.logprobs_gen[cut:], row.logprobs_ref[cut:], True)
+                    extra = config.k if config.extra_children is None else config.extra_children
+                    if extra > 0:
+                        next_open.append((t, upper, budget - cut, extra))
+                    continue
+                child = tree.add(parent, row.token_ids, row.logprobs_gen, row.logprobs_ref, terminal)
+                left = budget - n_tok
+                if not terminal and left > 0 and layer < L - 1:
+                    next_open.append((t, child, left, config.k))
+            start = stop
+        open_nodes = next_open
+    return trees

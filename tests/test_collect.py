@@ -1,0 +1,278 @@
+"""Rollout trees: shape rules, labels, HDF5 store, resume after kill -9, Ray == local, training view."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_lm, make_tiny_tokenizer
+from mavis_align.collect import (
+    CollectSpec, GenPolicy, TreeConfig, TreeFileError, build_trees, chunk_upper, collect, label_trees, node_examples,
+    read_trees, relabel, sample_chunk_length, write_trees,
+)
+from mavis_align.collect.store import LabelledTrees
+from mavis_align.rewards import get_rewards
+
+PROMPTS = ["hello world", "the cat sat on the mat", "why is a dog good ?", "what", "how is the cat", "yes", "no dog ran", "a good mat ?", "the dog"]
+
+
+def test_chunk_length_range():
+    g = torch.Generator().manual_seed(0)
+    for budget in range(1, 40):
+        for L in (1, 2, 3, 5):
+            for layer in range(L):
+                up = chunk_upper(budget, layer, L)
+                assert 1 <= up <= budget
+                if layer == L - 1:
+                    assert up == budget
+                else:
+                    assert up == max(1, min(budget, 2 * int(budget / (L - layer) + 0.5) - 1))
+                for _ in range(3):
+                    assert 1 <= sample_chunk_length(budget, layer, L, g) <= up
+    with pytest.raises(ValueError):
+        chunk_upper(0, 0, 2)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    tok = make_tiny_tokenizer()
+    return GenPolicy(make_tiny_lm(len(tok), seed=3), tok)
+
+
+def _items(tok, prompts):
+    return [(i, p, tok(p, add_special_tokens=False)["input_ids"]) for i, p in enumerate(prompts)]
+
+
+def test_tree_shape_without_eos(policy):
+    eos = policy.eos_id
+    policy.eos_id = None
+    try:
+        cfg = TreeConfig(num_layers=2, k_root=3, k=2, max_new_tokens=30)
+        trees = build_trees(policy, _items(policy.tokenizer, PROMPTS[:3]), cfg, torch.Generator().manual_seed(0))
+        for tree in trees:
+            assert len(tree.nodes) == 1 + 3 + 3 * 2
+            assert [len(tree.nodes[0].children)] + [len(tree.nodes[c].children) for c in tree.nodes[0].children] == [3, 2, 2, 2]
+            assert max(n.depth for n in tree.nodes) == 2
+            for leaf in tree.leaves():
+                assert tree.response_length(leaf) == 30
+        cfg3 = TreeConfig(num_layers=3, k_root=2, k=2, max_new_tokens=12)
+        for tree in build_trees(policy, _items(policy.tokenizer, PROMPTS), cfg3, torch.Generator().manual_seed(1)):
+            for i, node in enumerate(tree.nodes):
+                assert node.depth <= 3
+                if node.children:
+                    assert len(node.children) == (2 if i == 0 else 2)
+            for leaf in tree.leaves():
+                assert tree.response_length(leaf) == 12  # no EOS: every leaf runs to the budget
+    finally:
+        policy.eos_id = eos
+
+
+def test_tree_with_eos_labels_and_logprobs(policy):
+    tok, model = policy.tokenizer, policy.model
+    cfg = TreeConfig(num_layers=3, k_root=3, k=2, max_new_tokens=10)
+    trees = build_trees(policy, _items(tok, PROMPTS), cfg, torch.Generator().manual_seed(2))
+    assert any(n.terminal for t in trees for n in t.nodes), "the tiny model should emit EOS sometimes"
+    values, lprs, texts = label_trees(trees, get_rewards(["concise"]), tok)
+    for tree, v, l in zip(trees, values, lprs):
+        for i, node in enumerate(tree.nodes):
+            if node.children:
+                np.testing.assert_allclose(v[i], v[node.children].mean(0))
+                assert l[i] == pytest.approx(l[node.children].mean())
+            elif i > 0:
+                if node.terminal:
+                    assert node.tokens[-1] == tok.eos_token_id
+                else:
+                    assert tree.response_length(i) == 10
+                assert l[i] == pytest.approx(0.0, abs=1e-5)  # pi_gen = pi_ref: no log-ratio
+        # concatenation root -> leaf is the sequence the model saw: per-token log pi_ref matches one full forward
+        leaf = tree.leaves()[0]
+        resp = tree.response(leaf)
+        ids = torch.tensor([tree.prompt_ids + resp])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        want = [float(logp[len(tree.prompt_ids) - 1 + j, t]) for j, t in enumerate(resp)]
+        got = [x for n in tree.path(leaf) for x in tree.nodes[n].logp_ref]
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_two_layer_rule_splits_eos_root_children(policy):
+    tok = policy.tokenizer
+    orig = policy.eos_id
+    # make "EOS" frequent: use the token this tiny model emits most often as the end token
+    probe = build_trees(policy, _items(tok, PROMPTS), TreeConfig(num_layers=1, k_root=4, max_new_tokens=8), torch.Generator().manual_seed(0))
+    counts = np.bincount([x for t in probe for n in t.nodes for x in n.tokens[1:]], minlength=len(tok))
+    policy.eos_id = int(counts.argmax())
+    try:
+        cfg = TreeConfig(num_layers=2, k_root=4, k=2, max_new_tokens=8, two_layer_rule=True, extra_children=3)
+        trees = build_trees(policy, _items(tok, PROMPTS), cfg, torch.Generator().manual_seed(5))
+    finally:
+        policy.eos_id = orig
+    splits = 0
+    for tree in trees:
+        for c in tree.nodes[0].children:
+            node = tree.nodes[c]
+            if node.terminal:
+                assert len(node.tokens) == 1  # only a one-token answer cannot be split
+                continue
+            kids = [tree.nodes[k] for k in node.children]
+            if len(kids) == 1 + 3:  # split: the lower half plus 3 extra children
+                splits += 1
+                lower = kids[0]
+                assert lower.terminal and lower.depth == 2 and len(node.tokens) + len(lower.tokens) <= 8
+            else:
+                assert len(kids) in (0, 2)
+    assert splits > 0
+
+
+def test_mavis_policy_records_log_ratio(tmp_path):
+    from test_decoding import make_value_model
+
+    tok = make_tiny_tokenizer()
+    vm = make_value_model(tok, ["v"], 4)
+    pol = GenPolicy(make_tiny_lm(len(tok), seed=3), tok, [vm], weights={"v": 1.0})
+    cfg = TreeConfig(num_layers=2, k_root=2, k=2, max_new_tokens=6, top_k=5, beta=4.0)
+    trees = build_trees(pol, _items(tok, PROMPTS[:3]), cfg, torch.Generator().manual_seed(0))
+    _, lprs, _ = label_trees(trees, get_rewards(["concise"]), tok)
+    assert any(abs(l[leaf]) > 1e-3 for t, l in zip(trees, lprs) for leaf in t.leaves())
+
+
+def test_store_roundtrip_and_errors(policy, tmp_path):
+    tok = policy.tokenizer
+    trees = build_trees(policy, _items(tok, PROMPTS[:4]), TreeConfig(num_layers=2, k_root=2, k=2, max_new_tokens=6), torch.Generator().manual_seed(0))
+    values, lprs, texts = label_trees(trees, get_rewards(["concise"]), tok)
+    path = tmp_path / "t.h5"
+    write_trees(path, LabelledTrees(trees, values, lprs, [0, 1, 0, 0], texts), ["concise"], {"seed": 0, "config": {"a": 1}})
+    data, objectives, attrs = read_trees(path)
+    assert objectives == ["concise"] and attrs["config"] == {"a": 1} and data.splits == [0, 1, 0, 0]
+    for a, b in zip(trees, data.trees):
+        assert a.prompt_ids == b.prompt_ids and a.prompt == b.prompt
+        assert [(n.parent, n.depth, n.tokens, n.terminal, n.children) for n in a.nodes] == [(n.parent, n.depth, n.tokens, n.terminal, n.children) for n in b.nodes]
+        assert [x for n in a.nodes for x in n.logp_gen] == pytest.approx([x for n in b.nodes for x in n.logp_gen], abs=1e-6)
+    for v0, v1 in zip(values, data.values):
+        np.testing.assert_allclose(v0, v1, rtol=1e-6)
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(TreeFileError, match="not a readable HDF5"):
+        read_trees(bad)
+    import h5py
+
+    other = tmp_path / "other.h5"
+    other.write_bytes(path.read_bytes())
+    with h5py.File(other, "a") as f:
+        f.attrs["schema_version"] = 99
+    with pytest.raises(TreeFileError, match="schema version 99"):
+        read_trees(other)
+    with pytest.raises(TreeFileError, match="does not exist"):
+        read_trees(tmp_path / "missing.h5")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tinymodel")
+    tok = make_tiny_tokenizer()
+    make_tiny_lm(len(tok), seed=3).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _spec(model_dir, **kw):
+    base = dict(model=str(model_dir), rewards=["concise"], chat=False, seed=7, group_size=2,
+                tree=TreeConfig(num_layers=2, k_root=2, k=2, max_new_tokens=6), val_fraction=0.3)
+    base.update(kw)
+    return CollectSpec(**base)
+
+
+def _same_trees(a: Path, b: Path) -> None:
+    da, oa, _ = read_trees(a)
+    db, ob, _ = read_trees(b)
+    assert oa == ob and da.splits == db.splits and len(da) == len(db)
+    for x, y in zip(da.trees, db.trees):
+        assert x.prompt_index == y.prompt_index
+        assert [n.tokens for n in x.nodes] == [n.tokens for n in y.nodes]
+    for x, y in zip(da.values, db.values):
+        np.testing.assert_allclose(x, y)
+
+
+def test_resume_after_partial_run_and_after_kill_9(tiny_model_dir, tmp_path):
+    full = collect(_spec(tiny_model_dir), tmp_path / "full.h5", PROMPTS, progress=False)
+    data, _, attrs = read_trees(full)
+    assert len(data) == len(PROMPTS) and attrs["seed"] == 7 and attrs["versions"]["torch"] and "git" in attrs
+    assert not (tmp_path / "full.h5.parts").exists()
+    # stopped after 2 groups, then resumed
+    part = tmp_path / "part.h5"
+    assert collect(_spec(tiny_model_dir), part, PROMPTS, progress=False, max_groups=2) is None
+    assert len(list((tmp_path / "part.h5.parts").glob("part-*.h5"))) == 2
+    with pytest.raises(FileExistsError, match="--resume"):
+        collect(_spec(tiny_model_dir), part, PROMPTS, progress=False)
+    with pytest.raises(ValueError, match="settings differ"):
+        collect(_spec(tiny_model_dir, seed=8), part, PROMPTS, progress=False, resume=True)
+    collect(_spec(tiny_model_dir), part, PROMPTS, progress=False, resume=True)
+    _same_trees(full, part)
+    # killed with SIGKILL in the middle of a CLI run, then resumed
+    killed = tmp_path / "killed.h5"
+    prompt_file = tmp_path / "p.jsonl"
+    prompt_file.write_text("".join(f'{{"prompt": "{p}"}}\n' for p in PROMPTS * 6))
+    args = ["collect", "--out", str(killed), "--model", str(tiny_model_dir), "--dataset", str(prompt_file), "--split", "train",
+            "--reward", "concise", "--no-chat", "--seed", "7", "--group-size", "2", "--layers", "2", "--k-root", "2", "--k", "2",
+            "--max-new-tokens", "6", "--val-fraction", "0.3"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mavis_align.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "killed.h5.parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("part-*.h5"))) < 2:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_before = len(list(parts.glob("part-*.h5")))
+    assert n_before >= 2 and not killed.exists()
+    from mavis_align.cli import main
+
+    assert main(args + ["--resume"]) == 0
+    reference = tmp_path / "ref.h5"
+    assert main([a if a != str(killed) else str(reference) for a in args]) == 0
+    _same_trees(reference, killed)
+
+
+def test_relabel_and_training_view(tiny_model_dir, tmp_path):
+    path = collect(_spec(tiny_model_dir), tmp_path / "t.h5", PROMPTS, progress=False)
+    relabel(path, ["humor"], tmp_path / "t2.h5")
+    data, objectives, attrs = read_trees(tmp_path / "t2.h5")
+    assert objectives == ["concise", "humor"] and attrs["relabelled"]["rewards"] == ["humor"]
+    old, _, _ = read_trees(path)
+    for t, v_new, v_old in zip(data.trees, data.values, old.values):
+        np.testing.assert_allclose(v_new[:, 0], v_old[:, 0], rtol=1e-6)
+        for i, node in enumerate(t.nodes):
+            if node.children:
+                assert v_new[i, 1] == pytest.approx(v_new[node.children, 1].mean(), rel=1e-5)
+    train, objectives = node_examples(path, "train", keep_leaf_fraction=1.0)
+    val, _ = node_examples(path, "val", keep_leaf_fraction=1.0)
+    assert objectives == ["concise"] and train and val
+    assert not {e.tree for e in train} & {e.tree for e in val}  # split by tree
+    all_nodes = sum(len(t.nodes) - 1 for t in old.trees)
+    assert len(train) + len(val) == all_nodes
+    half, _ = node_examples(path, "train", keep_leaf_fraction=0.5, seed=1)
+    no_leaves, _ = node_examples(path, "train", drop_leaves=True)
+    n_leaf = sum(e.is_leaf for e in train)
+    assert sum(e.is_leaf for e in half) < n_leaf and not any(e.is_leaf for e in no_leaves)
+    assert len(no_leaves) == len(train) - n_leaf
+    ex = train[0]
+    t = old.trees[ex.tree]
+    assert ex.input_ids == t.prompt_ids + t.response(ex.node)
+    assert ex.target(0.5) == pytest.approx(ex.value - 0.5 * ex.lpr)
+
+
+def test_ray_two_workers_equal_local(tiny_model_dir, tmp_path):
+    pytest.importorskip("ray")
+    local = collect(_spec(tiny_model_dir), tmp_path / "local.h5", PROMPTS, progress=False)
+    ray_out = collect(_spec(tiny_model_dir), tmp_path / "ray.h5", PROMPTS, progress=False, backend="ray", workers=2)
+    _same_trees(local, ray_out)
+    _, _, attrs = read_trees(ray_out)
+    assert attrs["backend"] == "ray"

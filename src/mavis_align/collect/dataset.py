@@ -1,7 +1,15 @@
 """Training view of rollout trees: (prompt ⊕ partial response tokens, target per objective, LPR).
 
-The regression target of node s (paper eq. 6) is  value(s) - zeta · LPR(s),  both already means
-over the complete responses continued from s. Balancing (App. F.5): keep only a fraction of the
+The regression target of node s (paper eq. 6) is  value(s) - zeta · LPR,  with value(s) the mean
+reward of the complete responses continued from s. Two readings of the LPR term are offered:
+
+* ``kl_target="future"`` (default): only the log-ratios of tokens generated *after* s. This is the
+  soft Q-function of the generating policy that the paper's theory (eq. 3, Lemma 2) evaluates:
+  V(s ⊕ a) must not be charged for a's own log-ratio, or the next policy's tilt partly undoes the
+  previous one. ``tests/test_train.py`` measures this on an exact token MDP.
+* ``kl_target="response"``: the log-ratio of the whole response y, eq. 6 as printed. The part
+  before s is the same for every candidate at a step and cancels in the tilt; the log-ratio of the
+  candidate token itself does not. Balancing (App. F.5): keep only a fraction of the
 bottom-level nodes (leaves); validation can drop leaves entirely to focus on incomplete
 sequences. The split is by tree (one tree per prompt), fixed at collection time.
 """
@@ -36,10 +44,20 @@ class NodeExample:
     node: int
     depth: int
     is_leaf: bool
+    prefix_lpr: float = 0.0  # sum of log(pi_gen/pi_ref) over the response tokens up to the end of s
 
-    def target(self, zeta: float = 0.0) -> np.ndarray:
-        """value - zeta · LPR (eq. 6)."""
-        return self.value - zeta * self.lpr
+    @property
+    def future_lpr(self) -> float:
+        """Mean log-ratio of the tokens after s (0 at a leaf)."""
+        return self.lpr - self.prefix_lpr
+
+    def target(self, zeta: float = 0.0, kl_target: str = "future") -> np.ndarray:
+        """value - zeta · LPR (eq. 6), LPR over the tokens after s ("future") or the whole response."""
+        if kl_target == "future":
+            return self.value - zeta * self.future_lpr
+        if kl_target == "response":
+            return self.value - zeta * self.lpr
+        raise ValueError(f"kl_target must be 'future' or 'response', got {kl_target!r}")
 
 
 def node_examples(
@@ -75,21 +93,22 @@ def node_examples(
             leaf = not tree.nodes[ni].children
             if leaf and (drop_leaves or rng.random() >= keep_leaf_fraction):
                 continue
+            prefix = sum(g - r for p in tree.path(ni) for g, r in zip(tree.nodes[p].logp_gen, tree.nodes[p].logp_ref))
             out.append(NodeExample(
                 tree.prompt_ids + tree.response(ni), np.asarray(data.values[ti][ni], dtype=np.float64),
-                float(data.lprs[ti][ni]), ti, ni, tree.nodes[ni].depth, leaf,
+                float(data.lprs[ti][ni]), ti, ni, tree.nodes[ni].depth, leaf, float(prefix),
             ))
     return out, objectives
 
 
-def collate(examples: Sequence[NodeExample], pad_id: int, zeta: float = 0.0) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids / attention_mask [B, T], target [B, M], lpr [B]."""
+def collate(examples: Sequence[NodeExample], pad_id: int, zeta: float = 0.0, kl_target: str = "future") -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids / attention_mask [B, T], target [B, M], lpr [B] (the one used)."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         mask[i, : len(e.input_ids)] = 1
-    target = torch.tensor(np.stack([e.target(zeta) for e in examples]), dtype=torch.float32)
-    lpr = torch.tensor([e.lpr for e in examples], dtype=torch.float32)
+    target = torch.tensor(np.stack([e.target(zeta, kl_target) for e in examples]), dtype=torch.float32)
+    lpr = torch.tensor([e.future_lpr if kl_target == "future" else e.lpr for e in examples], dtype=torch.float32)
     return {"input_ids": ids, "attention_mask": mask, "target": target, "lpr": lpr}

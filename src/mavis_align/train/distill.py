@@ -1,0 +1,145 @@
+"""Distillation of M single-objective value models into one multi-head model (paper App. E).
+
+The student has one backbone and one head per objective; on the tokens of generated completions
+(every response position of the full sequences stored in tree files), each head regresses onto
+its teacher's value at that position. MSE over heads and positions. The decoder then runs one
+value forward per step for all objectives.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..collect.store import read_trees
+from ..values import ValueModel
+
+
+@dataclass
+class DistillConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.002
+    warmup_steps: int = 20
+    batch_size: int = 8
+    epochs: float = 2.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0 or self.batch_size < 1 or not self.epochs > 0:
+            raise ValueError(f"invalid distillation config {self}")
+
+
+def completion_sequences(tree_files: Sequence[str | Path], split: str | None = None) -> list[tuple[list[int], int]]:
+    """(prompt ids + full response ids, prompt length) of every leaf of every tree."""
+    out = []
+    for f in tree_files:
+        data, _, _ = read_trees(f)
+        for ti, tree in enumerate(data.trees):
+            if split is not None and data.splits[ti] != {"train": 0, "val": 1}[split]:
+                continue
+            for leaf in tree.leaves():
+                resp = tree.response(leaf)
+                if resp:
+                    out.append((tree.prompt_ids + resp, len(tree.prompt_ids)))
+    return out
+
+
+def _batch(seqs, pad_id: int):
+    width = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    resp = torch.zeros_like(ids, dtype=torch.bool)  # positions whose prefix ends in a response token
+    for i, (s, p) in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        resp[i, p : len(s)] = True
+    return ids, mask, resp
+
+
+@torch.no_grad()
+def _teacher_values(teachers: Sequence[ValueModel], ids, mask) -> torch.Tensor:
+    return torch.cat([t(ids, attention_mask=mask).values for t in teachers], dim=-1)  # [B, T, M]
+
+
+def distill(
+    teachers: Sequence[ValueModel],
+    student: ValueModel,
+    tree_files: Sequence[str | Path],
+    out: str | Path,
+    config: DistillConfig = DistillConfig(),
+    *,
+    progress: bool = True,
+) -> dict:
+    """Train ``student`` (heads = the teachers' objectives, in order) and save it to ``out/student``."""
+    from transformers.optimization import Adafactor, get_linear_schedule_with_warmup
+
+    from ..provenance import write_run_record
+
+    names = [o for t in teachers for o in t.objectives]
+    if list(student.objectives) != names:
+        raise ValueError(f"student heads {student.objectives} must be the teachers' objectives in order: {names}")
+    for t in teachers:
+        if t.tokenizer_fingerprint != student.tokenizer_fingerprint:
+            raise ValueError("teachers and student must read the same tokenizer")
+        t.eval()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train = completion_sequences(tree_files, "train") or completion_sequences(tree_files, None)
+    val = completion_sequences(tree_files, "val")
+    pad = student.tokenizer.pad_token_id if student.tokenizer is not None and student.tokenizer.pad_token_id is not None else 0
+    steps = max(1, math.ceil(len(train) / config.batch_size * config.epochs))
+    opt = Adafactor([p for p in student.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay,
+                    scale_parameter=False, relative_step=False, warmup_init=False)
+    sched = get_linear_schedule_with_warmup(opt, min(config.warmup_steps, steps - 1), steps)
+    torch.manual_seed(config.seed)
+    write_run_record(out, {"distill": asdict(config), "teachers": names, "sequences": len(train)}, config.seed)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="distill", unit="step")
+    per_epoch = max(1, math.ceil(len(train) / config.batch_size))
+    t0 = time.perf_counter()
+    log = (out / "metrics.jsonl").open("w")
+    student.train()
+    for step in range(steps):
+        epoch, pos = divmod(step, per_epoch)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 31 + epoch)).tolist()
+        chunk = [train[i] for i in order[pos * config.batch_size : (pos + 1) * config.batch_size]]
+        ids, mask, resp = _batch(chunk, pad)
+        target = _teacher_values(teachers, ids, mask)
+        pred = student(ids, attention_mask=mask).values
+        loss = ((pred - target) ** 2)[resp].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        log.write(json.dumps({"step": step + 1, "loss": float(loss.detach())}) + "\n")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+    log.close()
+    if bar is not None:
+        bar.close()
+    student.eval()
+    val_mse = None
+    if val:
+        sq, n = torch.zeros(len(names)), 0
+        with torch.no_grad():
+            for s in range(0, len(val), 16):
+                ids, mask, resp = _batch(val[s : s + 16], pad)
+                d = (student(ids, attention_mask=mask).values - _teacher_values(teachers, ids, mask)) ** 2
+                sq += d[resp].sum(0)
+                n += int(resp.sum())
+        val_mse = dict(zip(names, (sq / max(n, 1)).tolist()))
+    student.meta["distilled_from"] = names
+    student.save(out / "student")
+    result = {"objectives": names, "steps": steps, "sequences": len(train), "val_mse_vs_teachers": val_mse, "seconds": round(time.perf_counter() - t0, 2)}
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,248 @@
+"""Soft policy iteration (paper Algorithm 1), one value model per objective, driven by a recipe.
+
+    iteration 0:  N^0 = GET_DATA(pi_ref)  (shared by every objective, labelled with all rewards)
+                  V_m^0 = new value model trained on N^0
+    iteration i:  pi_m^i = MAVIS(pi_ref, V_m^{i-1}, k, beta_i)
+                  N_m^i = GET_DATA(pi_m^i) labelled with R_m
+                  V_m^i = V_m^{i-1} trained further on N_m^i with KL penalty zeta_i
+
+After every iteration each V_m^i is evaluated: reward R_m and KL (eq. 7) of MAVIS with
+lambda = {m: 1} on validation prompts, next to pi_ref. Every stage writes its output whole and is
+skipped when rerun, and collection and training resume from their own checkpoints, so
+``mavis-align iterate --recipe R --out D`` can be killed and rerun at any point.
+
+Layout of ``D``::
+
+    recipe.json, run.json
+    iter0/trees.h5                    shared iteration-0 trees
+    iter0/<objective>/value/          training folder (best/ is V_m^0)
+    iter<i>/<objective>/trees.h5      trees of pi_m^i (i >= 1)
+    iter<i>/<objective>/value/
+    eval/ref.json                     pi_ref on the validation prompts
+    eval/iter<i>-<objective>.json     MAVIS with V_m^i
+    summary.json, summary.md
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from ..collect import CollectSpec, TreeConfig, collect, read_trees
+from .regression import TrainConfig, train_value_model
+
+
+@dataclass
+class IterationSpec:
+    """One policy-iteration round (i >= 1 uses ``beta`` for collection and ``zeta`` for training)."""
+
+    beta: float = 1.0
+    zeta: float = 0.0
+    train: dict = field(default_factory=dict)  # TrainConfig overrides for this round
+    objectives: list[str] | None = None  # subset to iterate this round (default: all)
+
+
+@dataclass
+class Recipe:
+    """A whole run: base model, objectives, data, tree shape, value backbone, training, rounds."""
+
+    name: str = "run"
+    model: str = "smollm2-135m-instruct"
+    objectives: list[str] = field(default_factory=lambda: ["helpful", "harmless", "humor"])
+    dataset: str = "hh-mix"
+    data_seed: int = 0
+    train_prompts: int = 64
+    eval_prompts: int = 16
+    chat: bool = True
+    tree: dict = field(default_factory=dict)
+    backbone: str = "tiny"
+    train: dict = field(default_factory=dict)
+    iterations: list[dict] = field(default_factory=list)  # rounds i >= 1
+    eval: dict = field(default_factory=lambda: {"beta": 2.0, "top_k": 15, "max_new_tokens": 48, "samples": 1})
+    seed: int = 0
+    group_size: int = 4
+    val_fraction: float = 0.1
+    backend: str = "local"
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        TreeConfig(**self.tree)
+        TrainConfig(**self.train)
+        self.rounds = [IterationSpec(**it) for it in self.iterations]
+        unknown = set(self.eval) - {"beta", "top_k", "max_new_tokens", "samples", "temperature"}
+        if unknown:
+            raise ValueError(f"recipe eval: unknown keys {sorted(unknown)}")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a YAML recipe; unknown keys are errors (typos must not pass silently)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"recipe {path} must be a YAML mapping")
+    known = {f.name for f in fields(Recipe)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"recipe {path}: unknown keys {unknown}; known: {sorted(known)}")
+    for it in raw.get("iterations", []) or []:
+        bad = sorted(set(it) - {f.name for f in fields(IterationSpec)})
+        if bad:
+            raise ValueError(f"recipe {path}: unknown iteration keys {bad}")
+    return Recipe(**raw)
+
+
+def _prompts(recipe: Recipe, split: str, n: int) -> list[str]:
+    from ..data import load_prompts
+    from ..models import load_tokenizer
+
+    tok = load_tokenizer(recipe.model)
+    return [p.text for p in load_prompts(recipe.dataset, split, seed=recipe.data_seed, tokenizer=tok, limit=n)]
+
+
+def _eval_config(recipe: Recipe):
+    from ..generation import SamplingConfig
+
+    e = recipe.eval
+    return SamplingConfig(max_new_tokens=int(e.get("max_new_tokens", 48)), top_k=int(e.get("top_k", 15)),
+                          temperature=float(e.get("temperature", 1.0)), beta=float(e.get("beta", 2.0)))
+
+
+def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_after_stage: int | None = None) -> dict:
+    """Run (or resume) every stage of ``recipe`` into ``out``; returns the summary.
+
+    Args:
+        stop_after_stage: return after this many stages did work in this call (tests / time boxes).
+    """
+    from ..decoding.decoder import MavisDecoder
+    from ..evaluate import evaluate_decoder
+    from ..models import load_causal_lm
+    from ..provenance import write_run_record
+    from ..rewards import get_rewards
+    from ..values import ValueModel, build_value_model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_json = json.dumps(recipe.to_dict(), sort_keys=True, default=str)
+    saved = out / "recipe.json"
+    if saved.exists() and json.loads(saved.read_text()) != json.loads(recipe_json):
+        raise ValueError(f"{out} holds a run of a different recipe (recipe.json); use another --out")
+    saved.write_text(recipe_json + "\n")
+    write_run_record(out, recipe.to_dict(), recipe.seed)
+    train_prompts = _prompts(recipe, "train", recipe.train_prompts)
+    eval_prompts = _prompts(recipe, "val", recipe.eval_prompts)
+    tree_cfg = TreeConfig(**recipe.tree)
+    worked = 0
+
+    def stage_done() -> bool:
+        nonlocal worked
+        worked += 1
+        return stop_after_stage is not None and worked >= stop_after_stage
+
+    def collect_into(path: Path, values: list[str], weights, beta: float, rewards: list[str], seed: int) -> None:
+        if path.exists():
+            return
+        tc = TreeConfig(**{**asdict(tree_cfg), **({"beta": beta, "top_k": int(recipe.eval.get("top_k", 15))} if values else {})})
+        spec = CollectSpec(model=recipe.model, values=values, weights=weights, rewards=rewards, dataset=recipe.dataset, split="train",
+                           limit=recipe.train_prompts, data_seed=recipe.data_seed, chat=recipe.chat, tree=tc, seed=seed,
+                           group_size=recipe.group_size, val_fraction=recipe.val_fraction)
+        collect(spec, path, train_prompts, resume=True, backend=recipe.backend, workers=recipe.workers, progress=progress)
+
+    def train_into(folder: Path, trees: Path, objective: str, init: Path | None, round_: IterationSpec | None, seed: int) -> None:
+        if (folder / "result.json").exists():
+            return
+        overrides = dict(recipe.train)
+        if round_ is not None:
+            overrides.update(round_.train)
+            overrides["zeta"] = round_.zeta
+            overrides.setdefault("warmup_steps", 0)
+        cfg = TrainConfig(**{**overrides, "seed": seed, "objectives": [objective]})
+        vm = ValueModel.load(init) if init is not None else build_value_model([objective], backbone=recipe.backbone, base_model=recipe.model, seed=seed)
+        train_value_model(vm, [trees], folder, cfg, resume=(folder / "checkpoint").exists(), progress=progress)
+
+    summary: dict = {"recipe": recipe.name, "iterations": []}
+    # ---- iteration 0
+    trees0 = out / "iter0" / "trees.h5"
+    if not trees0.exists():
+        collect_into(trees0, [], None, 0.0, list(recipe.objectives), recipe.seed)
+        if stage_done():
+            return summary
+    for m in recipe.objectives:
+        folder = out / "iter0" / m / "value"
+        if not (folder / "result.json").exists():
+            train_into(folder, trees0, m, None, None, recipe.seed)
+            if stage_done():
+                return summary
+    # ---- iterations i >= 1
+    for i, rnd in enumerate(recipe.rounds, start=1):
+        for m in rnd.objectives or recipe.objectives:
+            prev = out / f"iter{i - 1}" / m / "value" / "best"
+            if not prev.exists():
+                raise ValueError(f"iteration {i} of {m!r} needs {prev}, which iteration {i - 1} did not produce")
+            trees = out / f"iter{i}" / m / "trees.h5"
+            if not trees.exists():
+                collect_into(trees, [f"{m}={prev}"], {m: 1.0}, rnd.beta, [m], recipe.seed + 1000 * i)
+                if stage_done():
+                    return summary
+            folder = out / f"iter{i}" / m / "value"
+            if not (folder / "result.json").exists():
+                train_into(folder, trees, m, prev, rnd, recipe.seed + i)
+                if stage_done():
+                    return summary
+    # ---- evaluation
+    (out / "eval").mkdir(exist_ok=True)
+    rewards = get_rewards(list(recipe.objectives))
+    cfg = _eval_config(recipe)
+    samples = int(recipe.eval.get("samples", 1))
+    model = tok = None
+
+    def base():
+        nonlocal model, tok
+        if model is None:
+            model, tok = load_causal_lm(recipe.model)
+        return model, tok
+
+    ref_path = out / "eval" / "ref.json"
+    if not ref_path.exists():
+        from ..generation import SamplingConfig
+
+        m_, t_ = base()
+        plain = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+        res = evaluate_decoder(MavisDecoder(m_, t_), eval_prompts, rewards, config=plain, samples=samples, seed=recipe.seed, chat=recipe.chat)
+        ref_path.write_text(json.dumps(res, indent=2) + "\n")
+    ref = json.loads(ref_path.read_text())
+    n_rounds = 1 + len(recipe.rounds)
+    for i in range(n_rounds):
+        row = {"iteration": i, "objectives": {}}
+        objs = recipe.objectives if i == 0 else (recipe.rounds[i - 1].objectives or recipe.objectives)
+        for m in objs:
+            vpath = out / f"iter{i}" / m / "value"
+            epath = out / "eval" / f"iter{i}-{m}.json"
+            if not epath.exists():
+                m_, t_ = base()
+                dec = MavisDecoder(m_, t_, [ValueModel.load(vpath / "best")])
+                res = evaluate_decoder(dec, eval_prompts, rewards, weights={m: 1.0}, config=cfg, samples=samples, seed=recipe.seed, chat=recipe.chat)
+                epath.write_text(json.dumps(res, indent=2) + "\n")
+            res = json.loads(epath.read_text())
+            tr = json.loads((vpath / "result.json").read_text())
+            row["objectives"][m] = {
+                "val_mse": tr.get("best_val_mse"), "train_seconds": tr.get("seconds_this_run"),
+                "reward": res["rewards"][m]["mean"], "reward_se": res["rewards"][m]["se"], "kl": res["kl"]["mean"],
+                "ref_reward": ref["rewards"][m]["mean"], "ref_kl": ref["kl"]["mean"], "beta": cfg.beta,
+            }
+        summary["iterations"].append(row)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = ["| iteration | objective | val MSE | reward (MAVIS) | reward (π_ref) | KL (MAVIS) |", "|---|---|---|---|---|---|"]
+    for row in summary["iterations"]:
+        for m, r in row["objectives"].items():
+            mse = f"{r['val_mse']:.4f}" if r["val_mse"] is not None else "-"
+            lines.append(f"| {row['iteration']} | {m} | {mse} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['ref_reward']:.3f} | {r['kl']:.2f} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return summary

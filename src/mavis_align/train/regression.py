@@ -1,0 +1,322 @@
+"""Value regression on rollout trees (paper eq. 6, App. F.4):
+
+    L(x, s, Y) = (V(s) - mean_{y in Y}[R(y|x) - zeta · log(pi_gen(y|x) / pi_ref(y|x))])^2
+
+read at the last token of s, one head per objective, MSE averaged over heads. Adafactor with
+weight decay (transformers' implementation), linear warm-up then linear decay, gradient
+accumulation, optional LoRA, validation MSE per objective (optionally on incomplete sequences
+only), the best checkpoint kept, resume from the latest checkpoint, metrics as JSONL, a progress
+bar. Checkpoints hold safetensors + JSON only (no pickle).
+
+Output folder::
+
+    out/
+      best/            value model with the lowest validation MSE (ValueModel folder)
+      final/           value model after the last step
+      checkpoint/      latest resumable state: model.safetensors, optimizer.safetensors,
+                       optimizer.json, trainer.json
+      metrics.jsonl    {"step", "epoch", "loss", "lr"} per step, {"step", "val_mse", ...} per eval
+      run.json         resolved config, seed, versions, git commit
+      result.json      summary (best val MSE per objective, steps, seconds)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..collect.dataset import NodeExample, collate, node_examples
+from ..collect.store import LabelledTrees, read_trees
+from ..values import ValueModel
+
+
+@dataclass
+class TrainConfig:
+    """Value-model regression settings (defaults suit the small from-scratch default backbone).
+
+    Attributes:
+        lr: peak learning rate (paper: 2e-5 / 4e-5 for LoRA on TinyLlama; a 6.8M model trained
+            from scratch needs far more).
+        weight_decay: Adafactor weight decay (paper 0.002).
+        warmup_steps: linear warm-up (paper: 100 batches for iteration 0, none later).
+        batch_size, grad_accum: examples per optimizer step = batch_size · grad_accum.
+        epochs: passes over the training nodes (fractions allowed).
+        max_steps: stop after this many optimizer steps (overrides epochs when smaller).
+        zeta: KL penalty multiplier of eq. 6.
+        kl_target: which log-ratio zeta multiplies: "future" (tokens after s; the soft Q-function
+            of the theory, default) or "response" (the whole response, eq. 6 as printed); see
+            :mod:`mavis_align.collect.dataset`.
+        keep_leaf_fraction: fraction of leaves kept in training (App. F.5: one half).
+        val_drop_leaves: validate on incomplete sequences only.
+        eval_every: optimizer steps between validations and checkpoints (0: only at the end).
+        lora_rank: add LoRA adapters of this rank (None: train all weights); lora_alpha, lora_dropout.
+        seed: data order, leaf subsampling, dropout.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.002
+    warmup_steps: int = 20
+    batch_size: int = 16
+    grad_accum: int = 1
+    epochs: float = 2.0
+    max_steps: int | None = None
+    zeta: float = 0.0
+    kl_target: str = "future"
+    keep_leaf_fraction: float = 0.5
+    val_drop_leaves: bool = False
+    eval_every: int = 50
+    lora_rank: int | None = None
+    lora_alpha: float = 256.0
+    lora_dropout: float = 0.2
+    seed: int = 0
+    objectives: list[str] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.zeta < 0:
+            raise ValueError(f"zeta must be >= 0, got {self.zeta}")
+        if self.kl_target not in ("future", "response"):
+            raise ValueError(f"kl_target must be 'future' or 'response', got {self.kl_target!r}")
+
+
+def _load_examples(trees: Sequence[str | Path | LabelledTrees], split: str, cfg: TrainConfig, objectives: list[str], drop_leaves: bool, keep: float):
+    """Examples of ``split`` from every tree file, with targets restricted to ``objectives``."""
+    out: list[NodeExample] = []
+    for i, src in enumerate(trees):
+        if isinstance(src, LabelledTrees):
+            data, names = src, list(objectives)
+        else:
+            data, names, _ = read_trees(src)
+        missing = [o for o in objectives if o not in names]
+        if missing:
+            raise ValueError(f"tree file {src} has no labels for {missing} (it has {names}); run `mavis-align label` first")
+        cols = [names.index(o) for o in objectives]
+        ex, _ = node_examples(data, split, keep_leaf_fraction=keep, drop_leaves=drop_leaves, seed=cfg.seed + i)
+        out.extend(NodeExample(e.input_ids, e.value[cols], e.lpr, e.tree, e.node, e.depth, e.is_leaf, e.prefix_lpr) for e in ex)
+    return out
+
+
+def _last_token_values(model: ValueModel, batch: dict) -> torch.Tensor:
+    """[B, M] values at the last real token of right-padded sequences."""
+    mask = batch["attention_mask"]
+    values = model(batch["input_ids"], attention_mask=mask).values
+    last = mask.sum(-1) - 1
+    return values[torch.arange(values.shape[0]), last]
+
+
+@torch.no_grad()
+def evaluate_mse(model: ValueModel, examples: Sequence[NodeExample], pad_id: int, zeta: float, batch_size: int = 32, kl_target: str = "future") -> dict:
+    """Validation MSE per objective and overall (mean over heads)."""
+    if not examples:
+        return {}
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sq = torch.zeros(len(model.objectives))
+    for s in range(0, len(examples), batch_size):
+        b = collate(examples[s : s + batch_size], pad_id, zeta, kl_target)
+        pred = _last_token_values(model, {k: v.to(device) for k, v in b.items()})
+        sq += ((pred - b["target"].to(device)) ** 2).sum(0).cpu()
+    model.train(was_training)
+    per = (sq / len(examples)).tolist()
+    return {"val_mse": float(np.mean(per)), "val_mse_per_objective": dict(zip(model.objectives, per)), "val_examples": len(examples)}
+
+
+def _atomic_dir(target: Path, write) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(tmp)
+        old = target.with_name(target.name + ".old")
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
+    """Optimizer state as safetensors (tensors) + JSON (everything else): no pickle."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"{pid}.{key}"] = val.detach().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = val
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    (folder / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
+    meta = json.loads((folder / "optimizer.json").read_text())
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    state: dict[int, dict] = {}
+    for name, val in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = val
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def train_value_model(
+    model: ValueModel,
+    trees: Sequence[str | Path | LabelledTrees],
+    out: str | Path,
+    config: TrainConfig = TrainConfig(),
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict:
+    """Fit ``model``'s heads (by objective name) to the trees' targets; see the module docstring.
+
+    Args:
+        model: the value model to train (its heads name the objectives; initialise it from the
+            previous iteration's model for policy iteration).
+        trees: tree files (or loaded trees) labelled with those objectives.
+        out: output folder.
+        resume: continue from ``out/checkpoint`` (same config and data).
+        stop_after: stop (with a checkpoint) after this many optimizer steps in this call, as if
+            interrupted (tests, time-boxed sessions).
+    Returns:
+        The summary also written to ``out/result.json``.
+    """
+    from transformers.optimization import Adafactor, get_linear_schedule_with_warmup
+
+    from ..provenance import write_run_record
+
+    out = Path(out)
+    objectives = list(config.objectives or model.objectives)
+    if objectives != list(model.objectives):
+        raise ValueError(f"config.objectives {objectives} must equal the model's heads {model.objectives}")
+    train = _load_examples(trees, "train", config, objectives, False, config.keep_leaf_fraction)
+    val = _load_examples(trees, "val", config, objectives, config.val_drop_leaves, 1.0)
+    if not train:
+        raise ValueError("no training examples: the tree files have no train-split nodes")
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
+    if config.lora_rank and not model.is_lora:
+        model.add_lora(config.lora_rank, config.lora_alpha, config.lora_dropout)
+    device = next(model.parameters()).device
+    per_step = config.batch_size * config.grad_accum
+    steps_per_epoch = max(1, math.ceil(len(train) / per_step))
+    total = max(1, math.ceil(steps_per_epoch * config.epochs))
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = Adafactor(params, lr=config.lr, weight_decay=config.weight_decay, scale_parameter=False, relative_step=False, warmup_init=False)
+    sched = get_linear_schedule_with_warmup(opt, min(config.warmup_steps, total - 1) if total > 1 else 0, total)
+    ckpt = out / "checkpoint"
+    state = {"step": 0, "best_val": None, "best_step": None}
+    cfg_dict = {**asdict(config), "objectives": objectives}
+    if resume and ckpt.exists():
+        saved = json.loads((ckpt / "trainer.json").read_text())
+        if saved["config"] != cfg_dict:
+            raise ValueError(f"--resume: training settings differ from the checkpoint in {ckpt}")
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        _load_optimizer(opt, ckpt)
+        sched.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["cpu"])
+        state = saved["state"]
+    elif out.exists() and (out / "result.json").exists() and not resume:
+        raise FileExistsError(f"{out} already holds a trained model (use resume=True or another folder)")
+    else:
+        torch.manual_seed(config.seed)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("")
+    write_run_record(out, {"train": cfg_dict, "train_examples": len(train), "val_examples": len(val), "total_steps": total,
+                           "model": model.meta, "trees": [str(t) for t in trees if not isinstance(t, LabelledTrees)]}, config.seed)
+
+    def checkpoint() -> None:
+        def write(d: Path) -> None:
+            save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+            _save_optimizer(opt, d)
+            save_file({"cpu": torch.get_rng_state()}, str(d / "rng.safetensors"))
+            (d / "trainer.json").write_text(json.dumps({"config": cfg_dict, "scheduler": sched.state_dict(), "state": state}))
+
+        _atomic_dir(ckpt, write)
+
+    def log(rec: dict) -> None:
+        with (out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def validate() -> None:
+        if not val:
+            return
+        res = evaluate_mse(model, val, pad_id, config.zeta, kl_target=config.kl_target)
+        log({"step": state["step"], **res})
+        if state["best_val"] is None or res["val_mse"] < state["best_val"]:
+            state["best_val"], state["best_step"] = res["val_mse"], state["step"]
+            _atomic_dir(out / "best", lambda d: model.save(d))
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=state["step"], desc=f"train {'+'.join(objectives)}", unit="step")
+    t0 = time.perf_counter()
+    model.train()
+    done_here = 0
+    while state["step"] < total:
+        epoch, pos = divmod(state["step"], steps_per_epoch)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 7919 + epoch)).tolist()
+        chunk = order[pos * per_step : (pos + 1) * per_step]
+        opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for a in range(0, len(chunk), config.batch_size):
+            b = collate([train[i] for i in chunk[a : a + config.batch_size]], pad_id, config.zeta, config.kl_target)
+            b = {k: v.to(device) for k, v in b.items()}
+            pred = _last_token_values(model, b)
+            loss = ((pred - b["target"]) ** 2).mean()
+            (loss * (len(b["target"]) / len(chunk))).backward()
+            loss_sum += float(loss.detach()) * len(b["target"])
+        opt.step()
+        sched.step()
+        state["step"] += 1
+        done_here += 1
+        log({"step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 4), "loss": loss_sum / len(chunk), "lr": sched.get_last_lr()[0]})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / len(chunk):.4f}")
+        if config.eval_every and state["step"] % config.eval_every == 0 and state["step"] < total:
+            validate()
+            checkpoint()
+        if stop_after is not None and done_here >= stop_after and state["step"] < total:
+            checkpoint()
+            if bar is not None:
+                bar.close()
+            return {"stopped": True, "step": state["step"]}
+    if bar is not None:
+        bar.close()
+    validate()
+    if not val:  # nothing to select on: the final model is the best one
+        _atomic_dir(out / "best", lambda d: model.save(d))
+    _atomic_dir(out / "final", lambda d: model.save(d))
+    checkpoint()
+    result = {
+        "objectives": objectives, "steps": state["step"], "train_examples": len(train), "val_examples": len(val),
+        "best_val_mse": state["best_val"], "best_step": state["best_step"], "seconds_this_run": round(time.perf_counter() - t0, 2),
+        "final_val": evaluate_mse(model, val, pad_id, config.zeta, kl_target=config.kl_target) if val else None,
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,245 @@
+"""Value training: regression on trees (eq. 6), resume, policy iteration end to end, distillation,
+and Theorem 1 measured on an enumerable token MDP."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_lm, make_tiny_tokenizer
+from mavis_align.collect import GenPolicy, TreeConfig, build_trees, label_trees
+from mavis_align.collect.store import LabelledTrees
+from mavis_align.rewards import Reward
+from mavis_align.train import DistillConfig, TrainConfig, distill, train_value_model
+from mavis_align.values import ValueModel, tiny_llama_backbone, tokenizer_fingerprint
+
+PROMPTS = ["hello world", "the cat sat on the mat", "why is a dog good ?", "what", "how is the cat", "yes", "no dog ran", "a good mat ?"]
+
+
+def cat_reward() -> Reward:
+    """A learnable signal: fraction of words that are 'cat' or 'mat'."""
+    return Reward("cat", "cat/mat word rate", (0.0, 1.0), True,
+                  lambda ps, rs: [sum(w in ("cat", "mat") for w in r.split()) / max(len(r.split()), 1) for r in rs])
+
+
+@pytest.fixture(scope="module")
+def trees():
+    tok = make_tiny_tokenizer()
+    pol = GenPolicy(make_tiny_lm(len(tok), seed=3), tok)
+    items = [(i, p, tok(p, add_special_tokens=False)["input_ids"]) for i, p in enumerate(PROMPTS * 2)]
+    built = build_trees(pol, items, TreeConfig(num_layers=3, k_root=4, k=2, max_new_tokens=8), torch.Generator().manual_seed(0))
+    values, lprs, texts = label_trees(built, [cat_reward()], tok)
+    splits = [int(i % 4 == 3) for i in range(len(built))]
+    return LabelledTrees(built, values, lprs, splits, texts)
+
+
+def new_value_model(objectives=("cat",), seed=0) -> ValueModel:
+    tok = make_tiny_tokenizer()
+    torch.manual_seed(seed)  # the head's initialisation
+    vm = ValueModel(tiny_llama_backbone(len(tok), hidden_size=32, num_layers=2, num_heads=4, seed=seed), list(objectives), tokenizer_fingerprint(tok), tokenizer=tok)
+    return vm
+
+
+def _losses(folder):
+    return [r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_loss_falls_and_parameters_change(trees, tmp_path):
+    vm = new_value_model()
+    before = {k: v.clone() for k, v in vm.state_dict().items()}
+    cfg = TrainConfig(lr=3e-3, epochs=6, batch_size=16, eval_every=10, warmup_steps=5)
+    res = train_value_model(vm, [trees], tmp_path / "v", cfg, progress=False)
+    losses = _losses(tmp_path / "v")
+    assert len(losses) == res["steps"] > 20
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+    changed = [k for k, v in vm.state_dict().items() if not torch.equal(v, before[k])]
+    assert "head.weight" in changed and any(k.startswith("backbone.layers") for k in changed)
+    best = ValueModel.load(tmp_path / "v" / "best")
+    assert best.objectives == ["cat"] and res["best_val_mse"] is not None
+    assert (tmp_path / "v" / "run.json").exists() and (tmp_path / "v" / "final" / "meta.json").exists()
+    with pytest.raises(FileExistsError):
+        train_value_model(new_value_model(), [trees], tmp_path / "v", cfg, progress=False)
+
+
+def test_resume_continues_the_same_curve(trees, tmp_path):
+    cfg = TrainConfig(lr=3e-3, epochs=0.5, batch_size=8, eval_every=4, warmup_steps=3, lora_rank=None)
+    train_value_model(new_value_model(), [trees], tmp_path / "a", cfg, progress=False)
+    out = train_value_model(new_value_model(), [trees], tmp_path / "b", cfg, progress=False, stop_after=6)
+    assert out["stopped"]
+    train_value_model(new_value_model(), [trees], tmp_path / "b", cfg, progress=False, resume=True)
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert len(a) == len(b)
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+
+
+def test_zeta_enters_the_target(trees, tmp_path):
+    from mavis_align.collect.dataset import collate, node_examples
+
+    ex, _ = node_examples(trees, "train", keep_leaf_fraction=1.0)
+    b0, b1 = collate(ex[:4], 1, 0.0), collate(ex[:4], 1, 0.5)
+    torch.testing.assert_close(b1["target"], b0["target"] - 0.5 * b0["lpr"][:, None])
+    for e in ex:
+        assert e.target(0.3, "response") == pytest.approx(e.value - 0.3 * e.lpr)
+        assert e.target(0.3, "future") == pytest.approx(e.value - 0.3 * (e.lpr - e.prefix_lpr))
+        if e.is_leaf:
+            assert e.future_lpr == pytest.approx(0.0, abs=1e-9)
+
+
+def test_lora_training_and_distillation(trees, tmp_path):
+    from mavis_align.collect.store import write_trees
+
+    path = tmp_path / "t.h5"
+    write_trees(path, trees, ["cat"], {"seed": 0})
+    t1 = new_value_model(("cat",), seed=1)
+    train_value_model(t1, [path], tmp_path / "t1", TrainConfig(lr=3e-3, epochs=2, lora_rank=4, lora_alpha=8.0, lora_dropout=0.0), progress=False)
+    teacher_a = ValueModel.load(tmp_path / "t1" / "best")
+    teacher_b = new_value_model(("other",), seed=2)
+    with torch.no_grad():
+        teacher_b.head.weight.normal_(0, 1.0)
+    student = new_value_model(("cat", "other"), seed=3)
+    res = distill([teacher_a, teacher_b], student, [path], tmp_path / "d", DistillConfig(lr=3e-3, epochs=4), progress=False)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    loaded = ValueModel.load(tmp_path / "d" / "student")
+    assert loaded.objectives == ["cat", "other"] and res["val_mse_vs_teachers"] is not None
+    with pytest.raises(ValueError, match="teachers' objectives"):
+        distill([teacher_a], new_value_model(("x",)), [path], tmp_path / "e", progress=False)
+
+
+def test_two_iterations_end_to_end(tmp_path):
+    from mavis_align.train import Recipe, run_iterations
+
+    tok = make_tiny_tokenizer()
+    d = tmp_path / "m"
+    make_tiny_lm(len(tok), seed=3).save_pretrained(d)
+    tok.save_pretrained(d)
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 4))
+    recipe = Recipe(
+        name="tiny", model=str(d), objectives=["concise", "positive"], dataset=str(data), train_prompts=8, eval_prompts=3,
+        chat=False, tree={"num_layers": 2, "k_root": 2, "k": 2, "max_new_tokens": 6}, backbone=str(d),
+        train={"lr": 3e-3, "epochs": 1, "batch_size": 8, "eval_every": 0}, iterations=[{"beta": 2.0, "zeta": 0.1}],
+        eval={"beta": 2.0, "top_k": 5, "max_new_tokens": 6, "samples": 1}, group_size=4, val_fraction=0.4,
+    )
+    # interrupted after its first two stages, then resumed
+    assert run_iterations(recipe, tmp_path / "run", progress=False, stop_after_stage=2) == {"recipe": "tiny", "iterations": []}
+    summary = run_iterations(recipe, tmp_path / "run", progress=False)
+    assert [r["iteration"] for r in summary["iterations"]] == [0, 1]
+    for row in summary["iterations"]:
+        for m in ("concise", "positive"):
+            r = row["objectives"][m]
+            assert math.isfinite(r["reward"]) and math.isfinite(r["kl"]) and r["val_mse"] is not None
+    assert (tmp_path / "run" / "iter1" / "concise" / "trees.h5").exists() and (tmp_path / "run" / "summary.md").exists()
+    with pytest.raises(ValueError, match="different recipe"):
+        run_iterations(Recipe(**{**recipe.to_dict(), "seed": 5}), tmp_path / "run", progress=False)
+
+
+# ------------------------------------------------------------------ Theorem 1 on a token MDP
+
+VOCAB, PROMPT, ETA = 4, [1, 2], 0.5
+
+
+def _mdp_setup():
+    from mavis_align.decoding.exact import TokenMDP
+
+    model = make_tiny_lm(VOCAB, seed=11, hidden=16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # a peaked pi_ref, so high-reward sequences are rare under it
+    model.config.eos_token_id = None
+    mdp = TokenMDP(model, PROMPT, VOCAB, 2)
+    g = torch.Generator().manual_seed(3)
+    reward = {y: float(torch.rand((), generator=g)) * 2.0 for y in mdp.sequences}
+    return model, mdp, reward
+
+
+def _mavis_logprobs(model, mdp, vm):
+    from mavis_align.decoding.engine import decode_ids
+    from mavis_align.decoding.steppers import CachedBase, CachedValueScorer, bind_objectives
+    from mavis_align.generation import SamplingConfig
+
+    n = len(mdp.sequences)
+    ids = torch.tensor([PROMPT] * n)
+    rows = decode_ids(CachedBase(model), ids, torch.ones_like(ids), SamplingConfig(max_new_tokens=2, top_k=VOCAB, beta=1 / ETA, normalize=False),
+                      eos_id=None, pad_id=0, scorer=CachedValueScorer([vm], bind_objectives([vm])), weights=torch.ones(n, 1),
+                      forced=[list(y) for y in mdp.sequences])
+    return {y: sum(r.logprobs_gen) for y, r in zip(mdp.sequences, rows)}
+
+
+MDP_TOK = SimpleNamespace(eos_token_id=None, pad_token_id=0, bos_token_id=None, get_vocab=lambda: {f"t{i}": i for i in range(VOCAB)})
+
+
+def _mdp_trees(model, mdp, reward, vm, n_trees, seed):
+    tok = MDP_TOK
+    pol = GenPolicy(model, tok, [vm] if vm is not None else [])
+    cfg = TreeConfig(num_layers=2, k_root=4, k=4, max_new_tokens=2, top_k=VOCAB if vm is not None else 0, beta=1 / ETA, normalize=False)
+    built = build_trees(pol, [(i, "p", PROMPT) for i in range(n_trees)], cfg, torch.Generator().manual_seed(seed))
+    from mavis_align.collect.tree import label_tree
+
+    values, lprs = [], []
+    for t in built:
+        v, l = label_tree(t, {leaf: np.array([reward[tuple(t.response(leaf))]]) for leaf in t.leaves()})
+        values.append(v)
+        lprs.append(l)
+    return LabelledTrees(built, values, lprs, [int(i % 10 == 9) for i in range(n_trees)])
+
+
+def test_policy_iteration_improves_regularised_objective_on_token_mdp(tmp_path):
+    """V^0 (trained on pi_ref rollouts) approaches E_ref[R|s]; MAVIS(V^0) beats pi_ref on
+    E[R] - eta KL; V^1 (trained on MAVIS(V^0) rollouts with zeta = eta) approaches the soft values
+    V* and MAVIS(V^1) is at least as good as MAVIS(V^0) (Theorem 1), all measured exactly."""
+    model, mdp, reward = _mdp_setup()
+    fp = tokenizer_fingerprint(MDP_TOK)
+    cfg = TrainConfig(lr=1e-2, epochs=3, batch_size=64, eval_every=0, warmup_steps=5, keep_leaf_fraction=1.0)
+
+    def fresh():
+        return ValueModel(tiny_llama_backbone(VOCAB, hidden_size=32, num_layers=2, num_heads=4, seed=0), ["r"], fp)
+
+    v0 = fresh()
+    train_value_model(v0, [_mdp_trees(model, mdp, reward, None, 80, 0)], tmp_path / "v0", TrainConfig(**{**cfg.__dict__}), progress=False)
+    v0 = ValueModel.load(tmp_path / "v0" / "final").eval()
+    prefixes = [(a,) for a in range(VOCAB)] + list(mdp.sequences)
+
+    def exact_q_ref(prefix):
+        if len(prefix) == 2:
+            return reward[prefix]
+        p = torch.exp(mdp._cond[prefix]).tolist()
+        return sum(pa * exact_q_ref(prefix + (a,)) for a, pa in enumerate(p))
+
+    def learned(vm, prefix):
+        with torch.no_grad():
+            return float(vm(torch.tensor([PROMPT + list(prefix)])).values[0, -1, 0])
+
+    def weight(prefix):  # how often pi_ref visits the prefix: rare prefixes get few Monte-Carlo samples
+        return math.exp(sum(float(mdp._cond[prefix[:t]][prefix[t]]) for t in range(len(prefix))))
+
+    def werr(vm, exact):
+        return sum(weight(s) * abs(learned(vm, s) - exact(s)) for s in prefixes) / sum(weight(s) for s in prefixes)
+
+    err0 = werr(v0, exact_q_ref)
+    assert err0 < 0.1, err0
+    ref = {y: mdp.ref_logprob(y) for y in mdp.sequences}
+    j_ref = mdp.objective(ref, reward, ETA)["objective"]
+    j0 = mdp.objective(_mavis_logprobs(model, mdp, v0), reward, ETA)["objective"]
+    assert j0 > j_ref
+    trees1 = _mdp_trees(model, mdp, reward, v0, 80, 1)
+    j1 = {}
+    for kl_target in ("future", "response"):
+        init = ValueModel.load(tmp_path / "v0" / "final")
+        train_value_model(init, [trees1], tmp_path / f"v1-{kl_target}", TrainConfig(**{**cfg.__dict__, "zeta": ETA, "warmup_steps": 0, "kl_target": kl_target}), progress=False)
+        vm = ValueModel.load(tmp_path / f"v1-{kl_target}" / "final").eval()
+        j1[kl_target] = mdp.objective(_mavis_logprobs(model, mdp, vm), reward, ETA)["objective"]
+        if kl_target == "future":
+            v1 = vm
+    j_opt = mdp.objective(mdp.optimal_logprobs(reward, ETA), reward, ETA)["objective"]
+    soft = lambda s: mdp.soft_value(s, reward, ETA)  # noqa: E731
+    err1, err0_soft = werr(v1, soft), werr(v0, soft)
+    print(f"\nJ(pi_ref)={j_ref:.4f} J(MAVIS V0)={j0:.4f} J(MAVIS V1)={j1} J*={j_opt:.4f}; |V0-Q_ref|={err0:.3f} |V0-V*|={err0_soft:.3f} |V1-V*|={err1:.3f}")
+    assert j1["future"] >= j0 - 0.01  # Theorem 1: no worse than the previous iteration
+    assert j_opt >= j1["future"] - 1e-6
+    assert err1 < err0_soft  # V^1 is closer to the soft-optimal values than V^0
+    assert j1["response"] < j1["future"]  # charging a's own log-ratio undoes part of the previous tilt

@@ -7,7 +7,9 @@ and noisy). Every sequence is forced to the full length (``min_new_tokens``), so
 equal work. Value models are untrained: speed does not depend on their weights. The naive
 path (uncached, every candidate sequence run alone) decodes all 64 tokens at batch 1 but only
 16 at batch 8 (it takes minutes otherwise); its cost per token grows with length, so its batch-8
-figure flatters it. Peak memory: a fresh subprocess per row loads all models and decodes once.
+figure flatters it. Peak memory: a fresh subprocess per row loads the base model and the saved
+value models that row needs and decodes once (VmHWM of that process), next to the models'
+parameter memory.
 
     python benchmarks/decode.py [--new-tokens 64] [--reps 2] [--no-memory]
 
@@ -32,27 +34,11 @@ from mavis_align.decoding.processor import MavisLogitsProcessor
 from mavis_align.generation import SamplingConfig, encode_batch
 from mavis_align.models import format_prompts, load_causal_lm
 from mavis_align.provenance import run_record
-from mavis_align.values import build_value_model
+from mavis_align.values import ValueModel, build_value_model
 
 OBJECTIVES = ["helpful", "harmless", "humor"]
 K = 15
 BETA = 2.0
-
-
-def reset_peak() -> bool:
-    """Reset this process's peak RSS (Linux ``clear_refs`` 5); False where not permitted."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def peak_rss_mb() -> float:
@@ -65,11 +51,15 @@ def peak_rss_mb() -> float:
 class Bench:
     """Loaded models and prompts; ``run(method, batch, m, n_tokens)`` decodes once."""
 
-    def __init__(self, singles: int = 3, multi: bool = True):
+    def __init__(self, singles: int = 3, multi: bool = True, vm_dir: Path | None = None):
         torch.manual_seed(0)
         self.model, self.tok = load_causal_lm()
-        self.singles = [build_value_model([n], backbone="tiny", seed=i) for i, n in enumerate(OBJECTIVES[:singles])]
-        self.multi = build_value_model(OBJECTIVES, backbone="tiny", seed=7) if multi else None
+        if vm_dir is not None:  # memory runs load saved value models (no base-model copy for PCA)
+            self.singles = [ValueModel.load(vm_dir / n) for n in OBJECTIVES[:singles]]
+            self.multi = ValueModel.load(vm_dir / "multi") if multi else None
+        else:
+            self.singles = [build_value_model([n], backbone="tiny", seed=i) for i, n in enumerate(OBJECTIVES[:singles])]
+            self.multi = build_value_model(OBJECTIVES, backbone="tiny", seed=7) if multi else None
         gc.collect()
         self.prompts_all = [p.text for p in load_prompts("hh-mix", "test", tokenizer=self.tok, limit=8)]
 
@@ -103,18 +93,28 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-method peak-memory subprocesses")
-    ap.add_argument("--single", help=argparse.SUPPRESS)  # METHOD:BATCH:M:TOKENS -> prints peak RSS (memory subprocess)
+    ap.add_argument("--memory-only", action="store_true", help="only (re)measure memory for the rows in results/decode.json")
+    ap.add_argument("--single", help=argparse.SUPPRESS)
+    ap.add_argument("--vm-dir", help=argparse.SUPPRESS)  # METHOD:BATCH:M:TOKENS -> prints peak RSS (memory subprocess)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
 
     if args.single:
         method, batch, m, n = args.single.split(":")
         m_single = 0 if method in ("hf_generate", "native_no_values", "mavis_multihead") else int(m)
-        bench = Bench(singles=m_single, multi=method == "mavis_multihead")
-        loaded = rss_mb()
-        reset = reset_peak()  # loading spikes (GGUF cache, PCA) must not count as decoding memory
+        bench = Bench(singles=m_single, multi=method == "mavis_multihead", vm_dir=Path(args.vm_dir))
+        params = sum(p.numel() * p.element_size() for mod in [bench.model, *bench.singles, *([bench.multi] if bench.multi else [])] for p in mod.parameters())
         bench.run(method, int(batch), int(m), int(n))
-        print(json.dumps({"rss_after_load_mb": round(loaded, 1), "decode_peak_over_load_mb": round(peak_rss_mb() - loaded, 1) if reset else None}))
+        print(json.dumps({"peak_rss_mb": round(peak_rss_mb(), 1), "param_mb": round(params / 2**20, 1)}))
+        return
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.memory_only:
+        saved = json.loads((out / "decode.json").read_text())
+        records = saved["records"]
+        measure_memory(records)
+        write_results(out, records, saved["run"])
         return
 
     bench = Bench()
@@ -140,24 +140,40 @@ def main() -> None:
                 naive = next(r for r in records if r["batch"] == batch and r["method"] == "mavis_naive" and r["M"] == rec["M"])
                 rec["ratio_vs_naive"] = round(rec["tokens_per_s"] / naive["tokens_per_s"], 2)
 
-    if not args.no_memory:
-        # peak RSS of a fresh process that loads every model and decodes once with the method
-        for rec in records:
-            cmd = [sys.executable, __file__, "--single", f"{rec['method']}:{rec['batch']}:{rec['M']}:{rec['new_tokens']}"]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            mem = json.loads(out)
-            rec["rss_after_load_mb"] = mem["rss_after_load_mb"]
-            rec["decode_peak_over_load_mb"] = mem["decode_peak_over_load_mb"]
-            print(rec["method"], rec["batch"], rec["M"], mem, flush=True)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    del bench
+    gc.collect()
     meta = run_record({"new_tokens": args.new_tokens, "naive_tokens_batched": args.naive_tokens_batched, "reps": args.reps, "top_k": K, "beta": BETA,
                        "value_backbone": "tiny", "threads": torch.get_num_threads(), "prompts": "hh-mix test[:batch]"}, 0)
+    write_results(out, records, meta)
+    if not args.no_memory:
+        measure_memory(records)
+        write_results(out, records, meta)
+
+
+def measure_memory(records: list[dict]) -> None:
+    """Peak RSS of a fresh process per row that loads the base model and the saved value models it
+    needs and decodes once; plus the parameter memory of those models."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vm_dir = Path(tmp)
+        for i, n in enumerate(OBJECTIVES):
+            build_value_model([n], backbone="tiny", seed=i).save(vm_dir / n)
+        build_value_model(OBJECTIVES, backbone="tiny", seed=7).save(vm_dir / "multi")
+        for rec in records:
+            cmd = [sys.executable, __file__, "--single", f"{rec['method']}:{rec['batch']}:{rec['M']}:{rec['new_tokens']}", "--vm-dir", str(vm_dir)]
+            line = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            mem = json.loads(line)
+            rec["peak_rss_mb"] = mem["peak_rss_mb"]
+            rec["param_mb"] = mem["param_mb"]
+            print(rec["method"], rec["batch"], rec["M"], mem, flush=True)
+
+
+def write_results(out: Path, records: list[dict], meta: dict) -> None:
     (out / "decode.json").write_text(json.dumps({"run": meta, "records": records}, indent=2) + "\n")
-    lines = ["| method | M | batch | new tokens | tokens/s | × HF generate | × naive | RSS after load MB | decode peak over load MB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | M | batch | new tokens | tokens/s | × HF generate | × naive | peak RSS MB | params MB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        mem = f"{r['rss_after_load_mb']:.0f} | {r['decode_peak_over_load_mb']}" if "rss_after_load_mb" in r else "- | -"
+        mem = f"{r['peak_rss_mb']:.0f} | {r['param_mb']:.0f}" if "peak_rss_mb" in r else "- | -"
         nv = f"{r['ratio_vs_naive']:.1f}" if "ratio_vs_naive" in r else ""
         lines.append(f"| {r['method']} | {r['M']} | {r['batch']} | {r['new_tokens']} | {r['tokens_per_s']:.1f} | {r['ratio_vs_hf_generate']:.2f} | {nv} | {mem} |")
     (out / "decode.md").write_text("\n".join(lines) + "\n")

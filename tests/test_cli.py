@@ -84,3 +84,30 @@ def test_generate_with_value_models_beam_and_bad_weights(tmp_path, tiny_lm, tiny
     assert "top-k" in capsys.readouterr().err
     assert main(["generate", "--prompt", "hi", "--value", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_collect_label_train_distill_cli(tmp_path, tiny_lm, tiny_tokenizer, capsys):
+    tiny_lm.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["hello world", "the cat sat", "why is a dog good ?", "what", "a mat"] * 2))
+    trees = tmp_path / "t.h5"
+    common = ["--model", str(tmp_path / "m"), "--dataset", str(prompts), "--split", "train", "--no-chat"]
+    assert main(["collect", "--out", str(trees), *common, "--reward", "concise", "--layers", "2", "--k-root", "2", "--k", "2",
+                 "--max-new-tokens", "5", "--val-fraction", "0.3"]) == 0
+    assert "trees" in capsys.readouterr().out
+    assert main(["collect", "--out", str(trees), *common, "--reward", "concise"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["label", str(trees), "--reward", "humor"]) == 0
+    out = tmp_path / "v"
+    assert main(["train", "--trees", str(trees), "--objective", "concise", "--objective", "humor", "--out", str(out),
+                 "--backbone", str(tmp_path / "m"), "--base-model", str(tmp_path / "m"), "--epochs", "1", "--batch-size", "4"]) == 0
+    assert json.loads((out / "result.json").read_text())["objectives"] == ["concise", "humor"]
+    assert main(["train", "--trees", str(tmp_path / "nope.h5"), "--objective", "concise", "--out", str(tmp_path / "w")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["distill", "--teacher", str(out / "best"), "--trees", str(trees), "--out", str(tmp_path / "d"),
+                 "--backbone", str(tmp_path / "m"), "--base-model", str(tmp_path / "m"), "--epochs", "1"]) == 0
+    assert (tmp_path / "d" / "student" / "meta.json").exists()
+    # the distilled model steers decoding like any value model
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "hello", "--no-chat", "--max-new-tokens", "3",
+                 "--reward", "concise", "--value", str(tmp_path / "d" / "student"), "--weights", "humor=1", "--top-k", "4"]) == 0

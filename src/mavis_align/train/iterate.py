@@ -132,8 +132,15 @@ def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, st
     out.mkdir(parents=True, exist_ok=True)
     recipe_json = json.dumps(recipe.to_dict(), sort_keys=True, default=str)
     saved = out / "recipe.json"
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(recipe_json):
-        raise ValueError(f"{out} holds a run of a different recipe (recipe.json); use another --out")
+    if saved.exists():
+        old, new = json.loads(saved.read_text()), json.loads(recipe_json)
+        # a run may be extended by more iterations (and re-evaluated); anything else is another run
+        same = {k: v for k, v in old.items() if k not in ("iterations", "eval", "name")} == {k: v for k, v in new.items() if k not in ("iterations", "eval", "name")}
+        if not same or new["iterations"][: len(old["iterations"])] != old["iterations"]:
+            raise ValueError(f"{out} holds a run of a different recipe (recipe.json); use another --out (only appending iterations is allowed)")
+        if old.get("eval") != new.get("eval"):
+            for f in (out / "eval").glob("*.json") if (out / "eval").exists() else []:
+                f.unlink()  # evaluation settings changed: evaluate again
     saved.write_text(recipe_json + "\n")
     write_run_record(out, recipe.to_dict(), recipe.seed)
     train_prompts = _prompts(recipe, "train", recipe.train_prompts)

@@ -175,60 +175,29 @@ def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, st
         train_value_model(vm, [trees], folder, cfg, resume=(folder / "checkpoint").exists(), progress=progress)
 
     summary: dict = {"recipe": recipe.name, "iterations": []}
-    # ---- iteration 0
-    trees0 = out / "iter0" / "trees.h5"
-    if not trees0.exists():
-        collect_into(trees0, [], None, 0.0, list(recipe.objectives), recipe.seed)
-        if stage_done():
-            return summary
-    for m in recipe.objectives:
-        folder = out / "iter0" / m / "value"
-        if not (folder / "result.json").exists():
-            train_into(folder, trees0, m, None, None, recipe.seed)
-            if stage_done():
-                return summary
-    # ---- iterations i >= 1
-    for i, rnd in enumerate(recipe.rounds, start=1):
-        for m in rnd.objectives or recipe.objectives:
-            prev = out / f"iter{i - 1}" / m / "value" / "best"
-            if not prev.exists():
-                raise ValueError(f"iteration {i} of {m!r} needs {prev}, which iteration {i - 1} did not produce")
-            trees = out / f"iter{i}" / m / "trees.h5"
-            if not trees.exists():
-                collect_into(trees, [f"{m}={prev}"], {m: 1.0}, rnd.beta, [m], recipe.seed + 1000 * i)
-                if stage_done():
-                    return summary
-            folder = out / f"iter{i}" / m / "value"
-            if not (folder / "result.json").exists():
-                train_into(folder, trees, m, prev, rnd, recipe.seed + i)
-                if stage_done():
-                    return summary
-    # ---- evaluation
     (out / "eval").mkdir(exist_ok=True)
     rewards = get_rewards(list(recipe.objectives))
     cfg = _eval_config(recipe)
     samples = int(recipe.eval.get("samples", 1))
-    model = tok = None
+    loaded: dict = {}
 
     def base():
-        nonlocal model, tok
-        if model is None:
-            model, tok = load_causal_lm(recipe.model)
-        return model, tok
+        if "model" not in loaded:
+            loaded["model"], loaded["tok"] = load_causal_lm(recipe.model)
+        return loaded["model"], loaded["tok"]
 
-    ref_path = out / "eval" / "ref.json"
-    if not ref_path.exists():
-        from ..generation import SamplingConfig
+    def evaluate_iteration(i: int, objs: list[str]) -> None:
+        """Reward and KL of MAVIS with each V_m^i (lambda = {m: 1}) next to pi_ref; written per objective."""
+        ref_path = out / "eval" / "ref.json"
+        if not ref_path.exists():
+            from ..generation import SamplingConfig
 
-        m_, t_ = base()
-        plain = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-        res = evaluate_decoder(MavisDecoder(m_, t_), eval_prompts, rewards, config=plain, samples=samples, seed=recipe.seed, chat=recipe.chat)
-        ref_path.write_text(json.dumps(res, indent=2) + "\n")
-    ref = json.loads(ref_path.read_text())
-    n_rounds = 1 + len(recipe.rounds)
-    for i in range(n_rounds):
+            m_, t_ = base()
+            plain = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+            res = evaluate_decoder(MavisDecoder(m_, t_), eval_prompts, rewards, config=plain, samples=samples, seed=recipe.seed, chat=recipe.chat)
+            ref_path.write_text(json.dumps(res, indent=2) + "\n")
+        ref = json.loads(ref_path.read_text())
         row = {"iteration": i, "objectives": {}}
-        objs = recipe.objectives if i == 0 else (recipe.rounds[i - 1].objectives or recipe.objectives)
         for m in objs:
             vpath = out / f"iter{i}" / m / "value"
             epath = out / "eval" / f"iter{i}-{m}.json"
@@ -245,11 +214,46 @@ def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, st
                 "ref_reward": ref["rewards"][m]["mean"], "ref_kl": ref["kl"]["mean"], "beta": cfg.beta,
             }
         summary["iterations"].append(row)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = ["| iteration | objective | val MSE | reward (MAVIS) | reward (π_ref) | KL (MAVIS) |", "|---|---|---|---|---|---|"]
-    for row in summary["iterations"]:
-        for m, r in row["objectives"].items():
-            mse = f"{r['val_mse']:.4f}" if r["val_mse"] is not None else "-"
-            lines.append(f"| {row['iteration']} | {m} | {mse} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['ref_reward']:.3f} | {r['kl']:.2f} |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+        write_summary()
+
+    def write_summary() -> None:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        lines = ["| iteration | objective | val MSE | reward (MAVIS) | reward (π_ref) | KL (MAVIS) |", "|---|---|---|---|---|---|"]
+        for row in summary["iterations"]:
+            for m, r in row["objectives"].items():
+                mse = f"{r['val_mse']:.4f}" if r["val_mse"] is not None else "-"
+                lines.append(f"| {row['iteration']} | {m} | {mse} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['ref_reward']:.3f} | {r['kl']:.2f} |")
+        (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+    # ---- iteration 0
+    trees0 = out / "iter0" / "trees.h5"
+    if not trees0.exists():
+        collect_into(trees0, [], None, 0.0, list(recipe.objectives), recipe.seed)
+        if stage_done():
+            return summary
+    for m in recipe.objectives:
+        folder = out / "iter0" / m / "value"
+        if not (folder / "result.json").exists():
+            train_into(folder, trees0, m, None, None, recipe.seed)
+            if stage_done():
+                return summary
+    evaluate_iteration(0, list(recipe.objectives))
+    # ---- iterations i >= 1
+    for i, rnd in enumerate(recipe.rounds, start=1):
+        objs = list(rnd.objectives or recipe.objectives)
+        for m in objs:
+            prev = out / f"iter{i - 1}" / m / "value" / "best"
+            if not prev.exists():
+                raise ValueError(f"iteration {i} of {m!r} needs {prev}, which iteration {i - 1} did not produce")
+            trees = out / f"iter{i}" / m / "trees.h5"
+            if not trees.exists():
+                collect_into(trees, [f"{m}={prev}"], {m: 1.0}, rnd.beta, [m], recipe.seed + 1000 * i)
+                if stage_done():
+                    return summary
+            folder = out / f"iter{i}" / m / "value"
+            if not (folder / "result.json").exists():
+                train_into(folder, trees, m, prev, rnd, recipe.seed + i)
+                if stage_done():
+                    return summary
+        evaluate_iteration(i, objs)
     return summary

@@ -104,6 +104,33 @@ class MavisDecoder:
 
     # ------------------------------------------------------------------ decoding
 
+    @property
+    def eos_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+
+    def _batches(self, prompts: list[str], seed: int, batch_size: int, chat: bool | None, progress: bool, desc: str):
+        """Yield (slice, input_ids, attention_mask, generator) per batch; one seeded generator for all."""
+        from ..models import format_prompts
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        device = next(self.model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        formatted = format_prompts(self.tokenizer, prompts, chat=chat)
+        starts = range(0, len(prompts), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=desc, unit="batch")
+        for s in starts:
+            sl = slice(s, s + batch_size)
+            input_ids, attention = encode_batch(self.tokenizer, formatted[sl], device)
+            yield sl, input_ids, attention, generator
+
     def _scorer(self, active: list[int], naive: bool):
         if not self.value_models:
             return None
@@ -137,30 +164,14 @@ class MavisDecoder:
             :class:`Generation` records; ``log_ratio`` is the sequence's KL estimate (eq. 7) and
             ``extras["values"]`` the combined value of each chosen token.
         """
-        from ..models import format_prompts
-
         prompts = list(prompts)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         w, b, active = self.resolve(len(prompts), weights, beta, config)
-        device = next(self.model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(seed)
-        formatted = format_prompts(self.tokenizer, prompts, chat=chat)
-        eos_id = self.tokenizer.eos_token_id
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_id
-        starts = range(0, len(prompts), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="mavis", unit="batch")
         out: list[Generation] = []
-        for s in starts:
-            sl = slice(s, s + batch_size)
-            input_ids, attention = encode_batch(self.tokenizer, formatted[sl], device)
+        for sl, input_ids, attention, generator in self._batches(prompts, seed, batch_size, chat, progress, "mavis"):
             rows = decode_ids(
                 NaiveBase(self.model) if naive else CachedBase(self.model),
                 input_ids, attention, config,
-                eos_id=eos_id, pad_id=pad_id, generator=generator,
+                eos_id=self.eos_id, pad_id=self.pad_id, generator=generator,
                 scorer=self._scorer(active, naive),
                 weights=None if w is None else w[sl], beta=None if b is None else b[sl],
                 stop_check=stop_checker(self.tokenizer, config.stop_strings),
@@ -196,31 +207,18 @@ class MavisDecoder:
             One :class:`Generation` per prompt; ``extras["candidates"]`` lists every kept
             candidate as {"text", "value", "rerank"} best first.
         """
-        from ..models import format_prompts
         from .beam import value_beam_search
 
         if not self.value_models:
             raise ValueError("beam search ranks by value: load at least one value model")
         prompts = list(prompts)
         w, b, active = self.resolve(len(prompts), weights, beta, config)
-        device = next(self.model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(seed)
-        formatted = format_prompts(self.tokenizer, prompts, chat=chat)
-        eos_id = self.tokenizer.eos_token_id
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_id
-        starts = range(0, len(prompts), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="beam", unit="batch")
         out: list[Generation] = []
-        for s in starts:
-            sl = slice(s, s + batch_size)
-            input_ids, attention = encode_batch(self.tokenizer, formatted[sl], device)
+        for sl, input_ids, attention, generator in self._batches(prompts, seed, batch_size, chat, progress, "beam"):
             results = value_beam_search(
                 CachedBase(self.model), CachedValueScorer(self.value_models, self.bindings, active),
                 input_ids, attention, config, num_beams=num_beams, weights=w[sl], beta=b[sl],
-                eos_id=eos_id, pad_id=pad_id, generator=generator, expand=expand,
+                eos_id=self.eos_id, pad_id=self.pad_id, generator=generator, expand=expand,
                 stop_check=stop_checker(self.tokenizer, config.stop_strings),
             )
             for prompt, res in zip(prompts[sl], results):

@@ -111,3 +111,31 @@ def test_collect_label_train_distill_cli(tmp_path, tiny_lm, tiny_tokenizer, caps
     # the distilled model steers decoding like any value model
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "hello", "--no-chat", "--max-new-tokens", "3",
                  "--reward", "concise", "--value", str(tmp_path / "d" / "student"), "--weights", "humor=1", "--top-k", "4"]) == 0
+
+
+def test_evaluate_and_pareto_cli(tmp_path, tiny_lm, tiny_tokenizer, capsys):
+    tiny_lm.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    from test_decoding import make_value_model
+
+    make_value_model(tiny_tokenizer, ["concise"], 1).save(tmp_path / "va")
+    make_value_model(tiny_tokenizer, ["positive"], 2).save(tmp_path / "vb")
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["hello world", "the cat sat", "why is a dog good ?", "what"] * 10))
+    base = ["--model", str(tmp_path / "m"), "--dataset", str(data), "--limit", "3", "--samples", "2", "--max-new-tokens", "4", "--no-chat", "--reward", "concise"]
+    out = tmp_path / "e.json"
+    assert main(["evaluate", "--method", "mavis", "--value", str(tmp_path / "va"), "--value", str(tmp_path / "vb"), "--weights", "concise=1",
+                 "--beta", "2", "--top-k", "4", "--best-of", "2", *base, "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["method"] == "bon-mavis" and res["rewards"]["concise"]["n"] == 6 and res["run"]["versions"]["torch"]
+    assert main(["evaluate", "--method", "mavis", *base]) == 2
+    assert "needs value models" in capsys.readouterr().err
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(f"model: {tmp_path / 'm'}\nobjectives: [concise, positive]\nvalues: {{concise: {tmp_path / 'va'}, positive: {tmp_path / 'vb'}}}\n"
+                   f"methods: [ref, mavis]\ngrid_step: 0.5\nbeta: 2.0\ndataset: {data}\nprompts: 2\nsamples: 1\nmax_new_tokens: 4\ntop_k: 4\nchat: false\n")
+    assert main(["pareto", "--config", str(cfg), "--out", str(tmp_path / "sw")]) == 0
+    assert "hypervolume" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("objectives: [a, b]\nmethodz: [ref]\n")
+    assert main(["pareto", "--config", str(bad), "--out", str(tmp_path / "sw2")]) == 2
+    assert "unknown keys ['methodz']" in capsys.readouterr().err

@@ -252,6 +252,75 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import load_prompts
+    from .decoding.decoder import DEFAULT_TOP_K, MavisDecoder, parse_weights
+    from .evaluate import BestOfN, DecoderPolicy, ModelPolicy, evaluate_policy
+    from .generation import SamplingConfig
+    from .provenance import run_record
+    from .rewards import get_rewards
+
+    rewards = get_rewards(args.reward)
+    weights = parse_weights(args.weights) if args.weights else None
+    if args.method in ("mavis", "mavis-beam") and not args.value:
+        raise ValueError(f"--method {args.method} needs value models (--value NAME=PATH)")
+    if args.method == "policy" and not args.policy:
+        raise ValueError("--method policy needs --policy FOLDER (from `mavis-align finetune`)")
+    decoder = MavisDecoder.load(args.model, args.value if args.method.startswith("mavis") else [])
+    model, tok = decoder.model, decoder.tokenizer
+    prompts = [p.text for p in load_prompts(args.dataset, args.split, seed=args.data_seed, tokenizer=tok, limit=args.limit)]
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, top_k=args.top_k if args.top_k is not None else (DEFAULT_TOP_K if args.value else 0), beta=args.beta)
+    chat = not args.no_chat
+    if args.method == "ref":
+        policy = DecoderPolicy("ref", decoder, SamplingConfig(max_new_tokens=args.max_new_tokens), chat=chat)
+    elif args.method in ("mavis", "mavis-beam"):
+        decoder.resolve(1, weights, None, cfg)
+        policy = DecoderPolicy(args.method, decoder, cfg, weights=weights, beam=args.n if args.method == "mavis-beam" else 0, chat=chat)
+    else:
+        from .baselines import load_policy_model
+
+        pmodel, _ = load_policy_model(args.policy)
+        policy = ModelPolicy("policy", pmodel, tok, SamplingConfig(max_new_tokens=args.max_new_tokens), chat=chat)
+    if args.best_of:
+        lam = weights or {r.name: 1.0 for r in rewards}
+        policy = BestOfN(f"bon-{policy.name}", policy, args.best_of, weighted_reward(get_rewards(list(lam)), lam))
+    res = evaluate_policy(policy, prompts, rewards, model, tok, samples=args.samples, seed=args.seed, chat=chat)
+    res["run"] = run_record({k: v for k, v in vars(args).items() if k != "func"}, args.seed)
+    print(json.dumps({k: v for k, v in res.items() if k not in ("examples", "run")}, indent=2))
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+def _cmd_pareto(args: argparse.Namespace) -> int:
+    from .evaluate import load_sweep, run_sweep
+
+    run_sweep(load_sweep(args.config), args.out)
+    print((Path(args.out) / "fronts.md").read_text())
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .baselines import RLConfig, train_rl_policy
+    from .data import load_prompts
+    from .decoding.decoder import parse_weights
+    from .models import load_tokenizer
+    from .rewards import get_rewards
+
+    weights = parse_weights(args.weights)
+    get_rewards(list(weights))
+    tok = load_tokenizer(args.model)
+    prompts = [p.text for p in load_prompts(args.dataset, "train", seed=args.data_seed, tokenizer=tok, limit=args.limit)]
+    cfg = RLConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
+                   max_completion_length=args.max_new_tokens, learning_rate=args.lr, lora_rank=args.lora_rank, kl_beta=args.kl_beta, seed=args.seed)
+    out = train_rl_policy(args.model, prompts, weights, args.out, cfg, chat=not args.no_chat)
+    print(f"policy in {out}: " + (Path(out) / "mavis_policy.json").read_text())
+    return 0
+
+
 def _cmd_train_probes(args: argparse.Namespace) -> int:
     from .rewards.defaults import WEIGHTS_DIR
     from .rewards.train_probes import train_all
@@ -390,6 +459,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("evaluate", help="evaluate one method: rewards, KL (eq. 7), fluency, diversity, length, speed")
+    p.add_argument("--method", default="mavis", choices=["ref", "mavis", "mavis-beam", "policy"])
+    p.add_argument("--model", default=DEFAULT_BASE_MODEL)
+    p.add_argument("--value", action="append", default=[], metavar="[NAME=]PATH")
+    p.add_argument("--weights", action="append", default=[], metavar="NAME=W")
+    p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--policy", help="fine-tuned policy folder (method policy)")
+    p.add_argument("--best-of", type=int, default=0, metavar="N", help="best-of-N by the lambda-weighted rewards")
+    p.add_argument("--n", type=int, default=5, help="beams of mavis-beam")
+    p.add_argument("--reward", action="append", default=None)
+    p.add_argument("--dataset", default="hh-mix")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true")
+    p.add_argument("--output", help="write the full result JSON here")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("pareto", help="run or resume a Pareto sweep from a YAML file, then plot")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_pareto)
+
+    p = sub.add_parser("finetune", help="RL fine-tune a LoRA policy on weighted rewards with a KL penalty (TRL GRPO)")
+    p.add_argument("--weights", action="append", required=True, metavar="NAME=W", help="reward weights (one name: single objective; several: MORLHF)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=DEFAULT_BASE_MODEL)
+    p.add_argument("--dataset", default="hh-mix")
+    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--prompts-per-step", type=int, default=2)
+    p.add_argument("--num-generations", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--kl-beta", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true")
+    p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("train-probes", help="retrain the learned default-reward probes from shipped data")
     p.add_argument("--out", help="output folder (default: the package's reward weights folder)")

@@ -12,7 +12,7 @@ import statistics
 import time
 from collections.abc import Mapping, Sequence
 
-from .generation import Generation, SamplingConfig
+from ..generation import Generation, SamplingConfig
 
 
 def summarize(values: Sequence[float]) -> dict:

@@ -1,0 +1,77 @@
+"""The one evaluator every method goes through.
+
+For each method: ``samples`` responses per held-out prompt; per-objective rewards (mean, std,
+standard error); KL to pi_ref by eq. 7, with log pi_ref of every generated token recomputed by
+teacher forcing through pi_ref over its full vocabulary (the same code for every method); fluency
+as the perplexity of the responses under pi_ref; diversity (distinct-1/2); length; tokens/s.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from ..generation import Generation
+from .metrics import distinct_n, perplexity
+from .summary import summarize
+
+
+@torch.no_grad()
+def teacher_forced_logprobs(model, tokenizer, formatted_prompts: Sequence[str], responses: Sequence[Sequence[int]], batch_size: int = 8) -> list[list[float]]:
+    """log model(a_t | prompt, a_<t) of every response token, full vocabulary, temperature 1."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[list[float]] = []
+    for s in range(0, len(responses), batch_size):
+        prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in formatted_prompts[s : s + batch_size]]
+        resp = [list(r) for r in responses[s : s + batch_size]]
+        seqs = [p + r for p, r in zip(prompts, resp)]
+        width = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, x in enumerate(seqs):
+            ids[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = 1
+        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1)
+        for i, (p, r) in enumerate(zip(prompts, resp)):
+            pos = torch.arange(len(p) - 1, len(p) - 1 + len(r), device=device)
+            out.append(logp[i, pos, torch.tensor(r, dtype=torch.long, device=device)].tolist() if r else [])
+    return out
+
+
+def evaluate_policy(policy, prompts: Sequence[str], rewards, ref_model, ref_tokenizer, *, samples: int = 3, seed: int = 0,
+                    chat: bool | None = None, keep_examples: int = 4) -> dict:
+    """Score ``policy`` on ``prompts`` (``samples`` responses each) -> JSON-able dict."""
+    from ..models import format_prompts
+
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    many = [p for p in prompts for _ in range(samples)]
+    t0 = time.perf_counter()
+    gens: list[Generation] = policy.generate(many, seed=seed)
+    seconds = time.perf_counter() - t0
+    ref_lp = teacher_forced_logprobs(ref_model, ref_tokenizer, format_prompts(ref_tokenizer, [g.prompt for g in gens], chat=chat), [g.token_ids for g in gens])
+    texts = [g.text for g in gens]
+    kls = [sum(a - b for a, b in zip(g.logprobs_gen, r)) for g, r in zip(gens, ref_lp)]
+    n_tok = sum(len(g.token_ids) for g in gens)
+    out = {
+        "method": policy.name,
+        "rewards": {r.name: summarize(r([g.prompt for g in gens], texts)) for r in rewards},
+        "kl": summarize(kls),
+        "fluency_ppl_ref": perplexity(ref_lp),
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "length": summarize([float(len(g.token_ids)) for g in gens]),
+        "tokens_per_s": n_tok / max(seconds, 1e-9),
+        "seconds": seconds,
+        "prompts": len(prompts),
+        "samples": samples,
+        "seed": seed,
+        "examples": [{"prompt": g.prompt, "response": g.text} for g in gens[:keep_examples]],
+    }
+    if hasattr(policy, "kl_bound"):
+        out["kl_best_of_n_bound"] = policy.kl_bound
+        out["kl_note"] = "best-of-N: the sampled log-ratio is that of the underlying policy; see kl_best_of_n_bound"
+    return out

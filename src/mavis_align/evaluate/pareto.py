@@ -1,0 +1,291 @@
+"""Pareto sweeps: every method over a grid of objective weights, evaluated by the one evaluator,
+resumable point by point, plotted, with hypervolumes.
+
+A sweep is described by a YAML file (unknown keys are errors)::
+
+    model: smollm2-135m-instruct
+    objectives: [helpful, harmless]          # 2 (grid over lambda_1) or 3 (simplex grid)
+    values: {helpful: PATH, harmless: PATH}  # MAVIS value models (any [NAME=]PATH spec works too)
+    policies: {helpful: PATH, harmless: PATH}  # RL fine-tuned per-objective policies (rsoup, mod)
+    morlhf: {"0.5": PATH}                    # MORLHF policies, keyed by the lambda they were trained for
+    methods: [ref, mavis, mavis-beam, rsoup, mod, morlhf, bon-ref, bon-rsoup]
+    grid_step: 0.2
+    beta: 5.0                                # MAVIS beta, and per-lambda overrides (paper Table 9 style):
+    betas: {"0.4": 3.0}
+    n: 5                                     # beams of mavis-beam and N of best-of-N
+    dataset: hh-mix
+    split: test
+    prompts: 16
+    samples: 3
+    max_new_tokens: 40
+    top_k: 15
+    seed: 0
+    chat: true
+
+Each point is written to ``out/points/<method>@<lambda>.json`` as soon as it is evaluated; a rerun
+skips finished points. ``out/fronts.json``, ``out/fronts.md``, ``out/front.png|svg`` and
+``out/reward_kl.png|svg`` are (re)written at the end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .metrics import hypervolume, pareto_front
+
+SWEEP_METHODS = {"mavis", "mavis-beam", "rsoup", "mod", "bon-rsoup", "bon-mod"}
+SINGLE_METHODS = {"ref", "bon-ref", "morlhf"}
+
+
+@dataclass
+class SweepSpec:
+    model: str = "smollm2-135m-instruct"
+    objectives: list[str] = field(default_factory=lambda: ["helpful", "harmless"])
+    values: dict = field(default_factory=dict)
+    policies: dict = field(default_factory=dict)
+    morlhf: dict = field(default_factory=dict)
+    methods: list[str] = field(default_factory=lambda: ["ref", "mavis"])
+    grid_step: float = 0.2
+    beta: float = 5.0
+    betas: dict = field(default_factory=dict)
+    n: int = 5
+    dataset: str = "hh-mix"
+    split: str = "test"
+    prompts: int = 16
+    samples: int = 3
+    max_new_tokens: int = 40
+    top_k: int = 15
+    seed: int = 0
+    chat: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.objectives) not in (2, 3):
+            raise ValueError(f"a sweep needs 2 or 3 objectives, got {self.objectives}")
+        unknown = [m for m in self.methods if m not in SWEEP_METHODS | SINGLE_METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; known: {sorted(SWEEP_METHODS | SINGLE_METHODS)}")
+        needs = {"mavis": "values", "mavis-beam": "values", "rsoup": "policies", "mod": "policies", "bon-rsoup": "policies", "bon-mod": "policies", "morlhf": "morlhf"}
+        for m in self.methods:
+            if m in needs and not getattr(self, needs[m]):
+                raise ValueError(f"method {m!r} needs `{needs[m]}` in the sweep file")
+        for key in ("values", "policies"):
+            have = getattr(self, key)
+            if have and sorted(have) != sorted(self.objectives):
+                raise ValueError(f"`{key}` must name exactly the objectives {self.objectives}, got {sorted(have)}")
+        if not 0 < self.grid_step <= 1 or abs(round(1 / self.grid_step) * self.grid_step - 1) > 1e-9:
+            raise ValueError(f"grid_step must divide 1, got {self.grid_step}")
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    known = {f.name for f in fields(SweepSpec)}
+    bad = sorted(set(raw) - known)
+    if bad:
+        raise ValueError(f"sweep file {path}: unknown keys {bad}; known: {sorted(known)}")
+    return SweepSpec(**raw)
+
+
+def weight_grid(n_objectives: int, step: float) -> list[tuple[float, ...]]:
+    """All lambda with entries in {0, step, ..., 1} summing to 1 (a line for 2, a simplex for 3)."""
+    k = round(1 / step)
+    out = []
+    for combo in itertools.product(range(k + 1), repeat=n_objectives - 1):
+        if sum(combo) <= k:
+            out.append(tuple(round(c / k, 6) for c in combo) + (round((k - sum(combo)) / k, 6),))
+    return sorted(out, reverse=True)
+
+
+def lam_key(lam) -> str:
+    return "-".join(f"{x:g}" for x in lam)
+
+
+def morlhf_lambda(key, n_objectives: int) -> tuple[float, ...]:
+    """A ``morlhf`` key -> lambda: "0.4" means (0.4, 0.6) for two objectives; "a-b-c" for three."""
+    parts = [float(x) for x in str(key).split("-")]
+    if len(parts) == 1 and n_objectives == 2:
+        return (parts[0], round(1 - parts[0], 6))
+    if len(parts) != n_objectives or abs(sum(parts) - 1) > 1e-6:
+        raise ValueError(f"morlhf key {key!r} is not a weighting of {n_objectives} objectives")
+    return tuple(parts)
+
+
+def morlhf_key(lam) -> str:
+    return f"{lam[0]:g}" if len(lam) == 2 else lam_key(lam)
+
+
+def run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool = True) -> dict:
+    """Evaluate every (method, lambda) point not done yet, then write fronts, tables and plots."""
+    from ..data import load_prompts
+    from ..decoding.decoder import MavisDecoder, parse_value_spec
+    from ..generation import SamplingConfig
+    from ..models import load_causal_lm
+    from ..provenance import write_run_record
+    from ..rewards import get_rewards
+    from ..values import ValueModel
+    from .evaluator import evaluate_policy
+    from .policies import BestOfN, DecoderPolicy, ModelPolicy, MODPolicy
+
+    out = Path(out)
+    (out / "points").mkdir(parents=True, exist_ok=True)
+    write_run_record(out, spec.__dict__, spec.seed)
+    ref_model, tok = load_causal_lm(spec.model)
+    prompts = [p.text for p in load_prompts(spec.dataset, spec.split, tokenizer=tok, limit=spec.prompts)]
+    rewards = get_rewards(spec.objectives)
+    grid = weight_grid(len(spec.objectives), spec.grid_step)
+    plain = SamplingConfig(max_new_tokens=spec.max_new_tokens)
+    cache: dict = {}
+
+    def scorer(lam):
+        def fn(ps, ts):
+            tot = [0.0] * len(ts)
+            for r, w in zip(rewards, lam):
+                if w:
+                    for i, x in enumerate(r(ps, ts)):
+                        tot[i] += w * x
+            return tot
+
+        return fn
+
+    def beta_for(lam) -> float:
+        return float(spec.betas.get(f"{lam[0]:g}", spec.betas.get(lam_key(lam), spec.beta)))
+
+    def decoder():
+        if "decoder" not in cache:
+            vms, names = [], []
+            for obj in spec.objectives:
+                name, path = parse_value_spec(str(spec.values[obj]))
+                vms.append(ValueModel.load(path))
+                names.append(obj if len(vms[-1].objectives) == 1 else None)
+            cache["decoder"] = MavisDecoder(ref_model, tok, vms, names)
+        return cache["decoder"]
+
+    def policy_model(obj):
+        from ..baselines import load_policy_model
+
+        if obj not in cache:
+            cache[obj] = load_policy_model(spec.policies[obj], base_model=load_causal_lm(spec.model))[0]
+        return cache[obj]
+
+    def make(method: str, lam):
+        if method == "ref":
+            return DecoderPolicy("ref", MavisDecoder(ref_model, tok), plain, chat=spec.chat)
+        w = dict(zip(spec.objectives, lam))
+        cfg = SamplingConfig(max_new_tokens=spec.max_new_tokens, top_k=spec.top_k, beta=beta_for(lam))
+        if method == "bon-ref":
+            return BestOfN("bon-ref", DecoderPolicy("ref", MavisDecoder(ref_model, tok), plain, chat=spec.chat), spec.n, scorer(lam))
+        if method == "mavis":
+            return DecoderPolicy("mavis", decoder(), cfg, weights=w, chat=spec.chat)
+        if method == "mavis-beam":
+            return DecoderPolicy("mavis-beam", decoder(), cfg, weights=w, beam=spec.n, chat=spec.chat)
+        if method in ("rsoup", "bon-rsoup"):
+            from ..baselines import soup
+
+            model, _ = soup([spec.policies[o] for o in spec.objectives], list(lam))
+            pol = ModelPolicy("rsoup", model, tok, plain, chat=spec.chat)
+            return BestOfN("bon-rsoup", pol, spec.n, scorer(lam)) if method == "bon-rsoup" else pol
+        if method in ("mod", "bon-mod"):
+            pol = MODPolicy("mod", [policy_model(o) for o in spec.objectives], tok, list(lam), plain, chat=spec.chat)
+            return BestOfN("bon-mod", pol, spec.n, scorer(lam)) if method == "bon-mod" else pol
+        if method == "morlhf":
+            from ..baselines import load_policy_model
+
+            model, _ = load_policy_model(spec.morlhf[morlhf_key(lam)], base_model=load_causal_lm(spec.model))
+            return ModelPolicy("morlhf", model, tok, plain, chat=spec.chat)
+        raise ValueError(method)
+
+    jobs = []
+    for method in spec.methods:
+        if method in SWEEP_METHODS or method == "bon-ref":
+            jobs += [(method, lam) for lam in grid]
+        elif method == "ref":
+            jobs.append((method, None))
+        elif method == "morlhf":
+            jobs += [(method, morlhf_lambda(key, len(spec.objectives))) for key in spec.morlhf]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="pareto", unit="point")
+    for method, lam in jobs:
+        path = out / "points" / f"{method}@{lam_key(lam) if lam else 'ref'}.json"
+        if not path.exists():
+            res = evaluate_policy(make(method, lam), prompts, rewards, ref_model, tok, samples=spec.samples, seed=spec.seed, chat=spec.chat)
+            res.update({"lambda": list(lam) if lam else None, "beta": beta_for(lam) if lam and method.startswith("mavis") else None})
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(res, indent=2) + "\n")
+            tmp.replace(path)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return write_fronts(out, spec)
+
+
+def write_fronts(out: Path, spec: SweepSpec) -> dict:
+    """Fronts per method, hypervolume against the stated reference point, markdown and plots."""
+    points = [json.loads(p.read_text()) for p in sorted((out / "points").glob("*.json"))]
+    objs = spec.objectives
+    by_method: dict[str, list[dict]] = {}
+    for p in points:
+        by_method.setdefault(p["method"], []).append(p)
+    coords = {m: [[p["rewards"][o]["mean"] for o in objs] for p in ps] for m, ps in by_method.items()}
+    all_pts = [c for cs in coords.values() for c in cs]
+    reference = [min(c[k] for c in all_pts) for k in range(len(objs))] if all_pts else [0.0] * len(objs)
+    summary = {"objectives": objs, "reference_point": reference,
+               "reference_point_rule": "componentwise minimum mean reward over every evaluated point of every method", "methods": {}}
+    for m, ps in by_method.items():
+        front = pareto_front(coords[m])
+        summary["methods"][m] = {
+            "hypervolume": hypervolume(coords[m], reference),
+            "points": [{"lambda": p["lambda"], "rewards": dict(zip(objs, c)), "kl": p["kl"]["mean"], "on_front": i in front}
+                       for i, (p, c) in enumerate(zip(ps, coords[m]))],
+        }
+    (out / "fronts.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [f"Reference point for hypervolume: {', '.join(f'{o}={r:.3f}' for o, r in zip(objs, reference))} (componentwise minimum over all points).", "",
+             "| method | λ | " + " | ".join(objs) + " | KL | on own front |", "|---" * (len(objs) + 4) + "|"]
+    for m, info in summary["methods"].items():
+        for pt in info["points"]:
+            lam = "-" if pt["lambda"] is None else "/".join(f"{x:g}" for x in pt["lambda"])
+            lines.append(f"| {m} | {lam} | " + " | ".join(f"{pt['rewards'][o]:.3f}" for o in objs) + f" | {pt['kl']:.2f} | {'yes' if pt['on_front'] else ''} |")
+    lines += ["", "| method | hypervolume |", "|---|---|"] + [f"| {m} | {info['hypervolume']:.4f} |" for m, info in summary["methods"].items()]
+    (out / "fronts.md").write_text("\n".join(lines) + "\n")
+    _plot(out, summary)
+    return summary
+
+
+def _plot(out: Path, summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    objs = summary["objectives"]
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for m, info in summary["methods"].items():
+        pts = sorted(info["points"], key=lambda p: p["rewards"][objs[0]])
+        xs, ys = [p["rewards"][objs[0]] for p in pts], [p["rewards"][objs[1]] for p in pts]
+        ax.plot(xs, ys, "o-" if len(pts) > 1 else "s", label=m)
+    ax.set_xlabel(f"{objs[0]} reward")
+    ax.set_ylabel(f"{objs[1]} reward")
+    ax.set_title("Pareto fronts" + (f" (projected on {objs[0]}/{objs[1]})" if len(objs) > 2 else ""))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    for ext in ("png", "svg"):
+        fig.savefig(out / f"front.{ext}", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(objs), figsize=(5 * len(objs), 4))
+    for k, o in enumerate(objs):
+        for m, info in summary["methods"].items():
+            axes[k].plot([p["kl"] for p in info["points"]], [p["rewards"][o] for p in info["points"]], "o", label=m)
+        axes[k].set_xlabel("KL to π_ref (nats, eq. 7)")
+        axes[k].set_ylabel(f"{o} reward")
+        axes[k].grid(alpha=0.3)
+    axes[0].legend()
+    for ext in ("png", "svg"):
+        fig.savefig(out / f"reward_kl.{ext}", dpi=120, bbox_inches="tight")
+    plt.close(fig)

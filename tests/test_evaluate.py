@@ -1,0 +1,148 @@
+"""Evaluation harness: metrics on hand-built cases, KL of a policy against itself, every baseline
+end to end on tiny models, and a Pareto sweep that resumes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import make_tiny_lm, make_tiny_tokenizer
+from mavis_align.evaluate import (
+    BestOfN, DecoderPolicy, ModelPolicy, MODPolicy, distinct_n, evaluate_policy, hypervolume, pareto_front, perplexity,
+    teacher_forced_logprobs, weight_grid,
+)
+from mavis_align.generation import SamplingConfig
+from mavis_align.rewards import get_rewards
+
+PROMPTS = ["hello world", "the cat sat on the mat", "why is a dog good ?", "what"]
+
+
+def test_distinct_n_and_perplexity():
+    assert distinct_n(["a b a b"], 1) == pytest.approx(2 / 4)
+    assert distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)
+    assert distinct_n(["a b", "c d"], 2) == 1.0
+    assert distinct_n([""], 1) == 0.0
+    assert perplexity([[math.log(0.5)] * 4]) == pytest.approx(2.0)
+    assert math.isnan(perplexity([[]]))
+
+
+def test_hypervolume_and_front():
+    assert hypervolume([(1, 2), (2, 1)], (0, 0)) == pytest.approx(3.0)
+    assert hypervolume([(1, 2), (2, 1), (0.5, 0.5)], (0, 0)) == pytest.approx(3.0)  # dominated point adds nothing
+    assert hypervolume([(1, 1, 1)], (0, 0, 0)) == pytest.approx(1.0)
+    assert hypervolume([(2, 1, 1), (1, 2, 1), (1, 1, 2)], (0, 0, 0)) == pytest.approx(4.0)
+    assert hypervolume([(-1, 5)], (0, 0)) == 0.0
+    assert pareto_front([(1, 2), (2, 1), (0.5, 0.5), (2, 1)]) == [0, 1, 3]
+    assert weight_grid(2, 0.5) == [(1.0, 0.0), (0.5, 0.5), (0.0, 1.0)]
+    g3 = weight_grid(3, 0.5)
+    assert len(g3) == 6 and all(abs(sum(x) - 1) < 1e-9 for x in g3)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = make_tiny_tokenizer()
+    return make_tiny_lm(len(tok), seed=3), tok
+
+
+def test_kl_of_policy_against_itself_is_zero(tiny):
+    from mavis_align.decoding.decoder import MavisDecoder
+
+    model, tok = tiny
+    pol = DecoderPolicy("ref", MavisDecoder(model, tok), SamplingConfig(max_new_tokens=6), chat=False)
+    res = evaluate_policy(pol, PROMPTS, get_rewards(["concise"]), model, tok, samples=2, chat=False)
+    assert res["kl"]["mean"] == pytest.approx(0.0, abs=1e-4) and res["kl"]["n"] == 8
+    assert res["fluency_ppl_ref"] > 1 and 0 <= res["distinct_1"] <= 1 and res["tokens_per_s"] > 0
+    # a different model sampled against the same pi_ref: positive KL on average
+    other = ModelPolicy("other", make_tiny_lm(len(tok), seed=9), tok, SamplingConfig(max_new_tokens=6), chat=False)
+    assert evaluate_policy(other, PROMPTS * 4, get_rewards(["concise"]), model, tok, samples=2, chat=False)["kl"]["mean"] > 0
+
+
+def test_teacher_forcing_matches_recorded_ref_logprobs(tiny):
+    from mavis_align.decoding.decoder import MavisDecoder
+    from mavis_align.models import format_prompts
+    from test_decoding import make_value_model
+
+    model, tok = tiny
+    dec = MavisDecoder(model, tok, [make_value_model(tok, ["v"], 1)])
+    gens = dec.generate(PROMPTS, weights={"v": 1}, config=SamplingConfig(max_new_tokens=5, top_k=4, beta=3.0), chat=False)
+    forced = teacher_forced_logprobs(model, tok, format_prompts(tok, PROMPTS, chat=False), [g.token_ids for g in gens])
+    for g, lp in zip(gens, forced):
+        assert lp == pytest.approx(g.logprobs_ref, abs=1e-4)
+
+
+def test_mod_and_best_of_n(tiny):
+    model, tok = tiny
+    other = make_tiny_lm(len(tok), seed=9)
+    cfg = SamplingConfig(max_new_tokens=5)
+    only_first = MODPolicy("mod", [model, other], tok, [1.0, 0.0], cfg, chat=False).generate(PROMPTS, seed=4)
+    plain = ModelPolicy("m", model, tok, cfg, chat=False).generate(PROMPTS, seed=4)
+    assert [g.token_ids for g in only_first] == [g.token_ids for g in plain]  # lambda = (1, 0) is model 1
+    mixed = MODPolicy("mod", [model, other], tok, [0.5, 0.5], cfg, chat=False).generate(PROMPTS, seed=4)
+    from mavis_align.models import format_prompts
+
+    fp = format_prompts(tok, PROMPTS, chat=False)
+    lp1 = teacher_forced_logprobs(model, tok, fp, [g.token_ids for g in mixed])
+    lp2 = teacher_forced_logprobs(other, tok, fp, [g.token_ids for g in mixed])
+    for g, a, b in zip(mixed, lp1, lp2):
+        # geometric mixture: log pi_MOD = (log pi_1 + log pi_2) / 2 - log Z with Z <= 1, so it sits at or above the mean
+        assert all(x >= (u + v) / 2 - 1e-5 for x, u, v in zip(g.logprobs_gen, a, b))
+        assert max(abs(x - u) for x, u in zip(g.logprobs_gen, a)) > 1e-4
+    bon = BestOfN("bon", ModelPolicy("m", model, tok, cfg, chat=False), 4, lambda ps, ts: [-len(t) for t in ts])
+    best = bon.generate(PROMPTS, seed=0)
+    for g in best:
+        assert -len(g.text) == max(g.extras["best_of_n_scores"])
+    assert bon.kl_bound == pytest.approx(math.log(4) - 3 / 4)
+
+
+def test_sweep_with_every_baseline_resumes(tmp_path):
+    from mavis_align.baselines import RLConfig, soup, train_rl_policy
+    from mavis_align.evaluate import SweepSpec, run_sweep
+    from test_decoding import make_value_model
+
+    tok = make_tiny_tokenizer()
+    d = tmp_path / "m"
+    make_tiny_lm(len(tok), seed=3).save_pretrained(d)
+    tok.save_pretrained(d)
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 10))
+    rl = RLConfig(steps=2, prompts_per_step=2, num_generations=2, max_completion_length=5)
+    train_p = PROMPTS * 2
+    pa = train_rl_policy(str(d), train_p, {"concise": 1.0}, tmp_path / "rl-a", rl, chat=False, progress=False)
+    pb = train_rl_policy(str(d), train_p, {"positive": 1.0}, tmp_path / "rl-b", rl, chat=False, progress=False)
+    pm = train_rl_policy(str(d), train_p, {"concise": 0.5, "positive": 0.5}, tmp_path / "rl-m", rl, chat=False, progress=False)
+    log = json.loads((pa / "log_history.json").read_text())
+    assert log and all("kl" in h for h in log if "reward" in h)
+    # a soup at lambda = (1, 0) is policy a
+    from mavis_align.baselines import load_policy_model
+
+    sa, _ = soup([pa, pb], [1.0, 0.0])
+    ma, _ = load_policy_model(pa)
+    for k, v in ma.state_dict().items():
+        torch.testing.assert_close(sa.state_dict()[k], v, atol=1e-6, rtol=1e-6)
+    make_value_model(tok, ["concise"], 1).save(tmp_path / "va")
+    make_value_model(tok, ["positive"], 2).save(tmp_path / "vb")
+    spec = SweepSpec(model=str(d), objectives=["concise", "positive"], values={"concise": str(tmp_path / "va"), "positive": str(tmp_path / "vb")},
+                     policies={"concise": str(pa), "positive": str(pb)}, morlhf={"0.5": str(pm)},
+                     methods=["ref", "mavis", "mavis-beam", "rsoup", "mod", "morlhf", "bon-ref"], grid_step=0.5, beta=2.0, n=2,
+                     dataset=str(data), split="test", prompts=2, samples=1, max_new_tokens=4, top_k=4, chat=False)
+    out = tmp_path / "sweep"
+    summary = run_sweep(spec, out, progress=False)
+    assert set(summary["methods"]) == {"ref", "mavis", "mavis-beam", "rsoup", "mod", "morlhf", "bon-ref"}
+    assert len(summary["methods"]["mavis"]["points"]) == 3 and len(summary["methods"]["morlhf"]["points"]) == 1
+    for ext in ("png", "svg"):
+        assert (out / f"front.{ext}").stat().st_size > 0 and (out / f"reward_kl.{ext}").stat().st_size > 0
+    assert "hypervolume" in (out / "fronts.md").read_text()
+    points = sorted((out / "points").glob("*.json"))
+    stamps = {p.name: p.stat().st_mtime_ns for p in points}
+    victim = out / "points" / "mod@0.5-0.5.json"
+    victim.unlink()
+    run_sweep(spec, out, progress=False)
+    assert victim.exists()
+    for p in points:
+        if p != victim:
+            assert p.stat().st_mtime_ns == stamps[p.name]  # finished points were not recomputed
+    with pytest.raises(ValueError, match="needs `values`"):
+        SweepSpec(objectives=["a", "b"], methods=["mavis"])

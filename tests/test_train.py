@@ -243,3 +243,34 @@ def test_policy_iteration_improves_regularised_objective_on_token_mdp(tmp_path):
     assert j_opt >= j1["future"] - 1e-6
     assert err1 < err0_soft  # V^1 is closer to the soft-optimal values than V^0
     assert j1["response"] < j1["future"]  # charging a's own log-ratio undoes part of the previous tilt
+
+
+def test_demo_runs_end_to_end_and_reuses_its_models(tmp_path, capsys):
+    """The README's main command on tiny models: trains, prints the steering table, then reuses."""
+    import yaml
+
+    from mavis_align.demo import run_demo, steering_settings
+
+    tok = make_tiny_tokenizer()
+    d = tmp_path / "m"
+    make_tiny_lm(len(tok), seed=3).save_pretrained(d)
+    tok.save_pretrained(d)
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 4))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "tinydemo", "model": str(d), "objectives": ["concise", "positive", "humor"], "dataset": str(data), "train_prompts": 6,
+        "eval_prompts": 2, "chat": False, "tree": {"num_layers": 2, "k_root": 2, "k": 2, "max_new_tokens": 5}, "backbone": str(d),
+        "train": {"lr": 3e-3, "epochs": 1, "batch_size": 8, "eval_every": 0}, "eval": {"beta": 2.0, "top_k": 4, "max_new_tokens": 5, "samples": 1},
+        "val_fraction": 0.3,
+    }))
+    out = tmp_path / "run"
+    text = run_demo(recipe, out, n_prompts=2, samples=1, progress=False)
+    settings = steering_settings(["concise", "positive", "humor"])
+    assert [x for x, _ in settings] == ["pi_ref (no values)", "concise", "positive", "humor", "concise+positive", "positive+humor"]
+    for label, _ in settings:
+        assert f"| {label} |" in text
+    assert (out / "demo.md").read_text() == text and (out / "iter0" / "humor" / "value" / "best" / "meta.json").exists()
+    stamp = (out / "iter0" / "trees.h5").stat().st_mtime_ns
+    run_demo(recipe, out, n_prompts=2, samples=1, progress=False)
+    assert (out / "iter0" / "trees.h5").stat().st_mtime_ns == stamp  # cached models were reused

@@ -9,14 +9,12 @@ import json
 from importlib import resources
 from pathlib import Path
 
-SETTINGS = [
-    ("pi_ref (no values)", None),
-    ("helpful", {"helpful": 1.0}),
-    ("harmless", {"harmless": 1.0}),
-    ("humor", {"humor": 1.0}),
-    ("helpful+harmless", {"helpful": 0.5, "harmless": 0.5}),
-    ("harmless+humor", {"harmless": 0.5, "humor": 0.5}),
-]
+def steering_settings(objectives: list[str]) -> list[tuple[str, dict | None]]:
+    """pi_ref, each objective alone, and each neighbouring pair at equal weight."""
+    out: list[tuple[str, dict | None]] = [("pi_ref (no values)", None)]
+    out += [(m, {m: 1.0}) for m in objectives]
+    out += [(f"{a}+{b}", {a: 0.5, b: 0.5}) for a, b in zip(objectives, objectives[1:])]
+    return out
 
 
 def packaged_recipe(name: str = "demo") -> Path:
@@ -58,7 +56,7 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
     table = [header, "|---" * (len(recipe.objectives) + 2) + "|"]
     examples = []
     results = {}
-    for label, weights in SETTINGS:
+    for label, weights in steering_settings(list(recipe.objectives)):
         res = evaluate_decoder(decoder if weights else MavisDecoder(model, tok), prompts, rewards, weights=weights,
                                config=cfg if weights else plain, samples=samples, seed=seed, chat=recipe.chat)
         results[label] = res

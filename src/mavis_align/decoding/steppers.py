@@ -30,6 +30,28 @@ def _crop(cache, n: int) -> None:
         cache.crop(-n)
 
 
+def _merge_caches(a, b, pad_a: int, pad_b: int):
+    """Rows of ``a`` then rows of ``b`` in one ``DynamicCache``; each side is left-padded along the
+    sequence axis (``pad_a`` / ``pad_b`` zero positions, masked out by the caller's 2D mask)."""
+    from transformers import DynamicCache
+
+    def padded(t: torch.Tensor, n: int) -> torch.Tensor:
+        return t if n == 0 else torch.cat([t.new_zeros(*t.shape[:2], n, t.shape[3]), t], dim=2)
+
+    layers = [
+        (torch.cat([padded(la.keys, pad_a), padded(lb.keys, pad_b)]), torch.cat([padded(la.values, pad_a), padded(lb.values, pad_b)]))
+        for la, lb in zip(a.layers, b.layers)
+    ]
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def _merge_masks(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Concatenate two left-padded 2D masks of different widths -> (mask, pad added to a, pad added to b)."""
+    width = max(a.shape[1], b.shape[1])
+    pa, pb = width - a.shape[1], width - b.shape[1]
+    return torch.cat([torch.nn.functional.pad(a, (pa, 0)), torch.nn.functional.pad(b, (pb, 0))]), pa, pb
+
+
 def _rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
     """Real (unpadded) token ids of each row."""
     return [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
@@ -88,6 +110,12 @@ class CachedBase:
         self.cache.reorder_cache(index)
         self.mask = self.mask.index_select(0, index)
         self.next_pos = self.next_pos.index_select(0, index)
+
+    def merge(self, other: "CachedBase") -> None:
+        """Append the rows of ``other`` (same model, started separately) after this batch's rows."""
+        self.mask, pa, pb = _merge_masks(self.mask, other.mask)
+        self.cache = _merge_caches(self.cache, other.cache, pa, pb)
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
 
 
 class NaiveBase:
@@ -267,6 +295,17 @@ class CachedValueScorer:
             cache.reorder_cache(index)
         self.mask = self.mask.index_select(0, index)
         self.next_pos = self.next_pos.index_select(0, index)
+
+    def merge(self, other: "CachedValueScorer") -> None:
+        """Append the rows of ``other`` (same models and active set, started separately)."""
+        if self.active != other.active:
+            raise ValueError("can only merge scorers that run the same value models")
+        for sc in (self, other):
+            if sc.pending is not None:
+                sc._flush()
+        self.mask, pa, pb = _merge_masks(self.mask, other.mask)
+        self.caches = {mi: _merge_caches(self.caches[mi], other.caches[mi], pa, pb) for mi in self.active}
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
 
 
 class SequenceValueScorer:

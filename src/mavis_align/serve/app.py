@@ -1,0 +1,276 @@
+"""OpenAI-compatible HTTP API where every request carries its own objective weights.
+
+    POST /v1/completions          {"prompt": "...", "objective_weights": {"harmless": 0.8, "helpful": 0.2},
+    POST /v1/chat/completions      "beta": 5.0, "top_k": 15, "return_rewards": true, "stream": false, ...}
+    GET  /v1/models, /v1/objectives, /health, /   (the playground page)
+
+Extra body fields (OpenAI clients: ``extra_body``): ``objective_weights`` ({name: weight >= 0};
+omitted = plain sampling from pi_ref), ``beta`` (>= 0), ``top_k`` (candidates, >= 1),
+``return_rewards`` (score the result with the reward functions of the same names). Responses
+carry a ``mavis`` object with the KL estimate (eq. 7), the weights and beta used, and the rewards.
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from importlib import resources
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .scheduler import GenRequest, Scheduler
+
+PAGE = "playground.html"
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None, max_tokens_limit: int = 512,
+               max_prompt_tokens: int = 2048, max_batch: int = 16, rewards=None):
+    """Build the FastAPI app around a :class:`~mavis_align.decoding.decoder.MavisDecoder`."""
+    tok = decoder.tokenizer
+    objectives = decoder.objectives
+    scheduler = Scheduler(decoder.model, tok, decoder.value_models, decoder.bindings, max_batch=max_batch)
+    reward_fns = {r.name: r for r in (rewards or [])}
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        scheduler.shutdown()
+
+    app = FastAPI(title="mavis-align", version="0.1.0", lifespan=lifespan)
+    app.state.scheduler = scheduler
+
+    def error(status: int, message: str, param=None, code=None, kind="invalid_request_error"):
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, exc: APIError):
+        return error(exc.status, exc.message, exc.param, exc.code, exc.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_, exc: RequestValidationError):
+        return error(400, f"invalid request: {exc.errors()[:3]}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail), kind="not_found_error" if exc.status_code == 404 else "invalid_request_error")
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {api_key}":
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key", kind="authentication_error")
+
+    async def body_of(request: Request) -> dict:
+        check_key(request)
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise APIError(400, f"request body is not valid JSON: {err}") from err
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object")
+        return body
+
+    def number(body: dict, key: str, default, lo=None, hi=None, integer=False):
+        val = body.get(key, default)
+        if val is None:
+            return default
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or (integer and not float(val).is_integer()):
+            raise APIError(400, f"`{key}` must be {'an integer' if integer else 'a number'}, got {val!r}", param=key)
+        if not math.isfinite(val) or (lo is not None and val < lo) or (hi is not None and val > hi):
+            raise APIError(400, f"`{key}` must be in [{lo}, {hi}], got {val!r}", param=key)
+        return int(val) if integer else float(val)
+
+    def parse(body: dict, prompt_text: str) -> tuple[GenRequest, dict]:
+        max_tokens = number(body, "max_tokens", min(64, max_tokens_limit), 1, None, True)
+        if max_tokens > max_tokens_limit:
+            raise APIError(400, f"`max_tokens` is {max_tokens}; this server allows at most {max_tokens_limit}", param="max_tokens")
+        if number(body, "n", 1, 1, 1, True) != 1:
+            raise APIError(400, "`n` must be 1", param="n")
+        temperature = number(body, "temperature", 1.0, 0.0, 10.0)
+        if temperature == 0:
+            temperature = 1e-4  # greedy-like
+        beta = number(body, "beta", 1.0, 0.0, 1e6)
+        top_k = number(body, "top_k", 15, 1, 1000, True)
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise APIError(400, "`seed` must be an integer", param="seed")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+            raise APIError(400, "`stop` must be a string or a list of at most 4 strings", param="stop")
+        weights = None
+        raw_w = body.get("objective_weights")
+        if raw_w is not None:
+            if not isinstance(raw_w, dict) or not raw_w:
+                raise APIError(400, "`objective_weights` must be an object {objective: weight}", param="objective_weights")
+            if not objectives:
+                raise APIError(400, "this server has no value models loaded; `objective_weights` cannot be honoured", param="objective_weights")
+            from ..decoding.tilt import resolve_weights
+
+            for k, v in raw_w.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise APIError(400, f"objective weight for {k!r} must be a number", param="objective_weights")
+            try:
+                weights = resolve_weights(objectives, raw_w, 1)[0]
+            except ValueError as err:
+                raise APIError(400, str(err), param="objective_weights", code="invalid_objective") from err
+        ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if len(ids) > max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; this server allows at most {max_prompt_tokens}", param="prompt",
+                           code="context_length_exceeded")
+        want_rewards = bool(body.get("return_rewards", False))
+        req = GenRequest(ids, max_tokens, emit=lambda e: None, weights=weights, beta=beta, top_k=top_k, temperature=temperature,
+                         stop=tuple(stop), seed=seed, id=f"cmpl-{uuid.uuid4().hex[:24]}")
+        return req, {"return_rewards": want_rewards, "objective_weights": raw_w}
+
+    def mavis_info(req: GenRequest, user_prompt: str, extra: dict) -> dict:
+        info = {"kl": float(sum(g - r for g, r in zip(req.logprobs_gen, req.logprobs_ref))), "beta": req.beta if req.weights is not None else None,
+                "objective_weights": dict(zip(objectives, req.weights.tolist())) if req.weights is not None else None,
+                "top_k": req.top_k if req.weights is not None else None}
+        if extra["return_rewards"]:
+            names = list(extra["objective_weights"] or {}) or list(reward_fns)
+            info["rewards"] = {n: reward_fns[n]([user_prompt], [req.text.strip()])[0] for n in names if n in reward_fns}
+        return info
+
+    async def run(request: Request, req: GenRequest, user_prompt: str, extra: dict, chat: bool):
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        req.emit = lambda e: loop.call_soon_threadsafe(q.put_nowait, e)
+        scheduler.submit(req)
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+
+        def usage():
+            return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.tokens), "total_tokens": len(req.prompt_ids) + len(req.tokens)}
+
+        def finish() -> str:
+            return {"cancelled": "stop", None: "stop"}.get(req.finish_reason, req.finish_reason)
+
+        if not stream_of(extra):
+            while True:
+                ev = await q.get()
+                if ev["type"] == "error":
+                    raise APIError(500, ev["message"], kind="server_error")
+                if ev["type"] == "done":
+                    break
+            info = await asyncio.to_thread(mavis_info, req, user_prompt, extra)
+            choice = {"index": 0, "finish_reason": finish(), "logprobs": None}
+            choice.update({"message": {"role": "assistant", "content": req.text}} if chat else {"text": req.text})
+            return JSONResponse({"id": req.id, "object": obj, "created": created, "model": model_name, "choices": [choice], "usage": usage(), "mavis": info})
+
+        async def events():
+            try:
+                if chat:
+                    yield sse({"id": req.id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                               "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+                while True:
+                    if await request.is_disconnected():
+                        req.cancelled.set()
+                        return
+                    try:
+                        ev = await asyncio.wait_for(q.get(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        continue
+                    if ev["type"] == "error":
+                        yield sse({"error": {"message": ev["message"], "type": "server_error", "param": None, "code": None}})
+                        return
+                    if ev["type"] == "token":
+                        yield sse(chunk(req, created, chat, ev["text"], None))
+                    if ev["type"] == "done":
+                        info = await asyncio.to_thread(mavis_info, req, user_prompt, extra)
+                        last = chunk(req, created, chat, "", finish())
+                        last["mavis"], last["usage"] = info, usage()
+                        yield sse(last)
+                        yield "data: [DONE]\n\n"
+                        return
+            finally:
+                if req.finish_reason is None:
+                    req.cancelled.set()  # the client went away: free its slot
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def chunk(req, created, chat, text, finish_reason):
+        if chat:
+            return {"id": req.id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                    "choices": [{"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish_reason}]}
+        return {"id": req.id, "object": "text_completion", "created": created, "model": model_name,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+
+    def stream_of(extra: dict) -> bool:
+        return extra.get("stream", False)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await body_of(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise APIError(400, "`prompt` must be a string (or a list of one string)", param="prompt")
+        req, extra = parse(body, prompt)
+        extra["stream"] = bool(body.get("stream", False))
+        return await run(request, req, prompt, extra, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await body_of(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant") for m in messages):
+            raise APIError(400, "`messages` must be a non-empty list of {role: system|user|assistant, content: string}", param="messages")
+        if not getattr(tok, "chat_template", None):
+            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        req, extra = parse(body, text)
+        extra["stream"] = bool(body.get("stream", False))
+        user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+        return await run(request, req, user, extra, chat=True)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "mavis-align"}]}
+
+    @app.get("/v1/objectives")
+    async def list_objectives(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [{"name": n, "has_reward": n in reward_fns} for n in objectives]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "active": len(scheduler.active), "queued": scheduler.inbox.qsize(), **scheduler.stats}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return (resources.files("mavis_align") / "serve" / PAGE).read_text()
+
+    return app
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def serve(decoder, *, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
+    """Run the app with uvicorn (blocking)."""
+    import uvicorn
+
+    torch.set_grad_enabled(False)
+    uvicorn.run(create_app(decoder, **kwargs), host=host, port=port, log_level="info")

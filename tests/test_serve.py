@@ -1,0 +1,204 @@
+"""HTTP serving: the real `openai` client against a server on 127.0.0.1 with tiny models,
+streaming, bad input, concurrent requests with different lambda, disconnects, the playground page."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from conftest import make_tiny_lm, make_tiny_tokenizer  # noqa: E402
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant {% endif %}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    import uvicorn
+
+    from mavis_align.decoding.decoder import MavisDecoder
+    from mavis_align.rewards import get_rewards
+    from mavis_align.serve import create_app
+    from test_decoding import make_value_model
+
+    tok = make_tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    dec = MavisDecoder(make_tiny_lm(len(tok), seed=3), tok, [make_value_model(tok, ["concise"], 1), make_value_model(tok, ["positive"], 2)])
+    app = create_app(dec, model_name="tiny", api_key="sekret", max_tokens_limit=32, max_prompt_tokens=40, rewards=get_rewards(["concise", "positive"]))
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{port}", "app": app}
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture()
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["url"] + "/v1", api_key="sekret", max_retries=0)
+
+
+def test_openai_client_completions_and_chat(client):
+    r = client.completions.create(model="tiny", prompt="hello world", max_tokens=6, seed=1,
+                                  extra_body={"objective_weights": {"concise": 0.7, "positive": 0.3}, "beta": 3.0, "top_k": 5, "return_rewards": True})
+    text = r.choices[0].text
+    extra = r.model_extra["mavis"]
+    assert r.usage.completion_tokens <= 6 and isinstance(text, str)
+    assert extra["objective_weights"] == pytest.approx({"concise": 0.7, "positive": 0.3}) and extra["beta"] == 3.0
+    assert set(extra["rewards"]) == {"concise", "positive"} and all(0 <= v <= 1 for v in extra["rewards"].values())
+    assert isinstance(extra["kl"], float) and abs(extra["kl"]) < 1e3  # one sample's log-ratio: any sign
+    again = client.completions.create(model="tiny", prompt="hello world", max_tokens=6, seed=1,
+                                      extra_body={"objective_weights": {"concise": 0.7, "positive": 0.3}, "beta": 3.0, "top_k": 5})
+    assert again.choices[0].text == text  # same seed, same request -> same output
+    c = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the cat"}], max_tokens=5, extra_body={"objective_weights": {"positive": 1}})
+    assert c.choices[0].message.role == "assistant" and c.model_extra["mavis"]["objective_weights"]["positive"] == 1.0
+    plain = client.completions.create(model="tiny", prompt="hello", max_tokens=4)
+    assert plain.model_extra["mavis"]["objective_weights"] is None
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_streaming(client):
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "why is a dog good ?"}], max_tokens=8, stream=True,
+                                            extra_body={"objective_weights": {"concise": 1}, "beta": 2.0, "return_rewards": True})
+    pieces, last = [], None
+    for ev in stream:
+        last = ev
+        if ev.choices and ev.choices[0].delta.content:
+            pieces.append(ev.choices[0].delta.content)
+    assert last.choices[0].finish_reason in ("stop", "length")
+    assert "kl" in last.model_extra["mavis"] and "concise" in last.model_extra["mavis"]["rewards"]
+    s2 = client.completions.create(model="tiny", prompt="the cat sat", max_tokens=5, stream=True)
+    assert sum(1 for _ in s2) >= 1
+
+
+def test_bad_input_gets_openai_errors_and_server_keeps_serving(server, client):
+    import httpx
+    import openai
+
+    url = server["url"]
+    h = {"Authorization": "Bearer sekret", "Content-Type": "application/json"}
+    cases = [
+        (b"{not json", 400, None),
+        (json.dumps({"prompt": "hi", "objective_weights": {"nope": 1}}).encode(), 400, "unknown objective"),
+        (json.dumps({"prompt": "hi", "objective_weights": {"concise": -1}}).encode(), 400, ">= 0"),
+        (json.dumps({"prompt": "hi", "max_tokens": 1000}).encode(), 400, "at most 32"),
+        (json.dumps({"prompt": "hello " * 60}).encode(), 400, "at most 40"),
+        (json.dumps({"prompt": "hi", "beta": -2}).encode(), 400, "beta"),
+        (json.dumps({"prompt": 5}).encode(), 400, "prompt"),
+    ]
+    for body, status, msg in cases:
+        r = httpx.post(url + "/v1/completions", content=body, headers=h)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        if msg:
+            assert msg in err["message"]
+    r = httpx.post(url + "/v1/completions", json={"prompt": "hi"}, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=4, extra_body={"objective_weights": {"nope": 1}})
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=3).choices[0].text is not None
+
+
+def test_concurrent_requests_share_steps_and_disconnects_free_slots(server, client):
+    import httpx
+
+    url = server["url"]
+    scheduler = server["app"].state.scheduler
+    before = dict(scheduler.stats)
+
+    def one(i):
+        w = {"concise": i / 7, "positive": 1 - i / 7}
+        return client.completions.create(model="tiny", prompt=["hello", "the cat", "why", "a dog ran"][i % 4], max_tokens=12, seed=i,
+                                         extra_body={"objective_weights": w if i % 3 else None, "beta": float(i % 4), "top_k": 3 + i % 5})
+
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(one, range(8)))
+    assert all(r.choices[0].finish_reason in ("stop", "length") for r in results)
+    assert scheduler.stats["max_batch_seen"] >= 2  # requests were decoded together
+    steps = scheduler.stats["steps"] - before["steps"]
+    tokens = scheduler.stats["tokens"] - before["tokens"]
+    assert tokens > steps  # more tokens than steps: steps were shared
+    # a streaming client that disconnects early frees its slot
+    with httpx.stream("POST", url + "/v1/completions", json={"prompt": "hello", "max_tokens": 32, "stream": True}, headers={"Authorization": "Bearer sekret"}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break
+    deadline = time.time() + 10
+    while time.time() < deadline and (scheduler.active or scheduler.inbox.qsize()):
+        time.sleep(0.05)
+    assert not scheduler.active
+
+
+def test_load_fifty_concurrent_clients(server):
+    import httpx
+
+    url = server["url"]
+
+    def call(i):
+        r = httpx.post(url + "/v1/completions", json={"prompt": "hello world", "max_tokens": 6, "seed": i,
+                                                       "objective_weights": {"concise": 1.0} if i % 2 else None},
+                       headers={"Authorization": "Bearer sekret"}, timeout=120)
+        return r.status_code
+
+    with ThreadPoolExecutor(50) as ex:
+        codes = list(ex.map(call, range(50)))
+    assert codes == [200] * 50
+
+
+def test_playground_page_in_headless_chromium(server, tmp_path):
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("headless Chromium is needed for the playground test: apt-get install chromium (the Makefile's test target does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(server["url"] + "/?key=sekret")
+        page.wait_for_selector("#w-concise")
+        page.fill("#prompt", "the cat sat")
+        page.locator("#w-concise").fill("0.9")
+        page.locator("#w-positive").fill("0.1")
+        page.locator("#beta").fill("7")
+        page.locator("#max").fill("16")
+        console = []
+        page.on("console", lambda m: console.append(m.text))
+        page.click("#go")
+        try:
+            page.wait_for_function("['done'].includes(document.getElementById('status').textContent) || document.getElementById('status').textContent.startsWith('error')", timeout=60000)
+            assert page.inner_text("#status") == "done"
+        except Exception:
+            raise AssertionError(f"status={page.inner_text('#status')!r} out={page.inner_text('#out')!r} console={console}") from None
+        sent = page.evaluate("window.lastRequest")
+        assert sent["objective_weights"] == pytest.approx({"concise": 0.9, "positive": 0.1}) and sent["beta"] == 7 and sent["max_tokens"] == 16
+        assert "KL" in page.inner_text("#meta")
+        shot = tmp_path / "playground.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 1000
+        artifacts = __import__("pathlib").Path(__file__).parent / "artifacts"
+        artifacts.mkdir(exist_ok=True)
+        shutil.copy(shot, artifacts / "playground.png")
+        browser.close()

@@ -202,3 +202,30 @@ def test_playground_page_in_headless_chromium(server, tmp_path):
         artifacts.mkdir(exist_ok=True)
         shutil.copy(shot, artifacts / "playground.png")
         browser.close()
+
+
+def test_batched_requests_match_the_same_requests_alone(client):
+    """A request's output does not depend on who shares its decode steps (per-request seeds)."""
+    reqs = [dict(prompt=p, max_tokens=10, seed=10 + i, extra_body={"objective_weights": w, "beta": b, "top_k": k})
+            for i, (p, w, b, k) in enumerate([("hello", {"concise": 1}, 2.0, 4), ("the cat sat", {"positive": 1}, 6.0, 6),
+                                               ("why", None, 1.0, 15), ("a good mat ?", {"concise": 0.5, "positive": 0.5}, 3.0, 8)])]
+    alone = [client.completions.create(model="tiny", **r).choices[0].text for r in reqs]
+    with ThreadPoolExecutor(len(reqs)) as ex:
+        together = list(ex.map(lambda r: client.completions.create(model="tiny", **r).choices[0].text, reqs))
+    assert together == alone
+
+
+def test_sample_index_is_padding_invariant_and_distributed_right():
+    import torch
+
+    from mavis_align.serve.scheduler import sample_index
+
+    p = torch.tensor([0.1, 0.6, 0.3])
+    padded = torch.cat([p, torch.zeros(5)])
+    a = [sample_index(p, torch.Generator().manual_seed(s)) for s in range(300)]
+    b = [sample_index(padded, torch.Generator().manual_seed(s)) for s in range(300)]
+    assert a == b
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_index(p, g) for _ in range(4000)]
+    freq = [draws.count(i) / len(draws) for i in range(3)]
+    assert freq == pytest.approx([0.1, 0.6, 0.3], abs=0.03)

@@ -25,6 +25,22 @@ from ..decoding.tilt import combine_values, tilted_logprobs
 NEG_INF = float("-inf")
 
 
+def sample_index(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One draw from ``probs`` ([n], sums to 1) by inverting the CDF with a single uniform.
+
+    Unlike ``torch.multinomial`` it consumes exactly one random number however long ``probs`` is,
+    so a request samples the same tokens whether it is decoded alone or next to requests with
+    more candidates (zero-probability padding does not change the draw).
+    """
+    u = torch.rand((), generator=generator, device=probs.device, dtype=torch.float64)
+    cdf = torch.cumsum(probs.double(), dim=0)
+    idx = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
+    idx = min(idx, probs.shape[0] - 1)
+    while probs[idx] <= 0 and idx > 0:  # never land on a zero-probability entry at the top edge
+        idx -= 1
+    return idx
+
+
 @dataclass
 class GenRequest:
     """One generation request and its live state.
@@ -182,11 +198,11 @@ class Scheduler:
             betas = torch.tensor([r.beta for r in reqs], dtype=torch.float32, device=device)
             tlp = tilted_logprobs(cand_logp, combined, betas, normalize=self.normalize, valid=valid)
             for i in tilted:
-                pos = int(torch.multinomial(tlp[i].exp(), 1, generator=self.generators[i]))
+                pos = sample_index(tlp[i].exp(), self.generators[i])
                 choice[i], lp_gen[i] = int(cand_ids[i, pos]), float(tlp[i, pos])
         for i, r in enumerate(reqs):
             if r.weights is None or self.scorer is None:
-                tok = int(torch.multinomial(gen_logp[i].exp(), 1, generator=self.generators[i]))
+                tok = sample_index(gen_logp[i].exp(), self.generators[i])
                 choice[i], lp_gen[i] = tok, float(gen_logp[i, tok])
         chosen = torch.tensor(choice, device=device)
         lp_ref = logp_ref_full.gather(-1, chosen[:, None]).squeeze(-1).tolist()

@@ -43,7 +43,8 @@ def main() -> None:
 
     model, tok = load_causal_lm()
     dec = MavisDecoder(model, tok, [build_value_model([o], seed=i) for i, o in enumerate(OBJECTIVES)])
-    app = create_app(dec, model_name="smollm2-135m-instruct", max_batch=16)
+    # as `mavis-align serve` does: HTTP in a thread, the decode loop in this (the loading) thread
+    app = create_app(dec, model_name="smollm2-135m-instruct", max_batch=16, scheduler_thread=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -63,14 +64,24 @@ def main() -> None:
         )
         return time.perf_counter() - t0, r.usage.completion_tokens
 
-    request(0)  # warm-up
-    t0 = time.perf_counter()
-    seq = [request(i) for i in range(args.clients)]
-    seq_wall = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(args.clients) as ex:
-        conc = list(ex.map(request, range(args.clients)))
-    conc_wall = time.perf_counter() - t0
+    timings: dict = {}
+
+    def measure() -> None:
+        try:
+            request(0)  # warm-up
+            t0 = time.perf_counter()
+            timings["seq"] = [request(i) for i in range(args.clients)]
+            timings["seq_wall"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as ex:
+                timings["conc"] = list(ex.map(request, range(args.clients)))
+            timings["conc_wall"] = time.perf_counter() - t0
+        finally:
+            app.state.scheduler.shutdown()
+
+    threading.Thread(target=measure, daemon=True).start()
+    app.state.scheduler.run()
+    seq, seq_wall, conc, conc_wall = timings["seq"], timings["seq_wall"], timings["conc"], timings["conc_wall"]
 
     def pct(xs, q):
         xs = sorted(xs)

@@ -38,12 +38,17 @@ class APIError(Exception):
 
 
 def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None, max_tokens_limit: int = 512,
-               max_prompt_tokens: int = 2048, max_batch: int = 16, rewards=None):
-    """Build the FastAPI app around a :class:`~mavis_align.decoding.decoder.MavisDecoder`."""
+               max_prompt_tokens: int = 2048, max_batch: int = 16, rewards=None, scheduler_thread: bool = True):
+    """Build the FastAPI app around a :class:`~mavis_align.decoding.decoder.MavisDecoder`.
+
+    With ``scheduler_thread=False`` the decode loop does not start; call
+    ``app.state.scheduler.run()`` from the thread that loaded the models (what :func:`serve` does).
+    """
     tok = decoder.tokenizer
     objectives = decoder.objectives
-    scheduler = Scheduler(decoder.model, tok, decoder.value_models, decoder.bindings, max_batch=max_batch)
     reward_fns = {r.name: r for r in (rewards or [])}
+    scheduler = Scheduler(decoder.model, tok, decoder.value_models, decoder.bindings, max_batch=max_batch, rewards=reward_fns,
+                          start_thread=scheduler_thread)
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
@@ -141,16 +146,18 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
                          stop=tuple(stop), seed=seed, id=f"cmpl-{uuid.uuid4().hex[:24]}")
         return req, {"return_rewards": want_rewards, "objective_weights": raw_w}
 
-    def mavis_info(req: GenRequest, user_prompt: str, extra: dict) -> dict:
+    def mavis_info(req: GenRequest, done: dict) -> dict:
         info = {"kl": float(sum(g - r for g, r in zip(req.logprobs_gen, req.logprobs_ref))), "beta": req.beta if req.weights is not None else None,
                 "objective_weights": dict(zip(objectives, req.weights.tolist())) if req.weights is not None else None,
                 "top_k": req.top_k if req.weights is not None else None}
-        if extra["return_rewards"]:
-            names = list(extra["objective_weights"] or {}) or list(reward_fns)
-            info["rewards"] = {n: reward_fns[n]([user_prompt], [req.text.strip()])[0] for n in names if n in reward_fns}
+        if req.reward_names:
+            info["rewards"] = done.get("rewards", {})
         return info
 
     async def run(request: Request, req: GenRequest, user_prompt: str, extra: dict, chat: bool):
+        if extra["return_rewards"]:
+            names = list(extra["objective_weights"] or {}) or list(reward_fns)
+            req.reward_names, req.reward_prompt = tuple(n for n in names if n in reward_fns), user_prompt
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         req.emit = lambda e: loop.call_soon_threadsafe(q.put_nowait, e)
@@ -171,7 +178,7 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
                     raise APIError(500, ev["message"], kind="server_error")
                 if ev["type"] == "done":
                     break
-            info = await asyncio.to_thread(mavis_info, req, user_prompt, extra)
+            info = mavis_info(req, ev)
             choice = {"index": 0, "finish_reason": finish(), "logprobs": None}
             choice.update({"message": {"role": "assistant", "content": req.text}} if chat else {"text": req.text})
             return JSONResponse({"id": req.id, "object": obj, "created": created, "model": model_name, "choices": [choice], "usage": usage(), "mavis": info})
@@ -195,7 +202,7 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
                     if ev["type"] == "token":
                         yield sse(chunk(req, created, chat, ev["text"], None))
                     if ev["type"] == "done":
-                        info = await asyncio.to_thread(mavis_info, req, user_prompt, extra)
+                        info = mavis_info(req, ev)
                         last = chunk(req, created, chat, "", finish())
                         last["mavis"], last["usage"] = info, usage()
                         yield sse(last)
@@ -269,8 +276,24 @@ def sse(obj: dict) -> str:
 
 
 def serve(decoder, *, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
-    """Run the app with uvicorn (blocking)."""
+    """Run the app (blocking): HTTP in a uvicorn thread, the decode loop in this thread, the one
+    that loaded the models (see :meth:`Scheduler.run` for why)."""
+    import threading
+
     import uvicorn
 
-    torch.set_grad_enabled(False)
-    uvicorn.run(create_app(decoder, **kwargs), host=host, port=port, log_level="info")
+    app = create_app(decoder, scheduler_thread=False, **kwargs)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    web = threading.Thread(target=server.run, name="mavis-http", daemon=True)
+    web.start()
+    try:
+        app.state.scheduler.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        app.state.scheduler.shutdown()
+        try:
+            web.join(timeout=10)
+        except KeyboardInterrupt:  # a second Ctrl-C while the HTTP thread winds down
+            pass

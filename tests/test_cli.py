@@ -121,7 +121,8 @@ def test_evaluate_and_pareto_cli(tmp_path, tiny_lm, tiny_tokenizer, capsys):
     make_value_model(tiny_tokenizer, ["concise"], 1).save(tmp_path / "va")
     make_value_model(tiny_tokenizer, ["positive"], 2).save(tmp_path / "vb")
     data = tmp_path / "p.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["hello world", "the cat sat", "why is a dog good ?", "what"] * 10))
+    words = ["hello", "world", "the", "cat", "sat", "dog", "good", "mat"]
+    data.write_text("".join(json.dumps({"prompt": f"{a} {b}"}) + "\n" for a in words for b in words[:4]))  # 32 unique: 3 in test
     base = ["--model", str(tmp_path / "m"), "--dataset", str(data), "--limit", "3", "--samples", "2", "--max-new-tokens", "4", "--no-chat", "--reward", "concise"]
     out = tmp_path / "e.json"
     assert main(["evaluate", "--method", "mavis", "--value", str(tmp_path / "va"), "--value", str(tmp_path / "vb"), "--weights", "concise=1",

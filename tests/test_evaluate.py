@@ -146,3 +146,16 @@ def test_sweep_with_every_baseline_resumes(tmp_path):
             assert p.stat().st_mtime_ns == stamps[p.name]  # finished points were not recomputed
     with pytest.raises(ValueError, match="needs `values`"):
         SweepSpec(objectives=["a", "b"], methods=["mavis"])
+
+
+def test_weighted_reward_normalises_and_validates():
+    from mavis_align.rewards import Reward, weighted_reward
+
+    a = Reward("a", "", (0, 1), True, lambda ps, rs: [1.0] * len(rs))
+    b = Reward("b", "", (0, 1), True, lambda ps, rs: [float(len(r)) for r in rs])
+    fn = weighted_reward([a, b], {"a": 3, "b": 1})
+    assert fn(["p", "q"], ["xy", ""]) == pytest.approx([0.75 + 0.5, 0.75])
+    with pytest.raises(ValueError, match="no reward named"):
+        weighted_reward([a], {"c": 1})
+    with pytest.raises(ValueError, match=">= 0"):
+        weighted_reward([a], {"a": 0})

@@ -43,7 +43,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .decoding.decoder import DEFAULT_TOP_K, MavisDecoder, parse_value_spec, parse_weights
     from .generation import SamplingConfig
     from .provenance import write_run_record
-    from .rewards import get_rewards, score_all
+    from .rewards import get_rewards, score_all, weighted_reward
 
     # everything a user can get wrong is checked before any model loads
     rewards = get_rewards(args.reward)
@@ -124,20 +124,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         write_run_record(out.parent, {"command": "generate", **{k: v for k, v in vars(args).items() if k != "func"}}, args.seed, name=f"{out.stem}.run.json")
         print(f"wrote {out}")
     return 0
-
-
-def weighted_reward(rewards, lam: dict[str, float]):
-    """``fn(prompts, responses) -> sum_m lambda_m R_m`` (lambda normalised to sum 1)."""
-    total = sum(lam.values())
-
-    def fn(prompts: list[str], responses: list[str]) -> list[float]:
-        out = [0.0] * len(responses)
-        for r in rewards:
-            for i, x in enumerate(r(prompts, responses)):
-                out[i] += lam[r.name] / total * x
-        return out
-
-    return fn
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
@@ -258,7 +244,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import BestOfN, DecoderPolicy, ModelPolicy, evaluate_policy
     from .generation import SamplingConfig
     from .provenance import run_record
-    from .rewards import get_rewards
+    from .rewards import get_rewards, weighted_reward
 
     rewards = get_rewards(args.reward)
     weights = parse_weights(args.weights) if args.weights else None

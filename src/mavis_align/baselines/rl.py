@@ -44,24 +44,16 @@ class RLConfig:
 
 
 def weighted_reward_fn(rewards, weights: dict[str, float]):
-    """A TRL reward function: sum_m lambda_m R_m(raw prompt, completion) (lambda normalised to 1)."""
-    total = sum(weights.values())
-    if total <= 0 or any(w < 0 for w in weights.values()):
-        raise ValueError(f"weights must be >= 0 and not all 0, got {weights}")
-    by_name = {r.name: r for r in rewards}
-    missing = [n for n in weights if n not in by_name]
-    if missing:
-        raise ValueError(f"no reward named {missing}")
+    """TRL's reward-function signature around :func:`mavis_align.rewards.weighted_reward`, scored on
+    the user prompt (dataset column ``raw_prompt``) and the stripped completion text."""
+    from ..rewards import weighted_reward
+
+    score = weighted_reward(rewards, weights)
 
     def fn(prompts, completions, raw_prompt=None, **kwargs):
         raw = list(raw_prompt) if raw_prompt is not None else list(prompts)
-        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-        out = [0.0] * len(texts)
-        for name, w in weights.items():
-            if w:
-                for i, x in enumerate(by_name[name](raw, [t.strip() for t in texts])):
-                    out[i] += w / total * x
-        return out
+        texts = [(c if isinstance(c, str) else c[-1]["content"]).strip() for c in completions]
+        return score(raw, texts)
 
     fn.__name__ = "weighted_" + "_".join(f"{k}{v:g}" for k, v in weights.items())
     return fn

@@ -125,7 +125,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool = True) -> dic
     from ..generation import SamplingConfig
     from ..models import load_causal_lm
     from ..provenance import write_run_record
-    from ..rewards import get_rewards
+    from ..rewards import get_rewards, weighted_reward
     from ..values import ValueModel
     from .evaluator import evaluate_policy
     from .policies import BestOfN, DecoderPolicy, ModelPolicy, MODPolicy
@@ -141,15 +141,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool = True) -> dic
     cache: dict = {}
 
     def scorer(lam):
-        def fn(ps, ts):
-            tot = [0.0] * len(ts)
-            for r, w in zip(rewards, lam):
-                if w:
-                    for i, x in enumerate(r(ps, ts)):
-                        tot[i] += w * x
-            return tot
-
-        return fn
+        return weighted_reward(rewards, dict(zip(spec.objectives, lam)))
 
     def beta_for(lam) -> float:
         return float(spec.betas.get(f"{lam[0]:g}", spec.betas.get(lam_key(lam), spec.beta)))

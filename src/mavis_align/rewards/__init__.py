@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .base import Reward, RewardFn
 
-__all__ = ["Reward", "RewardFn", "RewardEntry", "REWARDS", "DEFAULT_OBJECTIVES", "register_reward", "get_reward", "get_rewards", "list_rewards", "score_all"]
+__all__ = ["Reward", "RewardFn", "RewardEntry", "REWARDS", "DEFAULT_OBJECTIVES", "register_reward", "get_reward", "get_rewards", "list_rewards", "score_all", "weighted_reward"]
 
 
 @dataclass(frozen=True)
@@ -118,3 +118,29 @@ def list_rewards() -> list[RewardEntry]:
 def score_all(rewards: list[Reward], prompts: list[str], responses: list[str]) -> dict[str, list[float]]:
     """{reward name: scores} for every reward over the same pairs."""
     return {r.name: r(prompts, responses) for r in rewards}
+
+
+def weighted_reward(rewards: list[Reward], weights: dict[str, float]):
+    """``fn(prompts, responses) -> sum_m lambda_m R_m`` with lambda normalised to sum 1.
+
+    Args:
+        rewards: the reward objects (looked up by name).
+        weights: {reward name: lambda >= 0}, not all zero; names without a reward are an error.
+    """
+    total = sum(weights.values())
+    if total <= 0 or any(w < 0 for w in weights.values()):
+        raise ValueError(f"reward weights must be >= 0 and not all 0, got {weights}")
+    by_name = {r.name: r for r in rewards}
+    missing = [n for n in weights if n not in by_name]
+    if missing:
+        raise ValueError(f"no reward named {missing}; have {sorted(by_name)}")
+
+    def fn(prompts: list[str], responses: list[str]) -> list[float]:
+        out = [0.0] * len(responses)
+        for name, w in weights.items():
+            if w:
+                for i, x in enumerate(by_name[name](list(prompts), list(responses))):
+                    out[i] += w / total * x
+        return out
+
+    return fn

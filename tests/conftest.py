@@ -42,6 +42,14 @@ def make_tiny_lm(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int =
     return LlamaForCausalLM(config).eval()
 
 
+def save_tiny_model(folder, seed: int = 3):
+    """Save a tiny random LM and its tokenizer to ``folder`` (a model path usable by every CLI/API) -> folder."""
+    tok = make_tiny_tokenizer()
+    make_tiny_lm(len(tok), seed=seed).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tiny_tokenizer()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_lm, make_tiny_tokenizer
+from conftest import make_tiny_lm, make_tiny_tokenizer, save_tiny_model
 from mavis_align.collect import (
     CollectSpec, GenPolicy, TreeConfig, TreeFileError, build_trees, chunk_upper, collect, label_trees, node_examples,
     read_trees, relabel, sample_chunk_length, write_trees,
@@ -177,9 +177,7 @@ def test_store_roundtrip_and_errors(policy, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tinymodel")
-    tok = make_tiny_tokenizer()
-    make_tiny_lm(len(tok), seed=3).save_pretrained(d)
-    tok.save_pretrained(d)
+    save_tiny_model(d)
     return d
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_lm
 from mavis_align.decoding.decoder import MavisDecoder, parse_value_spec, parse_weights
 from mavis_align.decoding.engine import decode_ids
 from mavis_align.decoding.steppers import CachedBase, CachedValueScorer, NaiveBase, SequenceValueScorer, bind_objectives, naive_value_fn
@@ -299,14 +298,14 @@ def test_merging_running_batches_equals_one_batch(tiny_lm, tiny_tokenizer, value
     b_ids, b_mask = _batch(tok, PROMPTS[2:])
     base_a, base_b = CachedBase(tiny_lm), CachedBase(tiny_lm)
     sc_a, sc_b = CachedValueScorer(value_models, bind), CachedValueScorer(value_models, bind)
-    la = base_a.start(a_ids, a_mask)
+    base_a.start(a_ids, a_mask)
     sc_a.start(a_ids, a_mask)
     # batch a runs two steps alone
     for tok_id in (5, 7):
         sc_a.score(torch.tensor([[4, 5, 6]] * 2))
-        la = base_a.step(torch.tensor([tok_id] * 2))
+        base_a.step(torch.tensor([tok_id] * 2))
         sc_a.append(torch.tensor([tok_id] * 2))
-    lb = base_b.start(b_ids, b_mask)
+    base_b.start(b_ids, b_mask)
     sc_b.start(b_ids, b_mask)
     base_a.merge(base_b)
     sc_a.merge(sc_b)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_tiny_lm, make_tiny_tokenizer
+from conftest import make_tiny_lm, make_tiny_tokenizer, save_tiny_model
 from mavis_align.evaluate import (
     BestOfN, DecoderPolicy, ModelPolicy, MODPolicy, distinct_n, evaluate_policy, hypervolume, pareto_front, perplexity,
     teacher_forced_logprobs, weight_grid,
@@ -104,8 +104,7 @@ def test_sweep_with_every_baseline_resumes(tmp_path):
 
     tok = make_tiny_tokenizer()
     d = tmp_path / "m"
-    make_tiny_lm(len(tok), seed=3).save_pretrained(d)
-    tok.save_pretrained(d)
+    save_tiny_model(d)
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 10))
     rl = RLConfig(steps=2, prompts_per_step=2, num_generations=2, max_completion_length=5)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_lm, make_tiny_tokenizer
+from conftest import make_tiny_lm, make_tiny_tokenizer, save_tiny_model
 from mavis_align.collect import GenPolicy, TreeConfig, build_trees, label_trees
 from mavis_align.collect.store import LabelledTrees
 from mavis_align.rewards import Reward
@@ -114,10 +114,8 @@ def test_lora_training_and_distillation(trees, tmp_path):
 def test_two_iterations_end_to_end(tmp_path):
     from mavis_align.train import Recipe, run_iterations
 
-    tok = make_tiny_tokenizer()
     d = tmp_path / "m"
-    make_tiny_lm(len(tok), seed=3).save_pretrained(d)
-    tok.save_pretrained(d)
+    save_tiny_model(d)
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 4))
     recipe = Recipe(
@@ -251,10 +249,8 @@ def test_demo_runs_end_to_end_and_reuses_its_models(tmp_path, capsys):
 
     from mavis_align.demo import run_demo, steering_settings
 
-    tok = make_tiny_tokenizer()
     d = tmp_path / "m"
-    make_tiny_lm(len(tok), seed=3).save_pretrained(d)
-    tok.save_pretrained(d)
+    save_tiny_model(d)
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 4))
     recipe = tmp_path / "r.yaml"

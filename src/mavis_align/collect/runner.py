@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .builder import GenPolicy, TreeConfig, build_trees
-from .store import LabelledTrees, TreeFileError, read_trees, write_trees
+from .store import LabelledTrees, read_trees, write_trees
 from .tree import Tree, label_tree
 
 

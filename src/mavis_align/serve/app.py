@@ -20,7 +20,6 @@ import time
 import uuid
 from importlib import resources
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from ..collect import CollectSpec, TreeConfig, collect, read_trees
+from ..collect import CollectSpec, TreeConfig, collect
 from .regression import TrainConfig, train_value_model
 
 

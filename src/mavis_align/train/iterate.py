@@ -20,12 +20,14 @@ Layout of ``D``::
     iter<i>/<objective>/value/
     eval/ref.json                     pi_ref on the validation prompts
     eval/iter<i>-<objective>.json     MAVIS with V_m^i
+    costs.json                        wall seconds of each collection and training stage
     summary.json, summary.md
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -53,6 +55,7 @@ class Recipe:
     model: str = "smollm2-135m-instruct"
     objectives: list[str] = field(default_factory=lambda: ["helpful", "harmless", "humor"])
     dataset: str = "hh-mix"
+    prompt_field: str = "prompt"  # column of user files / hub data sets holding the prompt
     data_seed: int = 0
     train_prompts: int = 64
     eval_prompts: int = 16
@@ -104,7 +107,15 @@ def _prompts(recipe: Recipe, split: str, n: int) -> list[str]:
     from ..models import load_tokenizer
 
     tok = load_tokenizer(recipe.model)
-    return [p.text for p in load_prompts(recipe.dataset, split, seed=recipe.data_seed, tokenizer=tok, limit=n)]
+    return [p.text for p in load_prompts(recipe.dataset, split, seed=recipe.data_seed, tokenizer=tok, limit=n, field=recipe.prompt_field)]
+
+
+def add_cost(out: Path, key: str, seconds: float) -> None:
+    """Add ``seconds`` of wall time to ``out/costs.json[key]`` (accumulates over resumed calls)."""
+    path = out / "costs.json"
+    costs = json.loads(path.read_text()) if path.exists() else {}
+    costs[key] = round(costs.get(key, 0.0) + seconds, 1)
+    path.write_text(json.dumps(costs, indent=2, sort_keys=True) + "\n")
 
 
 def _eval_config(recipe: Recipe):
@@ -133,7 +144,9 @@ def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, st
     recipe_json = json.dumps(recipe.to_dict(), sort_keys=True, default=str)
     saved = out / "recipe.json"
     if saved.exists():
-        old, new = json.loads(saved.read_text()), json.loads(recipe_json)
+        new = json.loads(recipe_json)
+        # keys added to Recipe after a run was written take their defaults
+        old = {**json.loads(json.dumps(Recipe().to_dict(), default=str)), **json.loads(saved.read_text())}
         # a run may be extended by more iterations (and re-evaluated); anything else is another run
         same = {k: v for k, v in old.items() if k not in ("iterations", "eval", "name")} == {k: v for k, v in new.items() if k not in ("iterations", "eval", "name")}
         if not same or new["iterations"][: len(old["iterations"])] != old["iterations"]:
@@ -158,9 +171,13 @@ def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, st
             return
         tc = TreeConfig(**{**asdict(tree_cfg), **({"beta": beta, "top_k": int(recipe.eval.get("top_k", 15))} if values else {})})
         spec = CollectSpec(model=recipe.model, values=values, weights=weights, rewards=rewards, dataset=recipe.dataset, split="train",
-                           limit=recipe.train_prompts, data_seed=recipe.data_seed, chat=recipe.chat, tree=tc, seed=seed,
+                           limit=recipe.train_prompts, data_seed=recipe.data_seed, prompt_field=recipe.prompt_field, chat=recipe.chat, tree=tc, seed=seed,
                            group_size=recipe.group_size, val_fraction=recipe.val_fraction)
-        collect(spec, path, train_prompts, resume=True, backend=recipe.backend, workers=recipe.workers, progress=progress)
+        t0 = time.perf_counter()
+        try:
+            collect(spec, path, train_prompts, resume=True, backend=recipe.backend, workers=recipe.workers, progress=progress)
+        finally:
+            add_cost(out, f"collect:{path.relative_to(out)}", time.perf_counter() - t0)
 
     def train_into(folder: Path, trees: Path, objective: str, init: Path | None, round_: IterationSpec | None, seed: int) -> None:
         if (folder / "result.json").exists():
@@ -172,7 +189,11 @@ def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, st
             overrides.setdefault("warmup_steps", 0)
         cfg = TrainConfig(**{**overrides, "seed": seed, "objectives": [objective]})
         vm = ValueModel.load(init) if init is not None else build_value_model([objective], backbone=recipe.backbone, base_model=recipe.model, seed=seed)
-        train_value_model(vm, [trees], folder, cfg, resume=(folder / "checkpoint").exists(), progress=progress)
+        t0 = time.perf_counter()
+        try:
+            train_value_model(vm, [trees], folder, cfg, resume=(folder / "checkpoint").exists(), progress=progress)
+        finally:
+            add_cost(out, f"train:{folder.relative_to(out)}", time.perf_counter() - t0)
 
     summary: dict = {"recipe": recipe.name, "iterations": []}
     (out / "eval").mkdir(exist_ok=True)

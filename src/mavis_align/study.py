@@ -1,0 +1,410 @@
+"""The reproduction study (issue 7): every claim of the paper re-measured from one recipe.
+
+``mavis-align reproduce --recipe R --out D`` runs these stages into ``D``; each writes its results
+whole, a rerun skips what is finished, and the long stages resume from their own checkpoints::
+
+    mavis/                 value models: iteration 0 + policy-iteration rounds (train.iterate)
+    baselines/rl-<m>/      RL fine-tuned policy per objective (LoRA + KL-penalised GRPO)
+    baselines/rl-morlhf-<lambda_1>/  MORLHF policies on the `pair` objectives
+    single/points/*.json   claims 1-2: pi_ref, RL_m and MAVIS(V_m^i, beta) for every beta of the grid
+    sweep/                 claims 3-4: Pareto sweep over lambda (mavis, beam, rsoup, mod, morlhf, best-of-N)
+    distill/               claim 5: the final value models distilled into one multi-head model, compared
+    stages.json            wall seconds of every stage (accumulated over resumed calls)
+    REPORT.md + figures    verdict per claim (mavis_align.report)
+
+Every policy goes through the one evaluator (:func:`mavis_align.evaluate.evaluate_policy`) on the
+same held-out prompts (``evaluation``), so rewards and KL (eq. 7) are comparable across stages.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .train.iterate import Recipe, add_cost
+
+STAGES = ("mavis", "baselines", "single", "sweep", "distill", "report")
+
+
+@dataclass
+class StudySpec:
+    """One reproduction study (see ``recipes/reproduce-default.yaml`` for every key, commented)."""
+
+    name: str = "study"
+    mavis: dict = field(default_factory=dict)  # a train.iterate Recipe
+    baselines: dict = field(default_factory=lambda: {"prompts": 160, "rl": {}, "morlhf": ["0.5"]})
+    pair: list[str] = field(default_factory=lambda: ["helpful", "harmless"])
+    evaluation: dict = field(default_factory=dict)
+    single: dict = field(default_factory=lambda: {"betas": [1.0, 2.0, 5.0]})
+    sweep: dict = field(default_factory=dict)
+    distill: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .baselines import RLConfig
+        from .evaluate.pareto import SINGLE_METHODS, SWEEP_METHODS
+
+        self.recipe = Recipe(**self.mavis)
+        _check_keys("baselines", self.baselines, {"prompts", "rl", "morlhf"})
+        self.rl_config = RLConfig(**self.baselines.get("rl", {}))
+        _check_keys("evaluation", self.evaluation, {"split", "prompts", "samples", "max_new_tokens", "top_k", "seed", "dataset"})
+        _check_keys("single", self.single, {"betas"})
+        _check_keys("sweep", self.sweep, {"grid_step", "beta", "n", "methods", "betas"})
+        _check_keys("distill", self.distill, {"backbone", "epochs", "beta", "lr", "batch_size"})
+        if len(self.pair) != 2 or any(o not in self.recipe.objectives for o in self.pair):
+            raise ValueError(f"`pair` must name two of the objectives {self.recipe.objectives}, got {self.pair}")
+        betas = self.single.get("betas") or []
+        if not betas or any(float(b) < 0 for b in betas):
+            raise ValueError(f"single.betas must be a non-empty list of numbers >= 0, got {betas}")
+        beta = self.sweep.get("beta", "matched")
+        if beta != "matched" and not isinstance(beta, (int, float)):
+            raise ValueError(f"sweep.beta must be a number or 'matched', got {beta!r}")
+        bad = [m for m in self.sweep.get("methods", []) if m not in SWEEP_METHODS | SINGLE_METHODS]
+        if bad:
+            raise ValueError(f"sweep.methods: unknown {bad}; known {sorted(SWEEP_METHODS | SINGLE_METHODS)}")
+        for lam in self.baselines.get("morlhf", []):
+            if not 0.0 <= float(lam) <= 1.0:
+                raise ValueError(f"baselines.morlhf entries are lambda_1 in [0, 1], got {lam!r}")
+
+    # ---- resolved settings
+    @property
+    def eval_split(self) -> str:
+        return str(self.evaluation.get("split", "test"))
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _check_keys(section: str, got: dict, known: set[str]) -> None:
+    bad = sorted(set(got) - known)
+    if bad:
+        raise ValueError(f"study `{section}`: unknown keys {bad}; known: {sorted(known)}")
+
+
+def load_study(path_or_name: str | Path) -> StudySpec:
+    """A study recipe from a YAML path or a packaged name (``reproduce-default``, ``reproduce-paper``)."""
+    from importlib import resources
+
+    path = Path(path_or_name)
+    if not path.is_file():
+        packaged = Path(str(resources.files("mavis_align") / "recipes" / f"{path_or_name}.yaml"))
+        if not packaged.is_file():
+            raise FileNotFoundError(f"study recipe {path_or_name!r} is neither a file nor a packaged recipe")
+        path = packaged
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"study recipe {path} must be a YAML mapping")
+    _check_keys(f"recipe {path}", raw, {f.name for f in fields(StudySpec)})
+    mavis = raw.get("mavis") or {}
+    bad = sorted(set(mavis) - {f.name for f in fields(Recipe)})
+    if bad:
+        raise ValueError(f"study recipe {path}: unknown `mavis` keys {bad}")
+    return StudySpec(**raw)
+
+
+def check_study(spec: StudySpec) -> list[str]:
+    """What can be checked without running: every model, reward and data set resolves by name.
+
+    Returns a list of lines (one per check). Hub names are reported as such, not downloaded.
+    """
+    from .data import DATASETS
+    from .models import EMBEDDED_MODELS, resolve_model
+    from .rewards import REWARDS
+
+    r = spec.recipe
+    lines = []
+    for what, name in (("base model", r.model), ("value backbone", r.backbone)):
+        if name in ("tiny", "tiny-256") or name.startswith("truncate:"):
+            lines.append(f"{what}: {name} (built from the base model)")
+            continue
+        resolved = resolve_model(name)
+        where = "embedded" if name in EMBEDDED_MODELS else ("local" if Path(resolved.source).exists() else "hub id (needs a hub or HF cache)")
+        lines.append(f"{what}: {name} -> {where}")
+    for m in r.objectives:
+        if m.startswith("hf:"):
+            lines.append(f"reward {m}: hub classifier spec")
+        elif m not in REWARDS:
+            raise ValueError(f"objective {m!r} is not a registered reward ({', '.join(REWARDS)}) nor an hf: spec")
+        else:
+            e = REWARDS[m]
+            lines.append(f"reward {m}: {e.description} ({'offline' if e.offline else 'needs a hub or HF cache'})")
+    ds = r.dataset
+    if ds in DATASETS:
+        lines.append(f"dataset {ds}: {DATASETS[ds].description}")
+    elif ds.startswith("hf:") or Path(ds).suffix in (".jsonl", ".csv"):
+        lines.append(f"dataset {ds}: field {r.prompt_field!r}")
+    else:
+        raise ValueError(f"dataset {ds!r} is not registered ({', '.join(DATASETS)}), a hub data set or a file")
+    lines.append(f"RL baselines: {spec.rl_config}")
+    lines.append(f"stages: {', '.join(STAGES)}")
+    return lines
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def final_value_dir(mavis_dir: Path, objective: str) -> tuple[int, Path]:
+    """(iteration, value-model folder) of the last finished iteration of ``objective``."""
+    i, best = 0, None
+    while (mavis_dir / f"iter{i}" / objective / "value" / "best" / "meta.json").exists():
+        best = (i, mavis_dir / f"iter{i}" / objective / "value" / "best")
+        i += 1
+    if best is None:
+        raise FileNotFoundError(f"no trained value model for {objective!r} under {mavis_dir}")
+    return best
+
+
+def matched_beta(single_points: dict[str, dict], objectives: list[str], iteration_of: dict[str, int], betas: list[float]) -> float:
+    """The beta of the grid whose MAVIS KL (mean over ``objectives``, final iterations) is closest to
+    the mean KL of the objectives' RL policies -- the paper's 'similar KL' protocol.
+
+    ``single_points`` maps point names (``rl-<m>``, ``iter<i>-<m>-beta<b>``) to evaluator results.
+    """
+    rl_kl = sum(single_points[f"rl-{m}"]["kl"]["mean"] for m in objectives) / len(objectives)
+
+    def gap(b: float) -> float:
+        kl = sum(single_points[point_name(iteration_of[m], m, b)]["kl"]["mean"] for m in objectives) / len(objectives)
+        return abs(kl - rl_kl)
+
+    return min((float(b) for b in betas), key=gap)
+
+
+def point_name(iteration: int, objective: str, beta: float) -> str:
+    return f"iter{iteration}-{objective}-beta{float(beta):g}"
+
+
+def _save(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _load_points(folder: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.exists() else {}
+
+
+# ------------------------------------------------------------------------------------ stages
+
+
+def run_study(spec: StudySpec, out: str | Path, *, stages: list[str] | None = None, progress: bool = True, report: str | Path | None = None) -> Path:
+    """Run (or resume) the study into ``out``; returns the path of the written report."""
+    from .provenance import write_run_record
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "study.json"
+    spec_json = json.loads(json.dumps(spec.to_dict(), default=str))
+    if saved.exists() and json.loads(saved.read_text()) != spec_json:
+        old = json.loads(saved.read_text())
+        changed = sorted(k for k in spec_json if old.get(k) != spec_json[k])
+        if any(k in ("mavis", "baselines", "pair") for k in changed):
+            raise ValueError(f"{out} holds a study of another recipe (changed: {changed}); use another --out")
+        # evaluation-only changes: stale points of those stages are re-evaluated
+        if "evaluation" in changed or "single" in changed:
+            for f in (out / "single" / "points").glob("*.json"):
+                f.unlink()
+        if "evaluation" in changed or "sweep" in changed or "single" in changed:
+            for f in (out / "sweep" / "points").glob("*.json"):
+                f.unlink()
+        if "evaluation" in changed or "distill" in changed:
+            for f in (out / "distill").glob("eval*.json"):
+                f.unlink()
+    _save(saved, spec_json)
+    write_run_record(out, spec_json, spec.recipe.seed)
+    todo = list(stages or STAGES)
+    unknown = [s for s in todo if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; known: {list(STAGES)}")
+    runners = {"mavis": _stage_mavis, "baselines": _stage_baselines, "single": _stage_single, "sweep": _stage_sweep, "distill": _stage_distill}
+    for stage in STAGES:
+        if stage not in todo:
+            continue
+        if stage == "report":
+            from .report import write_report
+
+            return write_report(out, spec, copy_to=report)
+        t0 = time.perf_counter()
+        if progress:
+            print(f"[reproduce] stage {stage}", flush=True)
+        try:
+            runners[stage](spec, out, progress)
+        finally:
+            add_cost(out, stage, time.perf_counter() - t0)
+    return out / "REPORT.md"
+
+
+def _stage_mavis(spec: StudySpec, out: Path, progress: bool) -> None:
+    from .train import run_iterations
+
+    run_iterations(spec.recipe, out / "mavis", progress=progress)
+
+
+def _stage_baselines(spec: StudySpec, out: Path, progress: bool) -> None:
+    from .baselines import train_rl_policy
+    from .data import load_prompts
+    from .models import load_tokenizer
+
+    r = spec.recipe
+    tok = load_tokenizer(r.model)
+    prompts = [p.text for p in load_prompts(r.dataset, "train", seed=r.data_seed, tokenizer=tok, limit=int(spec.baselines.get("prompts", 160)),
+                                            field=r.prompt_field)]
+    jobs = [(f"rl-{m}", {m: 1.0}) for m in r.objectives]
+    a, b = spec.pair
+    jobs += [(f"rl-morlhf-{float(lam):g}", {a: float(lam), b: round(1 - float(lam), 6)}) for lam in spec.baselines.get("morlhf", [])]
+    for name, weights in jobs:
+        if progress:
+            print(f"[reproduce] RL policy {name} {weights}", flush=True)
+        train_rl_policy(r.model, prompts, weights, out / "baselines" / name, spec.rl_config, chat=r.chat, progress=progress)
+
+
+class _Evaluation:
+    """Base model, prompts and rewards loaded once; evaluates and stores named points."""
+
+    def __init__(self, spec: StudySpec):
+        from .data import load_prompts
+        from .generation import SamplingConfig
+        from .models import load_causal_lm
+        from .rewards import get_rewards
+
+        r, e = spec.recipe, spec.evaluation
+        self.spec = spec
+        self.model, self.tok = load_causal_lm(r.model)
+        self.prompts = [p.text for p in load_prompts(e.get("dataset", r.dataset), spec.eval_split, seed=r.data_seed, tokenizer=self.tok,
+                                                     limit=int(e.get("prompts", 16)), field=r.prompt_field)]
+        if not self.prompts:
+            raise ValueError(f"no {spec.eval_split} prompts in {r.dataset!r}")
+        self.rewards = get_rewards(list(r.objectives))
+        self.samples, self.seed = int(e.get("samples", 2)), int(e.get("seed", 0))
+        self.max_new_tokens, self.top_k = int(e.get("max_new_tokens", 40)), int(e.get("top_k", 15))
+        self.plain = SamplingConfig(max_new_tokens=self.max_new_tokens)
+
+    def tilted(self, beta: float, **kw):
+        from .generation import SamplingConfig
+
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, top_k=self.top_k, beta=float(beta), **kw)
+
+    def point(self, path: Path, make) -> dict:
+        from .evaluate import evaluate_policy
+
+        if not path.exists():
+            res = evaluate_policy(make(), self.prompts, self.rewards, self.model, self.tok, samples=self.samples, seed=self.seed,
+                                  chat=self.spec.recipe.chat)
+            _save(path, res)
+        return json.loads(path.read_text())
+
+
+def _stage_single(spec: StudySpec, out: Path, progress: bool) -> None:
+    from .baselines import load_policy_model
+    from .decoding.decoder import MavisDecoder
+    from .evaluate import DecoderPolicy, ModelPolicy
+    from .models import load_causal_lm
+    from .values import ValueModel
+
+    ev = _Evaluation(spec)
+    folder = out / "single" / "points"
+    folder.mkdir(parents=True, exist_ok=True)
+    r = spec.recipe
+    jobs = [("ref", lambda: DecoderPolicy("ref", MavisDecoder(ev.model, ev.tok), ev.plain, chat=r.chat))]
+    for m in r.objectives:
+        def rl(m=m):
+            # a fresh base copy: merging the adapter changes the base weights in place
+            model, _ = load_policy_model(out / "baselines" / f"rl-{m}", base_model=load_causal_lm(r.model))
+            return ModelPolicy(f"rl-{m}", model, ev.tok, ev.plain, chat=r.chat)
+
+        jobs.append((f"rl-{m}", rl))
+        last, _ = final_value_dir(out / "mavis", m)
+        for i in range(last + 1):
+            vdir = out / "mavis" / f"iter{i}" / m / "value" / "best"
+            for beta in spec.single["betas"]:
+                def mav(vdir=vdir, m=m, beta=beta, i=i):
+                    dec = MavisDecoder(ev.model, ev.tok, [ValueModel.load(vdir)])
+                    return DecoderPolicy(f"mavis-iter{i}", dec, ev.tilted(beta), weights={m: 1.0}, chat=r.chat)
+
+                jobs.append((point_name(i, m, beta), mav))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="single-objective", unit="point")
+    for name, make in jobs:
+        ev.point(folder / f"{name}.json", make)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+
+def sweep_beta(spec: StudySpec, out: Path) -> float:
+    """The sweep's MAVIS beta: the recipe's number, or the KL-matched one (:func:`matched_beta`)."""
+    beta = spec.sweep.get("beta", "matched")
+    if beta != "matched":
+        return float(beta)
+    points = _load_points(out / "single" / "points")
+    iteration_of = {m: final_value_dir(out / "mavis", m)[0] for m in spec.pair}
+    return matched_beta(points, list(spec.pair), iteration_of, list(spec.single["betas"]))
+
+
+def _stage_sweep(spec: StudySpec, out: Path, progress: bool) -> None:
+    from .evaluate import SweepSpec, run_sweep
+
+    r, e, s = spec.recipe, spec.evaluation, spec.sweep
+    base = out / "baselines"
+    sweep = SweepSpec(
+        model=r.model, objectives=list(spec.pair),
+        values={m: str(final_value_dir(out / "mavis", m)[1]) for m in spec.pair},
+        policies={m: str(base / f"rl-{m}") for m in spec.pair},
+        morlhf={f"{float(lam):g}": str(base / f"rl-morlhf-{float(lam):g}") for lam in spec.baselines.get("morlhf", [])},
+        methods=list(s.get("methods", ["ref", "mavis", "rsoup", "mod", "morlhf"])), grid_step=float(s.get("grid_step", 0.5)),
+        beta=sweep_beta(spec, out), betas=dict(s.get("betas", {})), n=int(s.get("n", 5)), dataset=e.get("dataset", r.dataset), split=spec.eval_split,
+        prompts=int(e.get("prompts", 16)), samples=int(e.get("samples", 2)), max_new_tokens=int(e.get("max_new_tokens", 40)),
+        top_k=int(e.get("top_k", 15)), seed=int(e.get("seed", 0)), chat=r.chat,
+    )
+    folder = out / "sweep"
+    folder.mkdir(parents=True, exist_ok=True)
+    old = folder / "sweep.json"
+    if old.exists() and json.loads(old.read_text()) != json.loads(json.dumps(sweep.__dict__)):
+        for f in (folder / "points").glob("*.json"):
+            f.unlink()  # another beta / value models: the points are stale
+    _save(old, sweep.__dict__)
+    run_sweep(sweep, folder, progress=progress)
+
+
+def _stage_distill(spec: StudySpec, out: Path, progress: bool) -> None:
+    from .decoding.decoder import MavisDecoder
+    from .evaluate import DecoderPolicy
+    from .train import DistillConfig, distill
+    from .values import ValueModel, build_value_model
+
+    r, d = spec.recipe, spec.distill
+    objs = list(r.objectives)
+    folder = out / "distill"
+    teachers_dirs = {m: final_value_dir(out / "mavis", m) for m in objs}
+    if not (folder / "result.json").exists():
+        teachers = [ValueModel.load(teachers_dirs[m][1]) for m in objs]
+        student = build_value_model(objs, backbone=str(d.get("backbone", r.backbone)), base_model=r.model, seed=r.seed + 11)
+        cfg = DistillConfig(epochs=float(d.get("epochs", 2.0)), **{k: d[k] for k in ("lr", "batch_size") if k in d})
+        distill(teachers, student, [out / "mavis" / "iter0" / "trees.h5"], folder, cfg)
+    ev = _Evaluation(spec)
+    beta = float(d.get("beta", 5.0))
+    separate = MavisDecoder(ev.model, ev.tok, [ValueModel.load(teachers_dirs[m][1]) for m in objs])
+    multi = MavisDecoder(ev.model, ev.tok, [ValueModel.load(folder / "student")])
+    (folder / "eval").mkdir(exist_ok=True)
+    for m in objs:
+        ev.point(folder / "eval" / f"separate-{m}.json", lambda m=m: DecoderPolicy("separate", separate, ev.tilted(beta), weights={m: 1.0}, chat=r.chat))
+        ev.point(folder / "eval" / f"distilled-{m}.json", lambda m=m: DecoderPolicy("distilled", multi, ev.tilted(beta), weights={m: 1.0}, chat=r.chat))
+    # speed: every objective weighted, fixed length, the same prompts, one after the other in this process
+    speed = folder / "eval" / "speed.json"
+    if not speed.exists():
+        w = {m: 1.0 for m in objs}
+        fixed = ev.tilted(beta, min_new_tokens=ev.max_new_tokens)
+        res = {}
+        for name, dec in (("separate", separate), ("distilled", multi)):
+            t0 = time.perf_counter()
+            gens = dec.generate(ev.prompts[:8], weights=w, config=fixed, seed=ev.seed, chat=r.chat)
+            res[name] = sum(len(g.token_ids) for g in gens) / (time.perf_counter() - t0)
+        res["speedup"] = res["distilled"] / res["separate"]
+        res["note"] = "tokens/s of MAVIS with all objectives weighted, 8 prompts, fixed length, measured back to back"
+        _save(speed, res)

@@ -1,0 +1,158 @@
+"""The reproduction study: recipe validation, the paper-scale recipe, and every verdict rule on
+hand-built evaluator results (no models)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mavis_align import report
+from mavis_align.data import hh_first_turn
+from mavis_align.study import StudySpec, check_study, final_value_dir, load_study, matched_beta, point_name
+
+
+def res(rewards: dict[str, tuple[float, float]], kl: float) -> dict:
+    """An evaluator result: {objective: (mean, se)} and mean KL."""
+    return {"rewards": {m: {"mean": r, "se": s} for m, (r, s) in rewards.items()}, "kl": {"mean": kl}}
+
+
+# ------------------------------------------------------------------ recipes
+
+
+def test_packaged_study_recipes_load_and_check():
+    spec = load_study("reproduce-default")
+    assert spec.recipe.objectives == ["helpful", "harmless", "humor"] and spec.pair == ["helpful", "harmless"]
+    lines = check_study(spec)
+    assert any("embedded" in l for l in lines)
+    paper = load_study("reproduce-paper")
+    assert paper.recipe.model == "meta-llama/Llama-2-7b-chat-hf" and paper.recipe.backbone == "TinyLlama/TinyLlama_v1.1"
+    assert paper.recipe.dataset == "hh-rlhf" and paper.recipe.tree == {"num_layers": 5, "k_root": 4, "k": 2, "max_new_tokens": 128, "max_rows": 64}
+    assert paper.rl_config.steps == 2000
+    checked = "\n".join(check_study(paper))
+    # resolved as hub names (not downloaded), paper rewards registered
+    assert "meta-llama/Llama-2-7b-chat-hf -> hub id" in checked and "Ray2333/gpt2-large-helpful-reward_model" in checked
+
+
+def test_study_recipe_errors_are_precise(tmp_path):
+    with pytest.raises(ValueError, match="unknown keys"):
+        StudySpec(name="x", mavis={}, sweep={"bogus": 1})
+    with pytest.raises(ValueError, match="`pair` must name two"):
+        StudySpec(name="x", mavis={}, pair=["helpful", "concise"])
+    with pytest.raises(ValueError, match="sweep.beta"):
+        StudySpec(name="x", mavis={}, sweep={"beta": "big"})
+    with pytest.raises(ValueError, match="unknown"):
+        StudySpec(name="x", mavis={}, sweep={"methods": ["mavis", "ppo"]})
+    bad = tmp_path / "s.yaml"
+    bad.write_text("name: x\nmavis: {modle: foo}\n")
+    with pytest.raises(ValueError, match="unknown `mavis` keys"):
+        load_study(bad)
+    with pytest.raises(FileNotFoundError):
+        load_study("no-such-study")
+    unregistered = StudySpec(name="x", mavis={"objectives": ["helpful", "harmless", "nope"]})
+    with pytest.raises(ValueError, match="not a registered reward"):
+        check_study(unregistered)
+
+
+def test_hh_first_turn_extracts_the_first_human_message():
+    d = "\n\nHuman: How do I bake  bread?\n\nAssistant: Mix flour.\n\nHuman: thanks\n\nAssistant: ok"
+    assert hh_first_turn(d) == "How do I bake bread?"
+    with pytest.raises(ValueError, match="not an HH-RLHF dialogue"):
+        hh_first_turn("no turns here")
+
+
+def test_final_value_dir_picks_the_last_finished_iteration(tmp_path):
+    for i in (0, 1):
+        (tmp_path / f"iter{i}" / "helpful" / "value" / "best").mkdir(parents=True)
+        (tmp_path / f"iter{i}" / "helpful" / "value" / "best" / "meta.json").write_text("{}")
+    (tmp_path / "iter2" / "helpful" / "value").mkdir(parents=True)  # unfinished
+    assert final_value_dir(tmp_path, "helpful") == (1, tmp_path / "iter1" / "helpful" / "value" / "best")
+    with pytest.raises(FileNotFoundError):
+        final_value_dir(tmp_path, "humor")
+
+
+def test_matched_beta_picks_the_kl_closest_to_the_rl_policies():
+    pts = {"rl-a": res({"a": (0, 0)}, 2.0), "rl-b": res({"b": (0, 0)}, 4.0)}  # mean RL KL 3
+    for beta, kl in ((1.0, 1.0), (2.0, 2.5), (5.0, 9.0)):
+        pts[point_name(1, "a", beta)] = res({"a": (0, 0)}, kl)
+        pts[point_name(0, "b", beta)] = res({"b": (0, 0)}, kl + 1)
+    # mean MAVIS KL: beta 1 -> 1.5, beta 2 -> 3.0, beta 5 -> 9.5
+    assert matched_beta(pts, ["a", "b"], {"a": 1, "b": 0}, [1.0, 2.0, 5.0]) == 2.0
+
+
+# ------------------------------------------------------------------ verdict rules
+
+
+def test_reward_at_kl_interpolates_and_never_extrapolates():
+    curve = [(0.0, 0.1, 0.01), (2.0, 0.5, 0.02), (4.0, 0.7, 0.03)]
+    assert report.reward_at_kl(curve, 1.0) == pytest.approx((0.3, 0.02, True))
+    assert report.reward_at_kl(curve, 3.0)[0] == pytest.approx(0.6)
+    assert report.reward_at_kl(curve, 9.0) == (0.7, 0.03, False)
+
+
+def single_points(rl_reward: float, mavis: dict[int, list[tuple[float, float]]]) -> dict:
+    pts = {"ref": res({"h": (0.2, 0.01)}, 0.0), "rl-h": res({"h": (rl_reward, 0.01)}, 2.0)}
+    for it, rows in mavis.items():
+        for beta, (kl, r) in zip([1.0, 5.0], rows):
+            pts[point_name(it, "h", beta)] = res({"h": (r, 0.01)}, kl)
+    return pts
+
+
+def test_claim_single_holds_when_mavis_reaches_rl_reward_at_its_kl():
+    pts = single_points(0.40, {0: [(1.0, 0.35), (3.0, 0.55)]})  # at KL 2 MAVIS interpolates to 0.45
+    c = report.claim_single(pts, ["h"], {"h": 0}, [1.0, 5.0])
+    assert c["verdict"] == report.HOLDS and c["rows"][0]["mavis_at_rl_kl"] == pytest.approx(0.45)
+    pts = single_points(0.60, {0: [(1.0, 0.35), (3.0, 0.55)]})
+    assert report.claim_single(pts, ["h"], {"h": 0}, [1.0, 5.0])["verdict"] == report.FAILS
+
+
+def test_claim_single_uses_the_upper_envelope_across_iterations():
+    # iteration 1 is better at low KL; a worse high-KL point does not pull the envelope down
+    pts = single_points(0.40, {0: [(1.0, 0.25), (6.0, 0.30)], 1: [(1.5, 0.45), (8.0, 0.20)]})
+    c = report.claim_single(pts, ["h"], {"h": 1}, [1.0, 5.0])
+    assert c["rows"][0]["mavis_at_rl_kl"] == pytest.approx(0.45) and c["verdict"] == report.HOLDS
+    assert c["rows"][0]["best_mavis"]["reward"] == 0.45
+
+
+def test_claim_iteration_compares_at_matched_kl():
+    better = single_points(0.4, {0: [(2.0, 0.30), (6.0, 0.40)], 1: [(2.0, 0.40), (6.0, 0.50)]})
+    assert report.claim_iteration(better, ["h"], {"h": 1}, [1.0, 5.0])["verdict"] == report.HOLDS
+    # iteration 1 has higher reward at the same beta but only by paying more KL: not an improvement
+    costly = single_points(0.4, {0: [(2.0, 0.30), (6.0, 0.45)], 1: [(6.0, 0.40), (7.0, 0.45)]})
+    c = report.claim_iteration(costly, ["h"], {"h": 1}, [1.0, 5.0])
+    assert c["verdict"] == report.FAILS and c["rows"][0]["same_beta"][0]["last"] > c["rows"][0]["same_beta"][0]["iter0"]
+    only0 = single_points(0.4, {0: [(2.0, 0.30), (6.0, 0.45)]})
+    assert report.claim_iteration(only0, ["h"], {"h": 0}, [1.0, 5.0])["verdict"] == report.FAILS
+
+
+def fronts(**methods) -> dict:
+    """methods: name -> (hypervolume, [(lambda_1, r_a, r_b, kl)])"""
+    return {"objectives": ["a", "b"], "methods": {m: {"hypervolume": hv, "points": [{"lambda": [l, 1 - l], "rewards": {"a": ra, "b": rb}, "kl": kl}
+                                                                                     for l, ra, rb, kl in pts]} for m, (hv, pts) in methods.items()}}
+
+
+def test_claim_fronts_needs_dominance_and_closeness_to_morlhf():
+    f = fronts(mavis=(0.3, [(0.5, 0.6, 0.6, 5)]), rsoup=(0.2, []), mod=(0.1, []), morlhf=(0.1, [(0.5, 0.6, 0.61, 2)]))
+    c = report.claim_fronts(f)
+    assert c["verdict"] == report.HOLDS and c["morlhf"][0]["mavis"] == pytest.approx(0.6)
+    f = fronts(mavis=(0.15, [(0.5, 0.6, 0.6, 5)]), rsoup=(0.2, []), mod=(0.1, []), morlhf=(0.1, [(0.5, 0.9, 0.9, 2)]))
+    assert report.claim_fronts(f)["verdict"] == report.MIXED
+    f = fronts(mavis=(0.05, [(0.5, 0.1, 0.1, 5)]), rsoup=(0.2, []), mod=(0.1, []), morlhf=(0.1, [(0.5, 0.9, 0.9, 2)]))
+    assert report.claim_fronts(f)["verdict"] == report.FAILS
+
+
+def test_claim_search_compares_weighted_reward_per_lambda():
+    f = fronts(**{"mavis-beam": (0.3, [(1.0, 0.9, 0.0, 9), (0.0, 0.0, 0.5, 9)]), "bon-ref": (0.2, [(1.0, 0.5, 0.0, 0.8), (0.0, 0.0, 0.7, 0.8)]),
+                  "bon-rsoup": (0.2, [(1.0, 0.6, 0.0, 0.8), (0.0, 0.0, 0.4, 0.8)])})
+    c = report.claim_search(f)
+    assert [r["wins"] for r in c["rows"]] == [True, False] and c["verdict"] == report.MIXED
+
+
+def test_claim_distill_and_cost_rules():
+    sep = {"a": res({"a": (0.50, 0.02)}, 3.0), "b": res({"b": (0.70, 0.02)}, 3.0)}
+    dis = {"a": res({"a": (0.45, 0.02)}, 3.0), "b": res({"b": (0.50, 0.02)}, 3.0)}
+    c = report.claim_distill(sep, dis, {"speedup": 1.3, "separate": 10.0, "distilled": 13.0})
+    assert c["verdict"] == report.MIXED and [r["within"] for r in c["rows"]] == [True, False]
+    assert report.claim_distill(sep, sep, {"speedup": 1.1})["verdict"] == report.HOLDS
+    cost = report.claim_cost({"collect:iter0/trees.h5": 100.0, "train:iter0/a/value": 50.0, "train:iter0/b/value": 50.0},
+                             {"rl-a": 60.0, "rl-b": 60.0, "rl-morlhf-0.5": 60.0}, ["a", "b"])
+    assert cost["ratio"] == pytest.approx(200 / 120) and cost["verdict"] == report.HOLDS
+    assert report.claim_cost({"collect:x": 1000.0}, {"rl-a": 100.0}, ["a"])["verdict"] == report.FAILS

@@ -156,3 +156,50 @@ def test_claim_distill_and_cost_rules():
                              {"rl-a": 60.0, "rl-b": 60.0, "rl-morlhf-0.5": 60.0}, ["a", "b"])
     assert cost["ratio"] == pytest.approx(200 / 120) and cost["verdict"] == report.HOLDS
     assert report.claim_cost({"collect:x": 1000.0}, {"rl-a": 100.0}, ["a"])["verdict"] == report.FAILS
+
+
+# ------------------------------------------------------------------ the whole study on tiny models
+
+
+def test_whole_study_on_tiny_models_writes_a_report_and_resumes(tmp_path):
+    import json
+
+    from conftest import save_tiny_model
+    from mavis_align.study import run_study
+
+    d = tmp_path / "m"
+    save_tiny_model(d)
+    data = tmp_path / "p.jsonl"
+    heads, tails = ["hello world", "the cat sat", "why is the dog bad", "what is good", "how the cat ran", "a dog sat"], ["?", ".", "on the mat", "yes", "no"]
+    data.write_text("".join(json.dumps({"prompt": f"{h} {t}"}) + "\n" for h in heads for t in tails))  # 30 distinct prompts
+    spec = StudySpec(
+        name="tiny-study",
+        mavis=dict(name="tiny", model=str(d), objectives=["concise", "positive"], dataset=str(data), train_prompts=6, eval_prompts=2, chat=False,
+                   tree={"num_layers": 2, "k_root": 2, "k": 2, "max_new_tokens": 5}, backbone=str(d),
+                   train={"lr": 3e-3, "epochs": 1, "batch_size": 8, "eval_every": 0}, iterations=[{"beta": 2.0, "zeta": 0.1}],
+                   eval={"beta": 2.0, "top_k": 5, "max_new_tokens": 5, "samples": 1}, group_size=3, val_fraction=0.4),
+        baselines={"prompts": 6, "rl": {"steps": 1, "prompts_per_step": 2, "num_generations": 2, "max_completion_length": 5}, "morlhf": ["0.5"]},
+        pair=["concise", "positive"],
+        evaluation={"split": "test", "prompts": 2, "samples": 1, "max_new_tokens": 5, "top_k": 5},
+        single={"betas": [1.0, 4.0]},
+        sweep={"grid_step": 0.5, "beta": "matched", "n": 2, "methods": ["ref", "mavis", "mavis-beam", "rsoup", "mod", "morlhf", "bon-ref", "bon-rsoup"]},
+        distill={"backbone": str(d), "epochs": 1.0, "beta": 2.0},
+    )
+    out = tmp_path / "study"
+    run_study(spec, out, stages=["mavis", "baselines"], progress=False)  # an interrupted study ...
+    assert (out / "baselines" / "rl-morlhf-0.5" / "mavis_policy.json").exists() and not (out / "single").exists()
+    report_path = run_study(spec, out, progress=False, report=tmp_path / "results")  # ... resumed
+    text = report_path.read_text()
+    for k in range(1, 7):
+        assert f"## Claim {k}" in text
+    verdicts = json.loads((out / "verdicts.json").read_text())["claims"]
+    assert all(v["verdict"] in ("holds", "does not hold", "mixed") for v in verdicts.values())
+    assert (tmp_path / "results" / "REPORT.md").exists() and (tmp_path / "results" / "single_objective.png").stat().st_size > 0
+    costs = json.loads((out / "costs.json").read_text())
+    assert set(costs) == {"mavis", "baselines", "single", "sweep", "distill"}
+    assert any(k.startswith("collect:") for k in json.loads((out / "mavis" / "costs.json").read_text()))
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/points/*.json")}
+    run_study(spec, out, progress=False)  # everything finished: nothing is evaluated again
+    assert stamps and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    with pytest.raises(ValueError, match="another recipe"):
+        run_study(StudySpec(**{**spec.to_dict(), "pair": ["positive", "concise"]}), out, progress=False)

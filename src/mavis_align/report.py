@@ -87,7 +87,8 @@ def claim_single(points: dict[str, dict], objectives: list[str], iterations: dic
         rl_kl = rl["kl"]["mean"]
         pts = [p for i in range(iterations[m] + 1) for p in mavis_curve(points, m, i, betas)]
         curve = _envelope([(0.0, ref_r, ref_se)] + [(p["kl"], p["reward"], p["se"]) for p in pts])
-        at, at_se, inside = reward_at_kl(curve, rl_kl)
+        at, at_se, _ = reward_at_kl(curve, rl_kl)
+        inside = bool(pts) and rl_kl <= max(p["kl"] for p in pts)
         diff = at - rl_r
         holds = diff >= -_se(at_se, rl_se)
         ok.append(holds)
@@ -98,9 +99,12 @@ def claim_single(points: dict[str, dict], objectives: list[str], iterations: dic
 
 
 def _envelope(curve: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
-    """Upper envelope in KL order: a point is kept when its reward beats every point of lower KL
-    (a policy can always be mixed down to a lower-KL point, so the best achievable reward at a KL
-    budget never decreases with it)."""
+    """Upper envelope in KL order: a point is kept when its reward beats every point of lower KL.
+
+    Linear interpolation between kept points is achievable: the response-level mixture "with
+    probability p answer with policy A, else with B" has reward p r_A + (1-p) r_B and, KL being
+    convex, KL <= p KL_A + (1-p) KL_B. So the interpolated reward at a KL is a lower bound of what
+    the method reaches within that KL budget (pi_ref at KL 0 is one end)."""
     out: list[tuple[float, float, float]] = []
     for p in sorted(curve):
         if not out or p[1] > out[-1][1]:
@@ -322,6 +326,8 @@ def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
              6: "cost: value-model training compute of the same order as fine-tuning the baselines"}
     for k in range(1, 7):
         L.append(f"| {k} | {names[k]} | **{claims[k]['verdict']}** |")
+    L += ["", "Each verdict follows the rule printed under its claim. To recompute only some stages after a change, add",
+          "`--stages single,sweep,report` (stages: mavis, baselines, single, sweep, distill, report); finished work is reused."]
     L += ["", "## Scale and setup", "",
           f"- Base model π_ref: `{r.model}`; objectives (rewards): {', '.join(objs)}; data set `{r.dataset}`.",
           f"- Value models: backbone `{r.backbone}`; iteration 0 on {r.train_prompts} train prompts' trees (tree {json.dumps(r.tree)}); "

@@ -176,6 +176,13 @@ def point_name(iteration: int, objective: str, beta: float) -> str:
     return f"iter{iteration}-{objective}-beta{float(beta):g}"
 
 
+def _only_appended_rounds(old: dict, new: dict) -> bool:
+    """True when ``new`` is ``old`` with more policy-iteration rounds (and maybe another eval)."""
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("iterations", "eval", "name")}  # noqa: E731
+    its_old, its_new = old.get("iterations", []), new.get("iterations", [])
+    return strip(old) == strip(new) and its_new[: len(its_old)] == its_old
+
+
 def _save(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
@@ -200,17 +207,14 @@ def run_study(spec: StudySpec, out: str | Path, *, stages: list[str] | None = No
     if saved.exists() and json.loads(saved.read_text()) != spec_json:
         old = json.loads(saved.read_text())
         changed = sorted(k for k in spec_json if old.get(k) != spec_json[k])
+        if "mavis" in changed and _only_appended_rounds(old.get("mavis", {}), spec_json["mavis"]):
+            changed.remove("mavis")  # more policy-iteration rounds: run_iterations extends the run
         if any(k in ("mavis", "baselines", "pair") for k in changed):
             raise ValueError(f"{out} holds a study of another recipe (changed: {changed}); use another --out")
-        # evaluation-only changes: stale points of those stages are re-evaluated
-        if "evaluation" in changed or "single" in changed:
-            for f in (out / "single" / "points").glob("*.json"):
-                f.unlink()
-        if "evaluation" in changed or "sweep" in changed or "single" in changed:
-            for f in (out / "sweep" / "points").glob("*.json"):
-                f.unlink()
-        if "evaluation" in changed or "distill" in changed:
-            for f in (out / "distill").glob("eval*.json"):
+        # other evaluation settings: the points measured under the old ones are stale. (New betas
+        # only add points; the sweep and distillation stages compare their own settings.)
+        if "evaluation" in changed:
+            for f in [*(out / "single" / "points").glob("*.json"), *(out / "distill" / "eval").glob("*.json")]:
                 f.unlink()
     _save(saved, spec_json)
     write_run_record(out, spec_json, spec.recipe.seed)
@@ -225,7 +229,8 @@ def run_study(spec: StudySpec, out: str | Path, *, stages: list[str] | None = No
         if stage == "report":
             from .report import write_report
 
-            return write_report(out, spec, copy_to=report)
+            command = f"mavis-align reproduce --recipe {spec.name} --out {out}" + (f" --report {report}" if report is not None else "")
+            return write_report(out, spec, copy_to=report, command=command)
         t0 = time.perf_counter()
         if progress:
             print(f"[reproduce] stage {stage}", flush=True)
@@ -382,6 +387,13 @@ def _stage_distill(spec: StudySpec, out: Path, progress: bool) -> None:
     objs = list(r.objectives)
     folder = out / "distill"
     teachers_dirs = {m: final_value_dir(out / "mavis", m) for m in objs}
+    record = {"teachers": {m: str(p) for m, (_, p) in teachers_dirs.items()}, "settings": {k: v for k, v in d.items() if k != "beta"}}
+    if (folder / "teachers.json").exists() and json.loads((folder / "teachers.json").read_text()) != record:
+        import shutil
+
+        shutil.rmtree(folder)  # other teachers (more iterations) or settings: distil again
+    folder.mkdir(parents=True, exist_ok=True)
+    _save(folder / "teachers.json", record)
     if not (folder / "result.json").exists():
         teachers = [ValueModel.load(teachers_dirs[m][1]) for m in objs]
         student = build_value_model(objs, backbone=str(d.get("backbone", r.backbone)), base_model=r.model, seed=r.seed + 11)
@@ -392,6 +404,11 @@ def _stage_distill(spec: StudySpec, out: Path, progress: bool) -> None:
     separate = MavisDecoder(ev.model, ev.tok, [ValueModel.load(teachers_dirs[m][1]) for m in objs])
     multi = MavisDecoder(ev.model, ev.tok, [ValueModel.load(folder / "student")])
     (folder / "eval").mkdir(exist_ok=True)
+    eval_record = {"beta": beta, "evaluation": spec.evaluation}
+    if (folder / "eval.json").exists() and json.loads((folder / "eval.json").read_text()) != eval_record:
+        for f in (folder / "eval").glob("*.json"):
+            f.unlink()  # another beta or evaluation: measure again
+    _save(folder / "eval.json", eval_record)
     for m in objs:
         ev.point(folder / "eval" / f"separate-{m}.json", lambda m=m: DecoderPolicy("separate", separate, ev.tilted(beta), weights={m: 1.0}, chat=r.chat))
         ev.point(folder / "eval" / f"distilled-{m}.json", lambda m=m: DecoderPolicy("distilled", multi, ev.tilted(beta), weights={m: 1.0}, chat=r.chat))

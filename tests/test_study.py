@@ -76,6 +76,8 @@ def test_matched_beta_picks_the_kl_closest_to_the_rl_policies():
         pts[point_name(0, "b", beta)] = res({"b": (0, 0)}, kl + 1)
     # mean MAVIS KL: beta 1 -> 1.5, beta 2 -> 3.0, beta 5 -> 9.5
     assert matched_beta(pts, ["a", "b"], {"a": 1, "b": 0}, [1.0, 2.0, 5.0]) == 2.0
+    pts[point_name(1, "a", 0.0)], pts[point_name(0, "b", 0.0)] = res({"a": (0, 0)}, 3.0), res({"b": (0, 0)}, 3.0)
+    assert matched_beta(pts, ["a", "b"], {"a": 1, "b": 0}, [0.0, 1.0, 2.0, 5.0]) == 2.0  # beta 0 does not steer: never chosen
 
 
 # ------------------------------------------------------------------ verdict rules
@@ -182,7 +184,7 @@ def test_whole_study_on_tiny_models_writes_a_report_and_resumes(tmp_path):
         pair=["concise", "positive"],
         evaluation={"split": "test", "prompts": 2, "samples": 1, "max_new_tokens": 5, "top_k": 5},
         single={"betas": [1.0, 4.0]},
-        sweep={"grid_step": 0.5, "beta": "matched", "n": 2, "methods": ["ref", "mavis", "mavis-beam", "rsoup", "mod", "morlhf", "bon-ref", "bon-rsoup"]},
+        sweep={"grid_step": 0.5, "beta": "matched", "extra_betas": [3.0], "n": 2, "methods": ["ref", "mavis", "mavis-beam", "rsoup", "mod", "morlhf", "bon-ref", "bon-rsoup"]},
         distill={"backbone": str(d), "epochs": 1.0, "beta": 2.0},
     )
     out = tmp_path / "study"
@@ -195,6 +197,9 @@ def test_whole_study_on_tiny_models_writes_a_report_and_resumes(tmp_path):
     verdicts = json.loads((out / "verdicts.json").read_text())["claims"]
     assert all(v["verdict"] in ("holds", "does not hold", "mixed") for v in verdicts.values())
     assert (tmp_path / "results" / "REPORT.md").exists() and (tmp_path / "results" / "single_objective.png").stat().st_size > 0
+    assert "MAVIS β = 3" in text and (out / "sweep-beta3" / "fronts.json").exists()
+    shared = out / "sweep-beta3" / "points" / "rsoup@0.5-0.5.json"  # baselines' points are copied, not recomputed
+    assert shared.read_text() == (out / "sweep" / "points" / "rsoup@0.5-0.5.json").read_text()
     costs = json.loads((out / "costs.json").read_text())
     assert set(costs) == {"mavis", "baselines", "single", "sweep", "distill"}
     assert any(k.startswith("collect:") for k in json.loads((out / "mavis" / "costs.json").read_text()))

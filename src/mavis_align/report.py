@@ -200,6 +200,12 @@ def claim_search(fronts: dict) -> dict:
     return {"claim": 4, "verdict": _combine(wins), "rows": rows, "hypervolume": hv}
 
 
+def across_betas(verdicts: list[str]) -> str:
+    """One verdict from the same claim judged at several MAVIS betas: theirs when they agree,
+    else mixed."""
+    return verdicts[0] if len(set(verdicts)) == 1 else MIXED
+
+
 def claim_distill(separate: dict[str, dict], distilled: dict[str, dict], speed: dict) -> dict:
     """Claim 5: the distilled multi-head model stays close to the separate ones and decodes faster.
 
@@ -293,8 +299,16 @@ def build(out: Path, spec) -> tuple[dict, dict]:
     points = _load_points(out / "single" / "points")
     iterations = {m: final_value_dir(out / "mavis", m)[0] for m in objs}
     claims = {1: claim_single(points, objs, iterations, betas), 2: claim_iteration(points, objs, iterations, betas)}
-    fronts = json.loads((out / "sweep" / "fronts.json").read_text())
-    claims[3], claims[4] = claim_fronts(fronts), claim_search(fronts)
+    # the primary sweep (KL-matched or fixed beta) and any extra-beta sweeps
+    sweeps = {}
+    for folder in [out / "sweep", *sorted(out.glob("sweep-beta*"))]:
+        if (folder / "fronts.json").exists():
+            f = json.loads((folder / "fronts.json").read_text())
+            sweeps[folder.name] = {"fronts": f, "spec": json.loads((folder / "sweep.json").read_text()),
+                                   "claim3": claim_fronts(f), "claim4": claim_search(f), "fronts_md": (folder / "fronts.md").read_text()}
+    fronts = sweeps["sweep"]["fronts"]
+    claims[3] = {**sweeps["sweep"]["claim3"], "verdict": across_betas([v["claim3"]["verdict"] for v in sweeps.values()])}
+    claims[4] = {**sweeps["sweep"]["claim4"], "verdict": across_betas([v["claim4"]["verdict"] for v in sweeps.values()])}
     ev = out / "distill" / "eval"
     claims[5] = claim_distill({m: json.loads((ev / f"separate-{m}.json").read_text()) for m in objs},
                               {m: json.loads((ev / f"distilled-{m}.json").read_text()) for m in objs}, json.loads((ev / "speed.json").read_text()))
@@ -304,7 +318,7 @@ def build(out: Path, spec) -> tuple[dict, dict]:
     claims[6] = claim_cost(value_costs, rl, objs)
     stages = json.loads((out / "costs.json").read_text()) if (out / "costs.json").exists() else {}
     sweep = json.loads((out / "sweep" / "sweep.json").read_text())
-    context = {"points": points, "iterations": iterations, "betas": betas, "fronts": fronts, "stages": stages, "sweep": sweep,
+    context = {"points": points, "iterations": iterations, "betas": betas, "fronts": fronts, "sweeps": sweeps, "stages": stages, "sweep": sweep,
                "scale": _scale(out, spec), "rl_seconds": rl}
     return claims, context
 
@@ -371,28 +385,35 @@ def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
                      f"{'yes' if p['inside'] else 'no (KL beyond iteration 0 curve)'} |")
     L += ["", "Improved objectives: " + (", ".join(r_["objective"] for r_ in c["rows"] if r_["improved"]) or "none") + ".", ""]
 
-    # claims 3 and 4
-    c3, c4 = claims[3], claims[4]
+    # claims 3 and 4, for every sweep (primary beta first)
+    matched = spec.sweep.get("beta", "matched") == "matched"
     L += ["## Claim 3: multi-objective fronts (Fig. 3)", "", _rule(claim_fronts), "",
-          f"Pair: {' vs '.join(spec.pair)}; λ_1 grid step {ctx['sweep']['grid_step']}; MAVIS β = {ctx['sweep']['beta']:g} "
-          f"({'KL-matched to the RL policies, see claim 1' if spec.sweep.get('beta', 'matched') == 'matched' else 'fixed by the recipe'}); "
-          f"{ctx['sweep']['n']} beams / N.", "",
-          "| method | hypervolume |", "|---|---|"] + [f"| {m} | {v:.4f} |" for m, v in sorted(c3["hypervolume"].items(), key=lambda kv: -kv[1])]
-    if c3["morlhf"]:
-        L += ["", "| λ | MAVIS Σλ·R (KL) | MORLHF Σλ·R (KL) |", "|---|---|---|"]
-        for row in c3["morlhf"]:
-            L.append(f"| {'/'.join(f'{x:g}' for x in row['lambda'])} | {_f(row['mavis'])} ({row['mavis_kl']:.1f}) | {_f(row['morlhf'])} ({row['morlhf_kl']:.1f}) |")
-    fronts_md = (out / "sweep" / "fronts.md")
-    if fronts_md.exists():
-        L += ["", "<details><summary>every front point</summary>", "", fronts_md.read_text(), "</details>"]
-    L += ["", "![fronts](front.png)", "", "![reward vs KL](reward_kl.png)", "",
+          f"Pair: {' vs '.join(spec.pair)}; λ_1 grid step {ctx['sweep']['grid_step']}; {ctx['sweep']['n']} beams / N. The sweep runs at the "
+          f"{'KL-matched MAVIS β (the single-objective β whose KL is closest to the RL policies)' if matched else 'recipe β'}"
+          + (f" and again at β ∈ {spec.sweep.get('extra_betas')} (baselines' points shared); the verdict above is mixed when the βs disagree." if spec.sweep.get("extra_betas") else "."), ""]
+    for name, sw in ctx["sweeps"].items():
+        c3 = sw["claim3"]
+        mav_kl = [p["kl"] for p in sw["fronts"]["methods"].get("mavis", {}).get("points", [])]
+        L += [f"### MAVIS β = {sw['spec']['beta']:g} (`{name}/`): {c3['verdict']}", "",
+              f"MAVIS KL {min(mav_kl):.1f}-{max(mav_kl):.1f} nats." if mav_kl else "", "",
+              "| method | hypervolume |", "|---|---|"] + [f"| {m} | {v:.4f} |" for m, v in sorted(c3["hypervolume"].items(), key=lambda kv: -kv[1])]
+        if c3["morlhf"]:
+            L += ["", "| λ | MAVIS Σλ·R (KL) | MORLHF Σλ·R (KL) |", "|---|---|---|"]
+            for row in c3["morlhf"]:
+                L.append(f"| {'/'.join(f'{x:g}' for x in row['lambda'])} | {_f(row['mavis'])} ({row['mavis_kl']:.1f}) | {_f(row['morlhf'])} ({row['morlhf_kl']:.1f}) |")
+        L += ["", "<details><summary>every front point</summary>", "", sw["fronts_md"], "</details>", ""]
+    L += ["![fronts](front.png)", "", "![reward vs KL](reward_kl.png)", "", "(figures of the primary sweep)", "",
           "## Claim 4: value-guided search (Fig. 4)", "", _rule(claim_search), ""]
-    bons = sorted({k for row in c4["rows"] for k in row if k.startswith("bon-")})
-    L += ["| λ | MAVIS beam Σλ·R | " + " | ".join(bons) + " | beam wins |", "|---" * (len(bons) + 3) + "|"]
-    for row in c4["rows"]:
-        L.append(f"| {'/'.join(f'{x:g}' for x in row['lambda'])} | {_f(row['mavis-beam'])} | " + " | ".join(_f(row[b]) if b in row else "-" for b in bons)
-                 + f" | {'yes' if row['wins'] else 'no'} |")
-    L += ["", "Hypervolumes: " + ", ".join(f"{m} {v:.4f}" for m, v in c4["hypervolume"].items()) + ".", ""]
+    for name, sw in ctx["sweeps"].items():
+        c4 = sw["claim4"]
+        bons = sorted({k for row in c4["rows"] for k in row if k.startswith("bon-")})
+        L += [f"### MAVIS β = {sw['spec']['beta']:g}: {c4['verdict']}", "",
+              "| λ | MAVIS beam Σλ·R (KL) | " + " | ".join(bons) + " | beam wins |", "|---" * (len(bons) + 3) + "|"]
+        for row in c4["rows"]:
+            L.append(f"| {'/'.join(f'{x:g}' for x in row['lambda'])} | {_f(row['mavis-beam'])} ({row['kl']:.1f}) | "
+                     + " | ".join(_f(row[b]) if b in row else "-" for b in bons) + f" | {'yes' if row['wins'] else 'no'} |")
+        L += ["", "Hypervolumes: " + ", ".join(f"{m} {v:.4f}" for m, v in c4["hypervolume"].items()) + ".", ""]
+    L += ["Best-of-N KL is the analytic log N − (N−1)/N; the beam's KL is the eq. 7 estimate along the kept beam.", ""]
 
     # claim 5
     c = claims[5]

@@ -52,7 +52,7 @@ class StudySpec:
         self.rl_config = RLConfig(**self.baselines.get("rl", {}))
         _check_keys("evaluation", self.evaluation, {"split", "prompts", "samples", "max_new_tokens", "top_k", "seed", "dataset"})
         _check_keys("single", self.single, {"betas"})
-        _check_keys("sweep", self.sweep, {"grid_step", "beta", "n", "methods", "betas"})
+        _check_keys("sweep", self.sweep, {"grid_step", "beta", "extra_betas", "n", "methods", "betas"})
         _check_keys("distill", self.distill, {"backbone", "epochs", "beta", "lr", "batch_size"})
         if len(self.pair) != 2 or any(o not in self.recipe.objectives for o in self.pair):
             raise ValueError(f"`pair` must name two of the objectives {self.recipe.objectives}, got {self.pair}")
@@ -169,7 +169,10 @@ def matched_beta(single_points: dict[str, dict], objectives: list[str], iteratio
         kl = sum(single_points[point_name(iteration_of[m], m, b)]["kl"]["mean"] for m in objectives) / len(objectives)
         return abs(kl - rl_kl)
 
-    return min((float(b) for b in betas), key=gap)
+    steering = [float(b) for b in betas if float(b) > 0]  # beta 0 is top-k sampling of pi_ref: no steering
+    if not steering:
+        raise ValueError("matching the RL policies' KL needs a beta > 0 in single.betas")
+    return min(steering, key=gap)
 
 
 def point_name(iteration: int, objective: str, beta: float) -> str:
@@ -367,13 +370,40 @@ def _stage_sweep(spec: StudySpec, out: Path, progress: bool) -> None:
         prompts=int(e.get("prompts", 16)), samples=int(e.get("samples", 2)), max_new_tokens=int(e.get("max_new_tokens", 40)),
         top_k=int(e.get("top_k", 15)), seed=int(e.get("seed", 0)), chat=r.chat,
     )
-    folder = out / "sweep"
+    _sweep_into(out / "sweep", sweep, progress)
+    for beta in s.get("extra_betas", []):
+        # the same sweep with another MAVIS beta: only the MAVIS points differ, the others are copied
+        extra = SweepSpec(**{**sweep.__dict__, "beta": float(beta)})
+        _sweep_into(out / f"sweep-beta{float(beta):g}", extra, progress, reuse=out / "sweep")
+
+
+MAVIS_ONLY_FIELDS = ("beta", "betas", "values")  # sweep settings that change MAVIS points only
+
+
+def _sweep_into(folder: Path, sweep, progress: bool, reuse: Path | None = None) -> None:
+    """Run ``sweep`` into ``folder``, dropping points its settings made stale; with ``reuse``, the
+    baselines' points of that folder (same settings but MAVIS's) are copied instead of recomputed."""
+    import shutil
+
+    from .evaluate import run_sweep
+
     folder.mkdir(parents=True, exist_ok=True)
-    old = folder / "sweep.json"
-    if old.exists() and json.loads(old.read_text()) != json.loads(json.dumps(sweep.__dict__)):
+    new = json.loads(json.dumps(sweep.__dict__))
+    saved = folder / "sweep.json"
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        changed = {k for k in new if old.get(k) != new[k]}
         for f in (folder / "points").glob("*.json"):
-            f.unlink()  # another beta / value models: the points are stale
-    _save(old, sweep.__dict__)
+            if changed and (changed - set(MAVIS_ONLY_FIELDS) or f.name.startswith("mavis")):
+                f.unlink()  # measured under other settings
+    if reuse is not None and (reuse / "sweep.json").exists():
+        other = json.loads((reuse / "sweep.json").read_text())
+        if {k: v for k, v in other.items() if k not in MAVIS_ONLY_FIELDS} == {k: v for k, v in new.items() if k not in MAVIS_ONLY_FIELDS}:
+            (folder / "points").mkdir(exist_ok=True)
+            for f in (reuse / "points").glob("*.json"):
+                if not f.name.startswith("mavis") and not (folder / "points" / f.name).exists():
+                    shutil.copy(f, folder / "points" / f.name)
+    _save(saved, sweep.__dict__)
     run_sweep(sweep, folder, progress=progress)
 
 

@@ -208,3 +208,10 @@ def test_whole_study_on_tiny_models_writes_a_report_and_resumes(tmp_path):
     assert stamps and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     with pytest.raises(ValueError, match="another recipe"):
         run_study(StudySpec(**{**spec.to_dict(), "pair": ["positive", "concise"]}), out, progress=False)
+
+
+def test_beta_zero_is_never_credited_to_mavis():
+    pts = single_points(0.40, {0: [(1.0, 0.30), (3.0, 0.35)]})
+    pts[point_name(0, "h", 0.0)] = res({"h": (0.90, 0.01)}, 1.0)  # top-k sampling alone, no values
+    c = report.claim_single(pts, ["h"], {"h": 0}, [0.0, 1.0, 5.0])
+    assert c["verdict"] == report.FAILS and c["rows"][0]["best_mavis"]["beta"] > 0

@@ -72,6 +72,11 @@ def mavis_curve(points: dict[str, dict], objective: str, iteration: int, betas: 
     return out
 
 
+def steering(betas: list[float]) -> list[float]:
+    """The betas that steer (beta 0 is top-k sampling of pi_ref: reported, never credited to MAVIS)."""
+    return [float(b) for b in betas if float(b) > 0]
+
+
 def claim_single(points: dict[str, dict], objectives: list[str], iterations: dict[str, int], betas: list[float]) -> dict:
     """Claim 1: MAVIS reaches the RL policy's reward at a similar or lower KL, per objective.
 
@@ -80,6 +85,7 @@ def claim_single(points: dict[str, dict], objectives: list[str], iterations: dic
     combined se. Also reported: the best MAVIS reward at any KL.
     """
     rows, ok = [], []
+    betas = steering(betas)
     for m in objectives:
         ref_r, ref_se = _mean(points["ref"], m)
         rl = points[f"rl-{m}"]
@@ -121,6 +127,7 @@ def claim_iteration(points: dict[str, dict], objectives: list[str], iterations: 
     improves when some point beats it by more than the combined se and none loses by more.
     """
     rows, improved = [], []
+    betas = steering(betas)
     for m in objectives:
         last = iterations[m]
         if last == 0:
@@ -354,16 +361,24 @@ def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
           f"top-k {e.get('top_k', 15)}, seed {e.get('seed', 0)}; KL by eq. 7 (teacher-forced π_ref, full vocabulary); ± is one standard error.",
           f"- Wall time (2-core CPU, no GPU): {hours:.2f} h in all; per stage: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in st.items()) + ".", ""]
 
+    L += _reading(claims, ctx, spec)
+
     # claim 1
     c = claims[1]
     L += ["## Claim 1: single objective (paper Table 2)", "", _rule(claim_single), "",
-          "| objective | π_ref | RL reward | RL KL | MAVIS at RL's KL | difference | MAVIS best (β, KL) | holds |", "|---|---|---|---|---|---|---|---|"]
+          "| objective | π_ref | RL reward | RL KL | MAVIS at RL's KL | difference (z) | MAVIS best (β, KL) | holds |", "|---|---|---|---|---|---|---|---|"]
     for row in c["rows"]:
         b = row["best_mavis"]
         best = f"{_f(b['reward'])} (β={b['beta']:g}, KL {b['kl']:.1f})" if b else "-"
         note = "" if row["inside_curve"] else " (beyond MAVIS's largest KL)"
         L.append(f"| {row['objective']} | {_f(row['ref_reward'])} | {_f(row['rl_reward'])} ± {_f(row['rl_se'])} | {row['rl_kl']:.2f} | "
-                 f"{_f(row['mavis_at_rl_kl'])} ± {_f(row['mavis_at_rl_kl_se'])}{note} | {row['diff']:+.3f} | {best} | {'yes' if row['holds'] else 'no'} |")
+                 f"{_f(row['mavis_at_rl_kl'])} ± {_f(row['mavis_at_rl_kl_se'])}{note} | {row['diff']:+.3f} ({_z(row['diff'], _se(row['mavis_at_rl_kl_se'], row['rl_se']))}) | "
+                 f"{best} | {_yes(row['holds'], row['diff'])} |")
+    floor = next((v for k, v in ctx["points"].items() if k.endswith("-beta0")), None)
+    if floor is not None:
+        L += ["", f"β = 0 (top-k sampling of π_ref with k = {e.get('top_k', 15)}, no value model) has KL {floor['kl']['mean']:.1f} ± {floor['kl']['se']:.1f} nats and rewards "
+              + ", ".join(f"{m} {floor['rewards'][m]['mean']:.3f}" for m in objs)
+              + ": the top-k truncation alone costs that much KL, a floor under every MAVIS point. β = 0 points are listed but not credited to MAVIS."]
     L += ["", "Every single-objective point (reward of the objective steered for, ± se; KL):", "",
           "| objective | policy | β | reward | KL |", "|---|---|---|---|---|"]
     for m in objs:
@@ -378,12 +393,14 @@ def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
     # claim 2
     c = claims[2]
     L += ["## Claim 2: policy iteration (Theorem 1, Section 4.2)", "", _rule(claim_iteration), "",
-          "| objective | β | final iteration: reward (KL) | iteration 0 at that KL | difference ± se | compared |", "|---|---|---|---|---|---|"]
+          "| objective | β | final iteration: reward (KL) | iteration 0 at that KL | difference ± se (z) | compared |", "|---|---|---|---|---|---|"]
     for row in c["rows"]:
         for p in row["points"]:
-            L.append(f"| {row['objective']} | {p['beta']:g} | {_f(p['reward'])} ({p['kl']:.1f}) | {_f(p['iter0_at_kl'])} | {p['diff']:+.3f} ± {_f(p['se'])} | "
+            L.append(f"| {row['objective']} | {p['beta']:g} | {_f(p['reward'])} ({p['kl']:.1f}) | {_f(p['iter0_at_kl'])} | {p['diff']:+.3f} ± {_f(p['se'])} ({_z(p['diff'], p['se'])}) | "
                      f"{'yes' if p['inside'] else 'no (KL beyond iteration 0 curve)'} |")
-    L += ["", "Improved objectives: " + (", ".join(r_["objective"] for r_ in c["rows"] if r_["improved"]) or "none") + ".", ""]
+    strong = [f"{r_['objective']} β={p['beta']:g}" for r_ in c["rows"] for p in r_["points"] if p["inside"] and p["se"] > 0 and abs(p["diff"]) > 2 * p["se"]]
+    L += ["", "Improved objectives (rule above, one standard error): " + (", ".join(r_["objective"] for r_ in c["rows"] if r_["improved"]) or "none") + ". "
+          + ("Differences beyond two standard errors: " + ", ".join(strong) + "." if strong else "No difference reaches two standard errors at this sample size."), ""]
 
     # claims 3 and 4, for every sweep (primary beta first)
     matched = spec.sweep.get("beta", "matched") == "matched"
@@ -413,14 +430,15 @@ def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
             L.append(f"| {'/'.join(f'{x:g}' for x in row['lambda'])} | {_f(row['mavis-beam'])} ({row['kl']:.1f}) | "
                      + " | ".join(_f(row[b]) if b in row else "-" for b in bons) + f" | {'yes' if row['wins'] else 'no'} |")
         L += ["", "Hypervolumes: " + ", ".join(f"{m} {v:.4f}" for m, v in c4["hypervolume"].items()) + ".", ""]
-    L += ["Best-of-N KL is the analytic log N − (N−1)/N; the beam's KL is the eq. 7 estimate along the kept beam.", ""]
+    L += ["Best-of-N KL: log N − (N−1)/N (bound on KL to the policy it samples) plus that policy's eq. 7 KL over the chosen responses; "
+          "the beam's KL is the eq. 7 estimate along the kept beam.", ""]
 
     # claim 5
     c = claims[5]
     d = c["distill_result"]
     L += ["## Claim 5: distillation into one multi-head model (Table 3, App. E)", "", _rule(claim_distill), "",
           f"Student: {len(objs)} heads, trained {d.get('steps')} steps on {d.get('sequences')} tree completions in {d.get('seconds', 0):.0f} s "
-          f"(val MSE vs teachers {json.dumps(d.get('val_mse_vs_teachers'))}); MAVIS β = {float(spec.distill.get('beta', 5.0)):g}, λ = {{m: 1}}.", "",
+          f"(val MSE vs teachers {', '.join(f'{k} {v:.4f}' for k, v in (d.get('val_mse_vs_teachers') or {}).items())}); MAVIS β = {float(spec.distill.get('beta', 5.0)):g}, λ = {{m: 1}}.", "",
           "| objective | separate V_m | distilled head | gap | within 0.121 |", "|---|---|---|---|---|"]
     for row in c["rows"]:
         L.append(f"| {row['objective']} | {_f(row['separate'])} ± {_f(row['separate_se'])} (KL {row['separate_kl']:.1f}) | "
@@ -439,8 +457,49 @@ def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
           f"| RL policies RSoup/MOD need ({', '.join('rl-' + m for m in objs)}) | {c['rl_per_objective_total']:.0f} |"]
     for k, v in c["morlhf"].items():
         L.append(f"| MORLHF {k} (one λ) | {v:.0f} |")
-    L += ["", f"Ratio MAVIS / per-objective RL: **{c['ratio']:.2f}×** (paper: 21.5 / 17 GPU-hours = 1.26×).", ""]
+    L += ["", f"Ratio MAVIS / per-objective RL: **{c['ratio']:.2f}×** (paper: 21.5 / 17 GPU-hours = 1.26×). Iteration-0 trees are collected once "
+          "and labelled with every reward, so their cost is shared by all objectives. Wall times count the calls that finished or were stopped "
+          "by Ctrl-C / SIGTERM; a process killed with SIGKILL loses its share, and other work on the machine inflates them.", ""]
     return "\n".join(L) + "\n"
+
+
+def _reading(claims: dict, ctx: dict, spec) -> list[str]:
+    """Observations computed from the results that bear on the verdicts (the 'why' of negatives)."""
+    objs = list(spec.recipe.objectives)
+    pts, betas = ctx["points"], steering(ctx["betas"])
+    rl_kl = {m: pts[f"rl-{m}"]["kl"]["mean"] for m in objs}
+    mav = [p for m in objs for i in range(ctx["iterations"][m] + 1) for p in mavis_curve(pts, m, i, betas)]
+    out = ["## Reading the results", ""]
+    if mav:
+        lo = min(p["kl"] for p in mav)
+        out.append(f"- KL: the RL policies moved {min(rl_kl.values()):.1f}-{max(rl_kl.values()):.1f} nats from π_ref; the lowest-KL MAVIS point "
+                   f"(any objective, β ≥ {min(betas):g}) sits at {lo:.1f} nats. Claim 1 therefore compares the RL policies with MAVIS mixed back towards "
+                   "π_ref (the interpolation in its rule), not with a MAVIS policy at their KL.")
+    floor = next((v for k, v in pts.items() if k.endswith("-beta0")), None)
+    if floor is not None:
+        out.append(f"- Top-k truncation: top-{spec.evaluation.get('top_k', 15)} sampling of π_ref without any value model (β = 0) already costs "
+                   f"{floor['kl']['mean']:.1f} nats and changes the rewards ("
+                   + ", ".join(f"{m} {pts['ref']['rewards'][m]['mean']:.3f} → {floor['rewards'][m]['mean']:.3f}" for m in objs)
+                   + f"). Per token that is {floor['kl']['mean'] / max(floor['length']['mean'], 1):.2f} nats: the top-k tokens hold about "
+                   f"{100 * math.exp(-floor['kl']['mean'] / max(floor['length']['mean'], 1)):.0f} % of this small model's probability mass (geometric mean). "
+                   "A larger, instruction-tuned base model is more peaked, so this floor shrinks with scale (not measured here); it is not caused by the value models.")
+    ses = sorted(p["se"] for p in mav)
+    if ses:
+        out.append(f"- Noise: {spec.evaluation.get('prompts', 16)} prompts × {spec.evaluation.get('samples', 2)} samples give reward standard errors "
+                   f"of {ses[0]:.3f}-{ses[-1]:.3f} (median {ses[len(ses) // 2]:.3f}); differences below about twice that are not resolved.")
+    c6 = claims[6]
+    out.append(f"- Training budgets: value models saw {ctx['scale']['trees']} trees ({ctx['scale']['generated_tokens']} generated tokens); each RL policy "
+               f"{spec.rl_config.steps * spec.rl_config.prompts_per_step * spec.rl_config.num_generations} sampled responses. "
+               f"Wall time: MAVIS {c6['value_total'] / 60:.1f} min vs RL (per-objective policies) {c6['rl_per_objective_total'] / 60:.1f} min.")
+    return out + [""]
+
+
+def _z(diff: float, se: float) -> str:
+    return f"z={diff / se:+.1f}" if se > 0 else "z=-"
+
+
+def _yes(holds: bool, diff: float) -> str:
+    return ("yes" if diff >= 0 else "yes, within noise") if holds else "no"
 
 
 def _rule(fn) -> str:

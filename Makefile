@@ -31,7 +31,7 @@ demo: install
 test: install browser
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
 
-# The paper's claims re-measured (issue 7): resumable, writes results/REPORT.md (~75 min on 2 CPU cores).
+# The paper's claims re-measured (issue 7): resumable, writes results/REPORT.md (~100 min on 2 CPU cores).
 reproduce: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/mavis-align reproduce --recipe reproduce-default --out runs/reproduce --report results
 

@@ -122,31 +122,31 @@ def claim_iteration(points: dict[str, dict], objectives: list[str], iterations: 
     """Claim 2: a later iteration gives higher reward at the same or lower KL than iteration 0,
     for at least one objective.
 
-    Rule: for each beta, the final iteration's point (KL k, reward r) is compared with iteration
-    0's curve (plus pi_ref) interpolated at k, only where k lies within that curve; an objective
-    improves when some point beats it by more than the combined se and none loses by more.
+    Rule: every later iteration i is judged against iteration 0: for each beta, its point (KL k,
+    reward r) is compared with iteration 0's curve (plus pi_ref) interpolated at k, only where k
+    lies within that curve; iteration i improves an objective when some point beats that curve by
+    more than the combined se and none loses by more.
     """
     rows, improved = [], []
     betas = steering(betas)
     for m in objectives:
-        last = iterations[m]
-        if last == 0:
+        if iterations[m] == 0:
             rows.append({"objective": m, "iteration": 0, "points": [], "improved": False, "note": "no later iteration"})
-            improved.append(False)
             continue
         ref_r, ref_se = _mean(points["ref"], m)
         curve0 = [(0.0, ref_r, ref_se)] + [(p["kl"], p["reward"], p["se"]) for p in mavis_curve(points, m, 0, betas)]
-        cmp = []
-        for p in mavis_curve(points, m, last, betas):
-            r0, s0, inside = reward_at_kl(curve0, p["kl"])
-            cmp.append({**p, "iter0_at_kl": r0, "diff": p["reward"] - r0, "se": _se(p["se"], s0), "inside": inside})
-        same_beta = [(p0, p1) for p0, p1 in zip(mavis_curve(points, m, 0, betas), mavis_curve(points, m, last, betas))]
-        valid = [c for c in cmp if c["inside"]]
-        better = any(c["diff"] > c["se"] for c in valid)
-        worse = any(c["diff"] < -c["se"] for c in valid)
-        rows.append({"objective": m, "iteration": last, "points": cmp, "improved": better and not worse, "some_better": better, "some_worse": worse,
-                     "same_beta": [{"beta": a["beta"], "iter0": a["reward"], "iter0_kl": a["kl"], "last": b["reward"], "last_kl": b["kl"]} for a, b in same_beta]})
-        improved.append(better and not worse)
+        for it in range(1, iterations[m] + 1):
+            cmp = []
+            for p in mavis_curve(points, m, it, betas):
+                r0, s0, inside = reward_at_kl(curve0, p["kl"])
+                cmp.append({**p, "iter0_at_kl": r0, "diff": p["reward"] - r0, "se": _se(p["se"], s0), "inside": inside})
+            same_beta = list(zip(mavis_curve(points, m, 0, betas), mavis_curve(points, m, it, betas)))
+            valid = [c for c in cmp if c["inside"]]
+            better = any(c["diff"] > c["se"] for c in valid)
+            worse = any(c["diff"] < -c["se"] for c in valid)
+            rows.append({"objective": m, "iteration": it, "points": cmp, "improved": better and not worse, "some_better": better, "some_worse": worse,
+                         "same_beta": [{"beta": a["beta"], "iter0": a["reward"], "iter0_kl": a["kl"], "last": b["reward"], "last_kl": b["kl"]} for a, b in same_beta]})
+            improved.append(better and not worse)
     verdict = HOLDS if any(improved) else (MIXED if any(r.get("some_better") for r in rows) else FAILS)
     return {"claim": 2, "verdict": verdict, "rows": rows}
 
@@ -393,13 +393,13 @@ def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
     # claim 2
     c = claims[2]
     L += ["## Claim 2: policy iteration (Theorem 1, Section 4.2)", "", _rule(claim_iteration), "",
-          "| objective | β | final iteration: reward (KL) | iteration 0 at that KL | difference ± se (z) | compared |", "|---|---|---|---|---|---|"]
+          "| objective | iteration | β | reward (KL) | iteration 0 at that KL | difference ± se (z) | compared |", "|---|---|---|---|---|---|---|"]
     for row in c["rows"]:
         for p in row["points"]:
-            L.append(f"| {row['objective']} | {p['beta']:g} | {_f(p['reward'])} ({p['kl']:.1f}) | {_f(p['iter0_at_kl'])} | {p['diff']:+.3f} ± {_f(p['se'])} ({_z(p['diff'], p['se'])}) | "
+            L.append(f"| {row['objective']} | {row['iteration']} | {p['beta']:g} | {_f(p['reward'])} ({p['kl']:.1f}) | {_f(p['iter0_at_kl'])} | {p['diff']:+.3f} ± {_f(p['se'])} ({_z(p['diff'], p['se'])}) | "
                      f"{'yes' if p['inside'] else 'no (KL beyond iteration 0 curve)'} |")
-    strong = [f"{r_['objective']} β={p['beta']:g}" for r_ in c["rows"] for p in r_["points"] if p["inside"] and p["se"] > 0 and abs(p["diff"]) > 2 * p["se"]]
-    L += ["", "Improved objectives (rule above, one standard error): " + (", ".join(r_["objective"] for r_ in c["rows"] if r_["improved"]) or "none") + ". "
+    strong = [f"{r_['objective']} iteration {r_['iteration']} β={p['beta']:g}" for r_ in c["rows"] for p in r_["points"] if p["inside"] and p["se"] > 0 and abs(p["diff"]) > 2 * p["se"]]
+    L += ["", "Improvements (rule above, one standard error): " + (", ".join(f"{r_['objective']} (iteration {r_['iteration']})" for r_ in c["rows"] if r_["improved"]) or "none") + ". "
           + ("Differences beyond two standard errors: " + ", ".join(strong) + "." if strong else "No difference reaches two standard errors at this sample size."), ""]
 
     # claims 3 and 4, for every sweep (primary beta first)

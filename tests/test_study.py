@@ -197,6 +197,8 @@ def test_whole_study_on_tiny_models_writes_a_report_and_resumes(tmp_path):
     verdicts = json.loads((out / "verdicts.json").read_text())["claims"]
     assert all(v["verdict"] in ("holds", "does not hold", "mixed") for v in verdicts.values())
     assert (tmp_path / "results" / "REPORT.md").exists() and (tmp_path / "results" / "single_objective.png").stat().st_size > 0
+    assert (tmp_path / "results" / "data" / "single" / "points" / "ref.json").exists()
+    assert (tmp_path / "results" / "data" / "sweep-beta3" / "fronts.json").exists()
     assert "MAVIS β = 3" in text and (out / "sweep-beta3" / "fronts.json").exists()
     shared = out / "sweep-beta3" / "points" / "rsoup@0.5-0.5.json"  # baselines' points are copied, not recomputed
     assert shared.read_text() == (out / "sweep" / "points" / "rsoup@0.5-0.5.json").read_text()

@@ -421,7 +421,11 @@ def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
             for row in c3["morlhf"]:
                 L.append(f"| {'/'.join(f'{x:g}' for x in row['lambda'])} | {_f(row['mavis'])} ({row['mavis_kl']:.1f}) | {_f(row['morlhf'])} ({row['morlhf_kl']:.1f}) |")
         L += ["", "<details><summary>every front point</summary>", "", sw["fronts_md"], "</details>", ""]
-    L += ["![fronts](front.png)", "", "![reward vs KL](reward_kl.png)", "", "(figures of the primary sweep)", "",
+    L += ["![fronts](front.png)", "", "![reward vs KL](reward_kl.png)", "", "(figures of the primary sweep)", ""]
+    for name in ctx["sweeps"]:
+        if name != "sweep":
+            L += [f"![fronts, {name}](front-{name}.png)", "", f"(fronts of `{name}/`)", ""]
+    L += [
           "## Claim 4: value-guided search (Fig. 4)", "", _rule(claim_search), ""]
     for name, sw in ctx["sweeps"].items():
         c4 = sw["claim4"]
@@ -518,6 +522,11 @@ def write_report(out: str | Path, spec, *, copy_to: str | Path | None = None, co
     _plot_single(ctx["points"], list(spec.recipe.objectives), ctx["iterations"], ctx["betas"], out / "single_objective.png")
     for name in ("front.png", "reward_kl.png"):
         shutil.copy(out / "sweep" / name, out / name)
+    extra_figs = []
+    for folder in sorted(out.glob("sweep-beta*")):
+        if (folder / "front.png").exists():
+            shutil.copy(folder / "front.png", out / f"front-{folder.name}.png")
+            extra_figs.append(f"front-{folder.name}.png")
     command = command or f"mavis-align reproduce --recipe {spec.name} --out {out}"
     extra = {k: v for k, v in claims.items()}
     (out / "verdicts.json").write_text(json.dumps({"claims": extra, "stages": ctx["stages"], "scale": ctx["scale"]}, indent=2, default=str) + "\n")
@@ -525,7 +534,7 @@ def write_report(out: str | Path, spec, *, copy_to: str | Path | None = None, co
     if copy_to is not None:
         dest = Path(copy_to)
         dest.mkdir(parents=True, exist_ok=True)
-        for name in ("REPORT.md", "verdicts.json", "single_objective.png", "front.png", "reward_kl.png"):
+        for name in ("REPORT.md", "verdicts.json", "single_objective.png", "front.png", "reward_kl.png", *extra_figs):
             shutil.copy(out / name, dest / name)
         # the measurements behind every number (small JSON / markdown files; no models, no trees)
         data = dest / "data"

@@ -143,6 +143,13 @@ def test_sweep_with_every_baseline_resumes(tmp_path):
     for p in points:
         if p != victim:
             assert p.stat().st_mtime_ns == stamps[p.name]  # finished points were not recomputed
+    # another MAVIS beta: only the MAVIS points are stale and measured again
+    stamps = {p.name: p.stat().st_mtime_ns for p in sorted((out / "points").glob("*.json"))}
+    run_sweep(SweepSpec(**{**spec.__dict__, "beta": 3.0}), out, progress=False)
+    for name, t in stamps.items():
+        now = (out / "points" / name).stat().st_mtime_ns
+        assert (now != t) == name.startswith("mavis"), name
+    assert json.loads((out / "sweep.json").read_text())["beta"] == 3.0
     with pytest.raises(ValueError, match="needs `values`"):
         SweepSpec(objectives=["a", "b"], methods=["mavis"])
 

@@ -45,6 +45,16 @@ def run_record(config: dict, seed: int | None) -> dict:
     }
 
 
+def write_json(path: str | Path, obj) -> Path:
+    """Write ``obj`` as indented JSON through a temporary file, so a reader (or a resumed run after
+    a kill) never sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def write_run_record(folder: str | Path, config: dict, seed: int | None, name: str = "run.json") -> Path:
     """Write :func:`run_record` as JSON to ``folder/name`` and return the path."""
     folder = Path(folder)

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from .train.iterate import Recipe, add_cost
+from .provenance import write_json
+from .train.iterate import Recipe, add_cost, extends_recipe
 
 STAGES = ("mavis", "baselines", "single", "sweep", "distill", "report")
 
@@ -179,19 +180,6 @@ def point_name(iteration: int, objective: str, beta: float) -> str:
     return f"iter{iteration}-{objective}-beta{float(beta):g}"
 
 
-def _only_appended_rounds(old: dict, new: dict) -> bool:
-    """True when ``new`` is ``old`` with more policy-iteration rounds (and maybe another eval)."""
-    strip = lambda d: {k: v for k, v in d.items() if k not in ("iterations", "eval", "name")}  # noqa: E731
-    its_old, its_new = old.get("iterations", []), new.get("iterations", [])
-    return strip(old) == strip(new) and its_new[: len(its_old)] == its_old
-
-
-def _save(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 def _load_points(folder: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.exists() else {}
 
@@ -210,7 +198,7 @@ def run_study(spec: StudySpec, out: str | Path, *, stages: list[str] | None = No
     if saved.exists() and json.loads(saved.read_text()) != spec_json:
         old = json.loads(saved.read_text())
         changed = sorted(k for k in spec_json if old.get(k) != spec_json[k])
-        if "mavis" in changed and _only_appended_rounds(old.get("mavis", {}), spec_json["mavis"]):
+        if "mavis" in changed and extends_recipe(old.get("mavis", {}), spec_json["mavis"]):
             changed.remove("mavis")  # more policy-iteration rounds: run_iterations extends the run
         if any(k in ("mavis", "baselines", "pair") for k in changed):
             raise ValueError(f"{out} holds a study of another recipe (changed: {changed}); use another --out")
@@ -219,7 +207,7 @@ def run_study(spec: StudySpec, out: str | Path, *, stages: list[str] | None = No
         if "evaluation" in changed:
             for f in [*(out / "single" / "points").glob("*.json"), *(out / "distill" / "eval").glob("*.json")]:
                 f.unlink()
-    _save(saved, spec_json)
+    write_json(saved, spec_json)
     write_run_record(out, spec_json, spec.recipe.seed)
     todo = list(stages or STAGES)
     unknown = [s for s in todo if s not in STAGES]
@@ -300,7 +288,7 @@ class _Evaluation:
         if not path.exists():
             res = evaluate_policy(make(), self.prompts, self.rewards, self.model, self.tok, samples=self.samples, seed=self.seed,
                                   chat=self.spec.recipe.chat)
-            _save(path, res)
+            write_json(path, res)
         return json.loads(path.read_text())
 
 
@@ -356,7 +344,7 @@ def sweep_beta(spec: StudySpec, out: Path) -> float:
 
 
 def _stage_sweep(spec: StudySpec, out: Path, progress: bool) -> None:
-    from .evaluate import SweepSpec, run_sweep
+    from .evaluate import SweepSpec
 
     r, e, s = spec.recipe, spec.evaluation, spec.sweep
     base = out / "baselines"
@@ -377,33 +365,23 @@ def _stage_sweep(spec: StudySpec, out: Path, progress: bool) -> None:
         _sweep_into(out / f"sweep-beta{float(beta):g}", extra, progress, reuse=out / "sweep")
 
 
-MAVIS_ONLY_FIELDS = ("beta", "betas", "values")  # sweep settings that change MAVIS points only
-
-
 def _sweep_into(folder: Path, sweep, progress: bool, reuse: Path | None = None) -> None:
-    """Run ``sweep`` into ``folder``, dropping points its settings made stale; with ``reuse``, the
-    baselines' points of that folder (same settings but MAVIS's) are copied instead of recomputed."""
+    """Run ``sweep`` into ``folder``; with ``reuse``, the baselines' points of that folder (a sweep
+    that differs only in MAVIS's settings) are copied instead of recomputed."""
     import shutil
 
-    from .evaluate import run_sweep
+    from .evaluate.pareto import MAVIS_ONLY_FIELDS, drop_stale_points, run_sweep
 
-    folder.mkdir(parents=True, exist_ok=True)
-    new = json.loads(json.dumps(sweep.__dict__))
-    saved = folder / "sweep.json"
-    if saved.exists():
-        old = json.loads(saved.read_text())
-        changed = {k for k in new if old.get(k) != new[k]}
-        for f in (folder / "points").glob("*.json"):
-            if changed and (changed - set(MAVIS_ONLY_FIELDS) or f.name.startswith("mavis")):
-                f.unlink()  # measured under other settings
+    drop_stale_points(folder, sweep)
     if reuse is not None and (reuse / "sweep.json").exists():
-        other = json.loads((reuse / "sweep.json").read_text())
-        if {k: v for k, v in other.items() if k not in MAVIS_ONLY_FIELDS} == {k: v for k, v in new.items() if k not in MAVIS_ONLY_FIELDS}:
+        def common(d: dict) -> dict:
+            return {k: v for k, v in d.items() if k not in MAVIS_ONLY_FIELDS}
+
+        if common(json.loads((reuse / "sweep.json").read_text())) == common(json.loads((folder / "sweep.json").read_text())):
             (folder / "points").mkdir(exist_ok=True)
             for f in (reuse / "points").glob("*.json"):
                 if not f.name.startswith("mavis") and not (folder / "points" / f.name).exists():
                     shutil.copy(f, folder / "points" / f.name)
-    _save(saved, sweep.__dict__)
     run_sweep(sweep, folder, progress=progress)
 
 
@@ -423,7 +401,7 @@ def _stage_distill(spec: StudySpec, out: Path, progress: bool) -> None:
 
         shutil.rmtree(folder)  # other teachers (more iterations) or settings: distil again
     folder.mkdir(parents=True, exist_ok=True)
-    _save(folder / "teachers.json", record)
+    write_json(folder / "teachers.json", record)
     if not (folder / "result.json").exists():
         teachers = [ValueModel.load(teachers_dirs[m][1]) for m in objs]
         student = build_value_model(objs, backbone=str(d.get("backbone", r.backbone)), base_model=r.model, seed=r.seed + 11)
@@ -438,7 +416,7 @@ def _stage_distill(spec: StudySpec, out: Path, progress: bool) -> None:
     if (folder / "eval.json").exists() and json.loads((folder / "eval.json").read_text()) != eval_record:
         for f in (folder / "eval").glob("*.json"):
             f.unlink()  # another beta or evaluation: measure again
-    _save(folder / "eval.json", eval_record)
+    write_json(folder / "eval.json", eval_record)
     for m in objs:
         ev.point(folder / "eval" / f"separate-{m}.json", lambda m=m: DecoderPolicy("separate", separate, ev.tilted(beta), weights={m: 1.0}, chat=r.chat))
         ev.point(folder / "eval" / f"distilled-{m}.json", lambda m=m: DecoderPolicy("distilled", multi, ev.tilted(beta), weights={m: 1.0}, chat=r.chat))
@@ -454,4 +432,4 @@ def _stage_distill(spec: StudySpec, out: Path, progress: bool) -> None:
             res[name] = sum(len(g.token_ids) for g in gens) / (time.perf_counter() - t0)
         res["speedup"] = res["distilled"] / res["separate"]
         res["note"] = "tokens/s of MAVIS with all objectives weighted, 8 prompts, fixed length, measured back to back"
-        _save(speed, res)
+        write_json(speed, res)

@@ -23,7 +23,7 @@ A sweep is described by a YAML file (unknown keys are errors)::
     chat: true
 
 Each point is written to ``out/points/<method>@<lambda>.json`` as soon as it is evaluated; a rerun
-skips finished points. ``out/fronts.json``, ``out/fronts.md``, ``out/front.png|svg`` and
+skips finished points, and drops those that changed settings (``out/sweep.json``) made stale. ``out/fronts.json``, ``out/fronts.md``, ``out/front.png|svg`` and
 ``out/reward_kl.png|svg`` are (re)written at the end.
 """
 
@@ -118,13 +118,35 @@ def morlhf_key(lam) -> str:
     return f"{lam[0]:g}" if len(lam) == 2 else lam_key(lam)
 
 
+MAVIS_ONLY_FIELDS = ("beta", "betas", "values")  # sweep settings that change the MAVIS points only
+
+
+def drop_stale_points(out: str | Path, spec: SweepSpec) -> None:
+    """Record ``spec`` in ``out/sweep.json``; points measured under other settings are deleted
+    (only the MAVIS ones when only MAVIS's beta or value models changed), so a rerun re-evaluates
+    exactly those."""
+    from ..provenance import write_json
+
+    out = Path(out)
+    new = json.loads(json.dumps(spec.__dict__, default=str))
+    saved = out / "sweep.json"
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        changed = {k for k in new if old.get(k) != new[k]}
+        for f in (out / "points").glob("*.json") if changed else []:
+            if changed - set(MAVIS_ONLY_FIELDS) or f.name.startswith("mavis"):
+                f.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(saved, new)
+
+
 def run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool = True) -> dict:
     """Evaluate every (method, lambda) point not done yet, then write fronts, tables and plots."""
     from ..data import load_prompts
     from ..decoding.decoder import MavisDecoder, parse_value_spec
     from ..generation import SamplingConfig
     from ..models import load_causal_lm
-    from ..provenance import write_run_record
+    from ..provenance import write_json, write_run_record
     from ..rewards import get_rewards, weighted_reward
     from ..values import ValueModel
     from .evaluator import evaluate_policy
@@ -132,6 +154,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool = True) -> dic
 
     out = Path(out)
     (out / "points").mkdir(parents=True, exist_ok=True)
+    drop_stale_points(out, spec)
     write_run_record(out, spec.__dict__, spec.seed)
     ref_model, tok = load_causal_lm(spec.model)
     prompts = [p.text for p in load_prompts(spec.dataset, spec.split, tokenizer=tok, limit=spec.prompts)]
@@ -208,9 +231,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool = True) -> dic
         if not path.exists():
             res = evaluate_policy(make(method, lam), prompts, rewards, ref_model, tok, samples=spec.samples, seed=spec.seed, chat=spec.chat)
             res.update({"lambda": list(lam) if lam else None, "beta": beta_for(lam) if lam and method.startswith("mavis") else None})
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(res, indent=2) + "\n")
-            tmp.replace(path)
+            write_json(path, res)
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -110,6 +110,16 @@ def _prompts(recipe: Recipe, split: str, n: int) -> list[str]:
     return [p.text for p in load_prompts(recipe.dataset, split, seed=recipe.data_seed, tokenizer=tok, limit=n, field=recipe.prompt_field)]
 
 
+def extends_recipe(old: dict, new: dict) -> bool:
+    """True when recipe ``new`` (a ``to_dict``) continues the run of ``old``: the same but for its
+    name, evaluation settings and policy-iteration rounds appended after the old ones."""
+    def strip(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k not in ("iterations", "eval", "name")}
+
+    its_old, its_new = old.get("iterations", []), new.get("iterations", [])
+    return strip(old) == strip(new) and its_new[: len(its_old)] == its_old
+
+
 def add_cost(out: Path, key: str, seconds: float) -> None:
     """Add ``seconds`` of wall time to ``out/costs.json[key]`` (accumulates over resumed calls)."""
     path = out / "costs.json"
@@ -147,9 +157,7 @@ def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, st
         new = json.loads(recipe_json)
         # keys added to Recipe after a run was written take their defaults
         old = {**json.loads(json.dumps(Recipe().to_dict(), default=str)), **json.loads(saved.read_text())}
-        # a run may be extended by more iterations (and re-evaluated); anything else is another run
-        same = {k: v for k, v in old.items() if k not in ("iterations", "eval", "name")} == {k: v for k, v in new.items() if k not in ("iterations", "eval", "name")}
-        if not same or new["iterations"][: len(old["iterations"])] != old["iterations"]:
+        if not extends_recipe(old, new):
             raise ValueError(f"{out} holds a run of a different recipe (recipe.json); use another --out (only appending iterations is allowed)")
         if old.get("eval") != new.get("eval"):
             for f in (out / "eval").glob("*.json") if (out / "eval").exists() else []:

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from .provenance import write_json
-from .train.iterate import Recipe, add_cost, extends_recipe
+from .train.iterate import Recipe, add_cost, extends_recipe, recipe_prompts
 
 STAGES = ("mavis", "baselines", "single", "sweep", "distill", "report")
 
@@ -240,13 +240,9 @@ def _stage_mavis(spec: StudySpec, out: Path, progress: bool) -> None:
 
 def _stage_baselines(spec: StudySpec, out: Path, progress: bool) -> None:
     from .baselines import train_rl_policy
-    from .data import load_prompts
-    from .models import load_tokenizer
 
     r = spec.recipe
-    tok = load_tokenizer(r.model)
-    prompts = [p.text for p in load_prompts(r.dataset, "train", seed=r.data_seed, tokenizer=tok, limit=int(spec.baselines.get("prompts", 160)),
-                                            field=r.prompt_field)]
+    prompts = recipe_prompts(r, "train", int(spec.baselines.get("prompts", 160)))
     jobs = [(f"rl-{m}", {m: 1.0}) for m in r.objectives]
     a, b = spec.pair
     jobs += [(f"rl-morlhf-{float(lam):g}", {a: float(lam), b: round(1 - float(lam), 6)}) for lam in spec.baselines.get("morlhf", [])]

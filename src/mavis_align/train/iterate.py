@@ -102,7 +102,8 @@ def load_recipe(path: str | Path) -> Recipe:
     return Recipe(**raw)
 
 
-def _prompts(recipe: Recipe, split: str, n: int) -> list[str]:
+def recipe_prompts(recipe: Recipe, split: str, n: int) -> list[str]:
+    """The first ``n`` prompts of ``split`` of the recipe's data set (its seed, field, tokenizer)."""
     from ..data import load_prompts
     from ..models import load_tokenizer
 
@@ -164,8 +165,8 @@ def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, st
                 f.unlink()  # evaluation settings changed: evaluate again
     saved.write_text(recipe_json + "\n")
     write_run_record(out, recipe.to_dict(), recipe.seed)
-    train_prompts = _prompts(recipe, "train", recipe.train_prompts)
-    eval_prompts = _prompts(recipe, "val", recipe.eval_prompts)
+    train_prompts = recipe_prompts(recipe, "train", recipe.train_prompts)
+    eval_prompts = recipe_prompts(recipe, "val", recipe.eval_prompts)
     tree_cfg = TreeConfig(**recipe.tree)
     worked = 0
 

@@ -89,7 +89,7 @@ def test_corrupt_or_mismatched_folders_explain_themselves(vm, tmp_path):
         m["objectives"] = ["a", "b", "c"]
         (d / "meta.json").write_text(json.dumps(m))
 
-    with pytest.raises(ValueModelError, match=r"expected weight \[3, 32\]"):
+    with pytest.raises(ValueModelError, match=r"expected \{'weight': \[3, 32\]"):
         ValueModel.load(broken("d", more_objectives))
     with pytest.raises(ValueModelError, match="heads.safetensors could not be read"):
         ValueModel.load(broken("e", lambda d: (d / "heads.safetensors").write_bytes(b"garbage")))

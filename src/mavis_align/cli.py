@@ -186,7 +186,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps, zeta=args.zeta, kl_target=args.kl_target,
         keep_leaf_fraction=args.keep_leaf_fraction, val_drop_leaves=args.val_drop_leaves, eval_every=args.eval_every,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, seed=args.seed,
-        objectives=list(args.objective),
+        sibling_weight=args.sibling_weight, objectives=list(args.objective),
     )
     for t in args.trees:
         if not Path(t).is_file():
@@ -196,7 +196,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if vm.objectives != list(args.objective):
             raise ValueError(f"--init model has heads {vm.objectives}, not {list(args.objective)}")
     else:
-        vm = build_value_model(args.objective, backbone=args.backbone, base_model=args.base_model, seed=args.seed)
+        vm = build_value_model(args.objective, backbone=args.backbone, base_model=args.base_model, seed=args.seed, pool=args.pool, head_hidden=args.head_hidden)
     res = train_value_model(vm, args.trees, args.out, cfg, resume=args.resume)
     print(json.dumps(res, indent=2))
     return 0
@@ -238,7 +238,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
             vm.objectives = [name]
         teachers.append(vm)
     names = [o for t in teachers for o in t.objectives]
-    student = build_value_model(names, backbone=args.backbone, base_model=args.base_model, seed=args.seed)
+    student = build_value_model(names, backbone=args.backbone, base_model=args.base_model, seed=args.seed, pool=args.pool, head_hidden=args.head_hidden)
     res = distill(teachers, student, args.trees, args.out, DistillConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed))
     print(json.dumps(res, indent=2))
     return 0
@@ -429,10 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--init", help="start from this value model (policy iteration)")
     p.add_argument("--backbone", default="tiny", help="backbone of a new model (see `mavis-align ls backbones`)")
+    p.add_argument("--pool", default="last", choices=["last", "mean", "mean+last"], help="what the heads read: the last state (paper) or the mean state")
+    p.add_argument("--head-hidden", type=int, default=0, help="0: linear heads; d > 0: two-layer MLP heads of width d")
     p.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     p.add_argument("--zeta", type=float, default=0.0, help="KL penalty multiplier (eq. 6)")
     p.add_argument("--kl-target", default="future", choices=["future", "response"], help="log-ratio charged: tokens after s (default) or the whole response")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--sibling-weight", type=float, default=0.0, help="weight of the added sibling-difference loss (within-state order)")
     p.add_argument("--weight-decay", type=float, default=0.002)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
@@ -467,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trees", action="append", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--backbone", default="tiny")
+    p.add_argument("--pool", default="last", choices=["last", "mean", "mean+last"])
+    p.add_argument("--head-hidden", type=int, default=0)
     p.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--epochs", type=float, default=2.0)

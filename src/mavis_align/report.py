@@ -325,8 +325,10 @@ def build(out: Path, spec) -> tuple[dict, dict]:
     claims[6] = claim_cost(value_costs, rl, objs)
     stages = json.loads((out / "costs.json").read_text()) if (out / "costs.json").exists() else {}
     sweep = json.loads((out / "sweep" / "sweep.json").read_text())
+    summary = out / "mavis" / "summary.json"
     context = {"points": points, "iterations": iterations, "betas": betas, "fronts": fronts, "sweeps": sweeps, "stages": stages, "sweep": sweep,
-               "scale": _scale(out, spec), "rl_seconds": rl}
+               "scale": _scale(out, spec), "rl_seconds": rl,
+               "value_quality": json.loads(summary.read_text())["iterations"] if summary.exists() else []}
     return claims, context
 
 
@@ -363,6 +365,7 @@ def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
           f"top-k {e.get('top_k', 15)}, seed {e.get('seed', 0)}; KL by eq. 7 (teacher-forced π_ref, full vocabulary); ± is one standard error.",
           f"- Wall time (2-core CPU, no GPU): {hours:.2f} h in all; per stage: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in st.items()) + ".", ""]
 
+    L += _quality_section(ctx.get("value_quality", []), claims[5].get("distill_result", {}))
     L += _reading(claims, ctx, spec)
 
     # claim 1
@@ -467,6 +470,26 @@ def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
           "and labelled with every reward, so their cost is shared by all objectives. Wall times count the calls that finished or were stopped "
           "by Ctrl-C / SIGTERM; a process killed with SIGKILL loses its share, and other work on the machine inflates them.", ""]
     return "\n".join(L) + "\n"
+
+
+def _quality_section(rows: list[dict], distill_result: dict) -> list[str]:
+    """Held-out R² and sibling concordance of every value model the claims rest on."""
+    def cells(q: dict) -> str:
+        r2 = "-" if q.get("r2") is None else f"{q['r2']:.3f}"
+        conc = "-" if q.get("concordance") is None else f"{q['concordance']:.3f} ± {q.get('concordance_se') or 0:.3f}"
+        return f"{r2} | {conc} | {q.get('pairs', '-')}"
+
+    L = ["## Value-model quality", "",
+         "Held-out R² (1 − MSE / variance of the targets) and sibling concordance (the fraction of held-out sibling pairs with",
+         "different Monte-Carlo values that V orders the same way; 0.5 is chance) on each model's own held-out trees.", "",
+         "| iteration | objective | R² | sibling concordance | pairs |", "|---|---|---|---|---|"]
+    for row in rows:
+        for m, q in row["objectives"].items():
+            L.append(f"| {row['iteration']} | {m} | {cells(q)} |")
+    student = (distill_result.get("quality") or {}).get("per_objective") or {}
+    for m, q in student.items():
+        L.append(f"| distilled student | {m} | {cells(q)} |")
+    return L + [""]
 
 
 def _reading(claims: dict, ctx: dict, spec) -> list[str]:

@@ -400,7 +400,10 @@ def _stage_distill(spec: StudySpec, out: Path, progress: bool) -> None:
     write_json(folder / "teachers.json", record)
     if not (folder / "result.json").exists():
         teachers = [ValueModel.load(teachers_dirs[m][1]) for m in objs]
-        student = build_value_model(objs, backbone=str(d.get("backbone", r.backbone)), base_model=r.model, seed=r.seed + 11)
+        from .train.iterate import value_model_options
+
+        opts = {**value_model_options(r), "backbone": str(d.get("backbone", r.backbone))}
+        student = build_value_model(objs, **opts, seed=r.seed + 11)
         cfg = DistillConfig(epochs=float(d.get("epochs", 2.0)), **{k: d[k] for k in ("lr", "batch_size") if k in d})
         distill(teachers, student, [out / "mavis" / "iter0" / "trees.h5"], folder, cfg)
     ev = _Evaluation(spec)

@@ -9,7 +9,8 @@ On disk (no pickle anywhere)::
     folder/
       meta.json            format, version, objectives, tokenizer fingerprint, backbone, training
       backbone/            config.json + model.safetensors (``save_pretrained``)
-      heads.safetensors    weight [M, H], bias [M]
+      heads.safetensors    linear heads: weight [M, H], bias [M]; MLP heads (``head_hidden`` d > 0):
+                           w1 [M, d, H], b1 [M, d], w2 [M, d], b2 [M]
       tokenizer/           the tokenizer, so the folder is self-contained
 """
 
@@ -31,6 +32,15 @@ from torch import nn
 
 FORMAT = "mavis-align-value-model"
 FORMAT_VERSION = 1
+
+# What the heads read at position t: "last" = the hidden state h_t (the paper's regression head),
+# "mean" = the mean of h_1..h_t over real tokens, "mean+last" = both, concatenated. A mean is
+# carried forward incrementally at decode time (a running sum per row), so it costs nothing extra.
+POOLS = ("last", "mean", "mean+last")
+
+# A value model whose backbone is frozen (``meta["frozen_backbone"]``) records a fingerprint of the
+# backbone's weights: models with equal fingerprints share one trunk forward at decode time, and
+# training computes the trunk's features once instead of at every step.
 
 
 class ValueModelError(ValueError):
@@ -56,6 +66,52 @@ class ValueOutput:
     cache: object | None = None
 
 
+class MLPHeads(nn.Module):
+    """M independent two-layer heads on a shared hidden state: v_m = w2_m · gelu(W1_m h + b1_m) + b2_m.
+
+    Args:
+        hidden_size: H; num_heads: M; head_hidden: d.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_hidden: int):
+        super().__init__()
+        if head_hidden < 1:
+            raise ValueError(f"head_hidden must be >= 1, got {head_hidden}")
+        self.w1 = nn.Parameter(torch.randn(num_heads, head_hidden, hidden_size) * hidden_size**-0.5)
+        self.b1 = nn.Parameter(torch.zeros(num_heads, head_hidden))
+        self.w2 = nn.Parameter(torch.randn(num_heads, head_hidden) * 0.02)
+        self.b2 = nn.Parameter(torch.zeros(num_heads))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [..., H] -> [..., M]."""
+        z = torch.nn.functional.gelu(torch.einsum("...h,mdh->...md", h, self.w1) + self.b1)
+        return torch.einsum("...md,md->...m", z, self.w2) + self.b2
+
+
+def make_heads(hidden_size: int, num_heads: int, head_hidden: int = 0) -> nn.Module:
+    """Linear heads (``head_hidden`` 0, the paper's regression head) or :class:`MLPHeads`."""
+    if head_hidden == 0:
+        head = nn.Linear(hidden_size, num_heads)
+        nn.init.normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        return head
+    return MLPHeads(hidden_size, num_heads, head_hidden)
+
+
+def heads_state(head: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().contiguous() for k, v in head.state_dict().items()}
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of ``module``'s parameters and buffers."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 class ValueModel(nn.Module):
     """Backbone + ``nn.Linear(hidden, M)``: one scalar value per objective at every position.
 
@@ -65,6 +121,9 @@ class ValueModel(nn.Module):
         tokenizer_fingerprint: :func:`tokenizer_fingerprint` of the tokenizer it reads.
         meta: extra JSON-serialisable description (training config, lineage) saved with it.
         tokenizer: optional tokenizer object, saved into the folder so it is self-contained.
+        head_hidden: 0 for linear heads (the paper's regression head), d > 0 for per-objective
+            two-layer MLP heads of width d (see :class:`MLPHeads`).
+        pool: what the heads read (see :data:`POOLS`).
     """
 
     def __init__(
@@ -74,8 +133,12 @@ class ValueModel(nn.Module):
         tokenizer_fingerprint: str,
         meta: dict | None = None,
         tokenizer=None,
+        head_hidden: int = 0,
+        pool: str = "last",
     ):
         super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         objectives = list(objectives)
         if not objectives:
             raise ValueError("a value model needs at least one objective")
@@ -86,13 +149,50 @@ class ValueModel(nn.Module):
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.meta = dict(meta or {})
         self.tokenizer = tokenizer
-        self.head = nn.Linear(self.hidden_size, len(objectives))
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.head_hidden = int(head_hidden)
+        self.pool = pool
+        self.head = make_heads(self.hidden_size * (2 if pool == "mean+last" else 1), len(objectives), self.head_hidden)
+        if self.meta.get("frozen_backbone"):
+            self.backbone.requires_grad_(False)
 
     @property
     def hidden_size(self) -> int:
         return int(self.backbone.config.hidden_size)
+
+    @property
+    def frozen_backbone(self) -> bool:
+        return bool(self.meta.get("frozen_backbone"))
+
+    @property
+    def trunk_key(self) -> str | None:
+        """Fingerprint of a frozen backbone (models with equal keys can share one trunk forward)."""
+        return self.meta.get("trunk_fingerprint") if self.frozen_backbone else None
+
+    def freeze_backbone(self) -> None:
+        """Freeze the backbone (only the heads train) and record its weights' fingerprint."""
+        if self.is_lora:
+            raise ValueError("a LoRA value model trains its backbone; it cannot also be frozen")
+        self.backbone.requires_grad_(False)
+        self.meta["frozen_backbone"] = True
+        self.meta["trunk_fingerprint"] = weights_fingerprint(self.backbone)
+
+    def values_from_hidden(self, hidden: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+        """Heads applied to backbone states -> values [..., M] (float32).
+
+        Args:
+            hidden: [..., H] the state at the scored position; mean: [..., H] the mean state of
+                the real tokens up to and including it (needed unless ``pool`` is "last").
+        """
+        if self.pool == "last":
+            x = hidden
+        elif mean is None:
+            raise ValueError(f"a value model with pool={self.pool!r} needs the running mean of the hidden states")
+        else:
+            x = mean if self.pool == "mean" else torch.cat([mean, hidden], dim=-1)
+        return self.head(x.to(self._head_dtype())).float()
+
+    def _head_dtype(self) -> torch.dtype:
+        return next(self.head.parameters()).dtype
 
     @property
     def lora_config(self) -> dict | None:
@@ -123,10 +223,18 @@ class ValueModel(nn.Module):
         Returns:
             ValueOutput with values [B, T, M] (float32) and the cache.
         """
+        mean = None
+        if self.pool != "last":
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError(f"pool={self.pool!r}: the mean needs every earlier state; score a cached prefix with CachedValueScorer")
+            if attention_mask is not None and attention_mask.dim() != 2:
+                raise ValueError(f"pool={self.pool!r} needs a 2D padding mask")
         out = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache
         )
-        values = self.head(out.last_hidden_state).float()
+        if self.pool != "last":
+            mean = running_mean(out.last_hidden_state, attention_mask)
+        values = self.values_from_hidden(out.last_hidden_state, mean)
         return ValueOutput(values, getattr(out, "cache", None) if use_cache else None)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -155,6 +263,8 @@ class ValueModel(nn.Module):
 
         if self.lora_config is not None and self.is_lora:
             raise ValueError("this value model already has LoRA adapters")
+        if self.frozen_backbone:
+            raise ValueError("this value model's backbone is frozen (shared trunk); LoRA would change it")
         targets = list(target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"])
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
         self.backbone = get_peft_model(self.backbone, config)
@@ -181,15 +291,14 @@ class ValueModel(nn.Module):
         try:
             backbone = self.plain_backbone()
             backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
-            save_file(
-                {"weight": self.head.weight.detach().float().contiguous(), "bias": self.head.bias.detach().float().contiguous()},
-                str(tmp / "heads.safetensors"),
-            )
+            save_file(heads_state(self.head), str(tmp / "heads.safetensors"))
             meta = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
                 "objectives": self.objectives,
                 "hidden_size": self.hidden_size,
+                "head_hidden": self.head_hidden,
+                "pool": self.pool,
                 "tokenizer_fingerprint": self.tokenizer_fingerprint,
                 "backbone_class": type(backbone).__name__,
                 **{k: v for k, v in self.meta.items() if k not in {"format", "format_version", "objectives"}},
@@ -243,24 +352,46 @@ class ValueModel(nn.Module):
         except Exception as err:
             raise ValueModelError(f"{folder / 'backbone'} could not be loaded ({type(err).__name__}: {err})") from err
         m, h = len(meta["objectives"]), int(meta["hidden_size"])
+        d = meta.get("head_hidden", 0)
+        if not isinstance(d, int) or d < 0:
+            raise ValueModelError(f"{meta_path}: head_hidden must be an integer >= 0, got {d!r}")
+        pool = meta.get("pool", "last")
+        if pool not in POOLS:
+            raise ValueModelError(f"{meta_path}: pool must be one of {POOLS}, got {pool!r}")
         if int(backbone.config.hidden_size) != h:
             raise ValueModelError(f"{folder}: backbone hidden size {backbone.config.hidden_size} != meta hidden_size {h}")
-        if tuple(heads.get("weight", torch.empty(0)).shape) != (m, h) or tuple(heads.get("bias", torch.empty(0)).shape) != (m,):
+        expected = {k: tuple(v.shape) for k, v in make_heads(h * (2 if pool == "mean+last" else 1), m, d).state_dict().items()}
+        if {k: tuple(v.shape) for k, v in heads.items()} != expected:
             raise ValueModelError(
-                f"{heads_path}: expected weight [{m}, {h}] and bias [{m}] for objectives {meta['objectives']}, "
-                f"got { {k: list(v.shape) for k, v in heads.items()} }"
+                f"{heads_path}: expected { {k: list(v) for k, v in expected.items()} } for objectives {meta['objectives']} "
+                f"(head_hidden {d}), got { {k: list(v.shape) for k, v in heads.items()} }"
             )
-        extra = {k: v for k, v in meta.items() if k not in {"format", "format_version", "objectives", "tokenizer_fingerprint", "hidden_size", "backbone_class"}}
+        extra = {k: v for k, v in meta.items() if k not in {"format", "format_version", "objectives", "tokenizer_fingerprint", "hidden_size", "backbone_class", "head_hidden", "pool"}}
+        if extra.get("frozen_backbone") and extra.get("trunk_fingerprint") != weights_fingerprint(backbone):
+            raise ValueModelError(f"{folder}: the frozen backbone's weights do not match the fingerprint in meta.json (file changed or corrupt)")
         tokenizer = None
         if (folder / "tokenizer").is_dir():
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
-        model = cls(backbone, meta["objectives"], meta["tokenizer_fingerprint"], extra, tokenizer)
-        with torch.no_grad():
-            model.head.weight.copy_(heads["weight"])
-            model.head.bias.copy_(heads["bias"])
+        model = cls(backbone, meta["objectives"], meta["tokenizer_fingerprint"], extra, tokenizer, head_hidden=d, pool=pool)
+        model.head.load_state_dict(heads)
         return model.to(device).eval()
+
+
+def running_mean(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of the states of the real tokens up to each position: [B, T, H] -> [B, T, H] (float32).
+
+    Args:
+        attention_mask: [B, T] with 1 on real tokens (left or right padding), or None (all real).
+    """
+    h = hidden.float()
+    if attention_mask is None:
+        weights = torch.ones(h.shape[:2], device=h.device)
+    else:
+        weights = attention_mask.to(h.device, torch.float32)
+    sums = (h * weights[..., None]).cumsum(1)
+    return sums / weights.cumsum(1).clamp(min=1.0)[..., None]
 
 
 def check_tokenizer(value_model: ValueModel, tokenizer, *, name: str = "value model") -> None:
@@ -352,7 +483,8 @@ def truncated_backbone(causal_lm, num_layers: int):
 BACKBONES = {
     "tiny": "LlamaModel, hidden 128, 2 layers, 4 heads; token embeddings from a PCA of the base's (6.8M params)",
     "tiny-256": "LlamaModel, hidden 256, 4 layers, 4 heads; PCA-initialised embeddings (16.5M params)",
-    "truncate:N": "the base model's own first N decoder layers (pretrained)",
+    "truncate:N": "the base model's own first N decoder layers (pretrained), all weights trained",
+    "trunk:N": "the base model's first N decoder layers (pretrained), frozen: only the heads train, on features computed once; value models on the same trunk share one trunk forward when decoding",
     "<name or path>": "any causal LM / base model loadable by from_pretrained (must share the base tokenizer)",
 }
 DEFAULT_VALUE_BACKBONE = "tiny"
@@ -364,25 +496,32 @@ def build_value_model(
     backbone: str = DEFAULT_VALUE_BACKBONE,
     base_model: str | None = None,
     seed: int = 0,
+    head_hidden: int = 0,
+    pool: str = "last",
 ) -> ValueModel:
     """Create an untrained value model for ``objectives`` that reads the base model's tokenizer.
 
     Args:
-        backbone: ``"tiny"``, ``"tiny-256"``, ``"truncate:N"`` or a model name/path (see BACKBONES).
+        backbone: ``"tiny"``, ``"tiny-256"``, ``"truncate:N"``, ``"trunk:N"`` or a model name/path
+            (see BACKBONES).
         base_model: the base (pi_ref) model name; default: the embedded default.
         seed: initialisation seed of random parameters.
+        head_hidden: 0 for linear heads, d > 0 for two-layer MLP heads of width d.
+        pool: what the heads read: "last" (the paper), "mean" or "mean+last" (see :data:`POOLS`).
     """
     from .models import DEFAULT_BASE_MODEL, load_causal_lm, load_tokenizer, resolve_model
 
     base_model = base_model or DEFAULT_BASE_MODEL
     tokenizer = load_tokenizer(base_model)
-    if backbone in ("tiny", "tiny-256") or backbone.startswith("truncate:"):
+    frozen = backbone.startswith("trunk:")
+    if backbone in ("tiny", "tiny-256") or backbone.startswith(("truncate:", "trunk:")):
         lm, _ = load_causal_lm(base_model)
-        if backbone.startswith("truncate:"):
+        if backbone.startswith(("truncate:", "trunk:")):
+            kind, _, num = backbone.partition(":")
             try:
-                n = int(backbone.split(":", 1)[1])
+                n = int(num)
             except ValueError as err:
-                raise ValueError(f"backbone {backbone!r}: expected truncate:N with an integer N") from err
+                raise ValueError(f"backbone {backbone!r}: expected {kind}:N with an integer N") from err
             net = truncated_backbone(lm, n)
         else:
             hidden, layers = (128, 2) if backbone == "tiny" else (256, 4)
@@ -406,4 +545,7 @@ def build_value_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         meta = {"backbone": backbone, "base_model": base_model, "seed": seed}
-        return ValueModel(net, objectives, tokenizer_fingerprint(tokenizer), meta, tokenizer)
+        model = ValueModel(net, objectives, tokenizer_fingerprint(tokenizer), meta, tokenizer, head_hidden=head_hidden, pool=pool)
+    if frozen:
+        model.freeze_backbone()
+    return model

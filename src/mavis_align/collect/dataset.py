@@ -45,6 +45,7 @@ class NodeExample:
     depth: int
     is_leaf: bool
     prefix_lpr: float = 0.0  # sum of log(pi_gen/pi_ref) over the response tokens up to the end of s
+    parent: int = -1  # tree-local parent node (siblings share tree and parent)
 
     @property
     def future_lpr(self) -> float:
@@ -96,7 +97,7 @@ def node_examples(
             prefix = sum(g - r for p in tree.path(ni) for g, r in zip(tree.nodes[p].logp_gen, tree.nodes[p].logp_ref))
             out.append(NodeExample(
                 tree.prompt_ids + tree.response(ni), np.asarray(data.values[ti][ni], dtype=np.float64),
-                float(data.lprs[ti][ni]), ti, ni, tree.nodes[ni].depth, leaf, float(prefix),
+                float(data.lprs[ti][ni]), ti, ni, tree.nodes[ni].depth, leaf, float(prefix), tree.nodes[ni].parent,
             ))
     return out, objectives
 

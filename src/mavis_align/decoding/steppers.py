@@ -191,6 +191,15 @@ def bind_objectives(models: Sequence[ValueModel], names: Sequence[str | None] | 
     return out
 
 
+def trunk_groups(models: Sequence[ValueModel], active: Sequence[int]) -> list[list[int]]:
+    """Active model indices grouped by shared frozen trunk (a model without one is its own group)."""
+    groups: dict[str, list[int]] = {}
+    for mi in active:
+        key = models[mi].trunk_key or f"own-trunk-{mi}"
+        groups.setdefault(key, []).append(mi)
+    return list(groups.values())
+
+
 class CachedValueScorer:
     """Value models with KV caches: V_m(s ⊕ a) for k candidates per row in one forward per model.
 
@@ -199,6 +208,10 @@ class CachedValueScorer:
         bindings: from :func:`bind_objectives`; the output's last axis follows this order.
         active: indices of the models to run (others give zeros), e.g. those with a nonzero
             weight somewhere in the batch; None = all.
+
+    Models with the same frozen trunk (equal :attr:`ValueModel.trunk_key`) share one trunk forward
+    and one cache: only their heads differ. For models that read the mean state (``pool`` "mean"
+    or "mean+last") each trunk keeps a running sum of its states per row.
     """
 
     def __init__(self, models: Sequence[ValueModel], bindings: Sequence[ObjectiveBinding], active: Sequence[int] | None = None):
@@ -206,6 +219,8 @@ class CachedValueScorer:
         self.bindings = list(bindings)
         self.active = sorted(set(range(len(models)) if active is None else active))
         self.device = next(self.models[0].parameters()).device if self.models else torch.device("cpu")
+        self.groups = trunk_groups(self.models, self.active)
+        self.pooled = {g[0] for g in self.groups if any(self.models[mi].pool != "last" for mi in g)}
 
     @property
     def objectives(self) -> list[str]:
@@ -221,11 +236,15 @@ class CachedValueScorer:
         self.next_pos = position[:, -1] + 1
         self.pending: torch.Tensor | None = None
         self.caches = {}
+        self.sums: dict[int, torch.Tensor] = {}
+        self.count = self.mask.sum(-1).float()
         ids = input_ids.to(self.device)
-        for mi in self.active:
+        for group in self.groups:
             cache = DynamicCache()
-            self.models[mi].backbone(input_ids=ids, attention_mask=self.mask, position_ids=position, cache=cache, use_cache=True)
-            self.caches[mi] = cache
+            out = self.models[group[0]].backbone(input_ids=ids, attention_mask=self.mask, position_ids=position, cache=cache, use_cache=True)
+            self.caches[group[0]] = cache
+            if group[0] in self.pooled:
+                self.sums[group[0]] = (out.last_hidden_state.float() * self.mask[..., None]).sum(1)
 
     def append(self, tokens: torch.Tensor) -> None:
         """Record the token chosen for each row ([B]); it is fed with the next :meth:`score`."""
@@ -238,11 +257,14 @@ class CachedValueScorer:
         """Feed a pending token without scoring (two appends in a row)."""
         pending, self.pending = self.pending, None
         mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        for mi in self.active:
-            self.models[mi].backbone(
+        for group in self.groups:
+            out = self.models[group[0]].backbone(
                 input_ids=pending[:, None], attention_mask=mask, position_ids=self.next_pos[:, None],
-                cache=self.caches[mi], use_cache=True,
+                cache=self.caches[group[0]], use_cache=True,
             )
+            if group[0] in self.sums:
+                self.sums[group[0]] = self.sums[group[0]] + out.last_hidden_state[:, 0].float()
+        self.count = self.count + 1
         self.mask = mask
         self.next_pos = self.next_pos + 1
 
@@ -272,17 +294,28 @@ class CachedValueScorer:
         block = cand if not n_app else torch.cat([self.pending[:, None], cand], dim=1)
         pos = torch.cat([self.next_pos[:, None].expand(b, n_app), (self.next_pos + n_app)[:, None].expand(b, k)], dim=1)
         out = torch.zeros(b, k, len(self.bindings), dtype=torch.float32, device=self.device)
-        for mi in self.active:
-            model = self.models[mi]
-            dtype = next(model.parameters()).dtype
-            values = model(block, attention_mask=self._block_mask(n_app, k, dtype), position_ids=pos, cache=self.caches[mi], use_cache=True).values
-            _crop(self.caches[mi], k)
-            for j, bd in enumerate(self.bindings):
-                if bd.model == mi:
-                    out[:, :, j] = values[:, n_app:, bd.head]
+        for group in self.groups:
+            trunk = self.models[group[0]].backbone
+            dtype = next(trunk.parameters()).dtype
+            states = trunk(
+                input_ids=block, attention_mask=self._block_mask(n_app, k, dtype), position_ids=pos, cache=self.caches[group[0]], use_cache=True,
+            ).last_hidden_state
+            _crop(self.caches[group[0]], k)
+            hidden, mean = states[:, n_app:], None
+            if group[0] in self.sums:
+                if n_app:
+                    self.sums[group[0]] = self.sums[group[0]] + states[:, 0].float()
+                # mean over the prefix (incl. the pending token) and the candidate itself
+                mean = (self.sums[group[0]][:, None] + hidden.float()) / (self.count + n_app + 1)[:, None, None]
+            for mi in group:
+                values = self.models[mi].values_from_hidden(hidden, mean)
+                for j, bd in enumerate(self.bindings):
+                    if bd.model == mi:
+                        out[:, :, j] = values[..., bd.head]
         if n_app:
             self.mask = torch.cat([self.mask, self.mask.new_ones(b, 1)], dim=1)
             self.next_pos = self.next_pos + 1
+            self.count = self.count + 1
             self.pending = None
         return out
 
@@ -295,6 +328,8 @@ class CachedValueScorer:
             cache.reorder_cache(index)
         self.mask = self.mask.index_select(0, index)
         self.next_pos = self.next_pos.index_select(0, index)
+        self.count = self.count.index_select(0, index)
+        self.sums = {g: v.index_select(0, index) for g, v in self.sums.items()}
 
     def merge(self, other: "CachedValueScorer") -> None:
         """Append the rows of ``other`` (same models and active set, started separately)."""
@@ -304,8 +339,10 @@ class CachedValueScorer:
             if sc.pending is not None:
                 sc._flush()
         self.mask, pa, pb = _merge_masks(self.mask, other.mask)
-        self.caches = {mi: _merge_caches(self.caches[mi], other.caches[mi], pa, pb) for mi in self.active}
+        self.caches = {g: _merge_caches(self.caches[g], other.caches[g], pa, pb) for g in self.caches}
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.count = torch.cat([self.count, other.count])
+        self.sums = {g: torch.cat([v, other.sums[g]]) for g, v in self.sums.items()}
 
 
 class SequenceValueScorer:

@@ -140,6 +140,19 @@ def distill(
         val_mse = dict(zip(names, (sq / max(n, 1)).tolist()))
     student.meta["distilled_from"] = names
     student.save(out / "student")
-    result = {"objectives": names, "steps": steps, "sequences": len(train), "val_mse_vs_teachers": val_mse, "seconds": round(time.perf_counter() - t0, 2)}
+    seconds = round(time.perf_counter() - t0, 2)
+    # against the Monte-Carlo targets of held-out trees, next to the teachers' own quality
+    from .regression import held_out_quality
+
+    quality = held_out_quality(student, tree_files)
+    teacher_quality = {}
+    for t in teachers:
+        teacher_quality.update(held_out_quality(t, tree_files)["per_objective"])
+    result = {"objectives": names, "steps": steps, "sequences": len(train), "val_mse_vs_teachers": val_mse, "seconds": seconds,
+              "quality": quality, "teacher_quality": teacher_quality}
+    if progress and quality["per_objective"]:
+        from .quality import format_quality
+
+        print("student:\n" + format_quality(quality))
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

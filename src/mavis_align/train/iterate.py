@@ -62,6 +62,7 @@ class Recipe:
     chat: bool = True
     tree: dict = field(default_factory=dict)
     backbone: str = "tiny"
+    value_head: dict = field(default_factory=dict)  # {"pool": last|mean|mean+last, "hidden": 0 (linear) or MLP width}
     train: dict = field(default_factory=dict)
     iterations: list[dict] = field(default_factory=list)  # rounds i >= 1
     eval: dict = field(default_factory=lambda: {"beta": 2.0, "top_k": 15, "max_new_tokens": 48, "samples": 1})
@@ -74,6 +75,9 @@ class Recipe:
     def __post_init__(self) -> None:
         TreeConfig(**self.tree)
         TrainConfig(**self.train)
+        bad = set(self.value_head) - {"pool", "hidden"}
+        if bad:
+            raise ValueError(f"recipe value_head: unknown keys {sorted(bad)} (known: pool, hidden)")
         self.rounds = [IterationSpec(**it) for it in self.iterations]
         unknown = set(self.eval) - {"beta", "top_k", "max_new_tokens", "samples", "temperature"}
         if unknown:
@@ -100,6 +104,12 @@ def load_recipe(path: str | Path) -> Recipe:
         if bad:
             raise ValueError(f"recipe {path}: unknown iteration keys {bad}")
     return Recipe(**raw)
+
+
+def value_model_options(recipe: Recipe) -> dict:
+    """build_value_model keyword arguments of the recipe's value models."""
+    return {"backbone": recipe.backbone, "base_model": recipe.model, "pool": str(recipe.value_head.get("pool", "last")),
+            "head_hidden": int(recipe.value_head.get("hidden", 0))}
 
 
 def recipe_prompts(recipe: Recipe, split: str, n: int) -> list[str]:
@@ -197,7 +207,7 @@ def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, st
             overrides["zeta"] = round_.zeta
             overrides.setdefault("warmup_steps", 0)
         cfg = TrainConfig(**{**overrides, "seed": seed, "objectives": [objective]})
-        vm = ValueModel.load(init) if init is not None else build_value_model([objective], backbone=recipe.backbone, base_model=recipe.model, seed=seed)
+        vm = ValueModel.load(init) if init is not None else build_value_model([objective], **value_model_options(recipe), seed=seed)
         t0 = time.perf_counter()
         try:
             train_value_model(vm, [trees], folder, cfg, resume=(folder / "checkpoint").exists(), progress=progress)
@@ -238,8 +248,10 @@ def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, st
                 epath.write_text(json.dumps(res, indent=2) + "\n")
             res = json.loads(epath.read_text())
             tr = json.loads((vpath / "result.json").read_text())
+            q = ((tr.get("quality") or {}).get("per_objective") or {}).get(m, {})
             row["objectives"][m] = {
                 "val_mse": tr.get("best_val_mse"), "train_seconds": tr.get("seconds_this_run"),
+                "r2": q.get("r2"), "concordance": q.get("concordance"), "concordance_se": q.get("concordance_se"), "pairs": q.get("pairs"),
                 "reward": res["rewards"][m]["mean"], "reward_se": res["rewards"][m]["se"], "kl": res["kl"]["mean"],
                 "ref_reward": ref["rewards"][m]["mean"], "ref_kl": ref["kl"]["mean"], "beta": cfg.beta,
             }
@@ -248,11 +260,14 @@ def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, st
 
     def write_summary() -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        lines = ["| iteration | objective | val MSE | reward (MAVIS) | reward (π_ref) | KL (MAVIS) |", "|---|---|---|---|---|---|"]
+        lines = ["| iteration | objective | val MSE | held-out R² | sibling concordance (pairs) | reward (MAVIS) | reward (π_ref) | KL (MAVIS) |",
+                 "|---|---|---|---|---|---|---|---|"]
         for row in summary["iterations"]:
             for m, r in row["objectives"].items():
                 mse = f"{r['val_mse']:.4f}" if r["val_mse"] is not None else "-"
-                lines.append(f"| {row['iteration']} | {m} | {mse} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['ref_reward']:.3f} | {r['kl']:.2f} |")
+                r2 = f"{r['r2']:.3f}" if r.get("r2") is not None else "-"
+                conc = f"{r['concordance']:.3f} ± {r['concordance_se']:.3f} ({r['pairs']})" if r.get("concordance") is not None else "-"
+                lines.append(f"| {row['iteration']} | {m} | {mse} | {r2} | {conc} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['ref_reward']:.3f} | {r['kl']:.2f} |")
         (out / "summary.md").write_text("\n".join(lines) + "\n")
 
     # ---- iteration 0

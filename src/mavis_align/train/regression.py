@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,10 @@ class TrainConfig:
         keep_leaf_fraction: fraction of leaves kept in training (App. F.5: one half).
         val_drop_leaves: validate on incomplete sequences only.
         eval_every: optimizer steps between validations and checkpoints (0: only at the end).
+        sibling_weight: weight of an added loss on sibling differences,
+            ((V(a) - V(b)) - (t(a) - t(b)))² over pairs of training nodes with one parent: the
+            within-state order that the tilt uses (0: plain eq. 6).
+        sibling_pairs: sibling pairs per optimizer step for that loss.
         lora_rank: add LoRA adapters of this rank (None: train all weights); lora_alpha, lora_dropout.
         seed: data order, leaf subsampling, dropout.
     """
@@ -76,6 +80,8 @@ class TrainConfig:
     keep_leaf_fraction: float = 0.5
     val_drop_leaves: bool = False
     eval_every: int = 50
+    sibling_weight: float = 0.0
+    sibling_pairs: int = 64
     lora_rank: int | None = None
     lora_alpha: float = 256.0
     lora_dropout: float = 0.2
@@ -92,6 +98,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if self.zeta < 0:
             raise ValueError(f"zeta must be >= 0, got {self.zeta}")
+        if self.sibling_weight < 0 or self.sibling_pairs < 1:
+            raise ValueError(f"sibling_weight must be >= 0 and sibling_pairs >= 1, got {self.sibling_weight}, {self.sibling_pairs}")
         if self.kl_target not in ("future", "response"):
             raise ValueError(f"kl_target must be 'future' or 'response', got {self.kl_target!r}")
 
@@ -99,6 +107,7 @@ class TrainConfig:
 def _load_examples(trees: Sequence[str | Path | LabelledTrees], split: str, cfg: TrainConfig, objectives: list[str], drop_leaves: bool, keep: float):
     """Examples of ``split`` from every tree file, with targets restricted to ``objectives``."""
     out: list[NodeExample] = []
+    tree_offset = 0  # tree ids unique across files (siblings are grouped by tree and parent)
     for i, src in enumerate(trees):
         if isinstance(src, LabelledTrees):
             data, names = src, list(objectives)
@@ -109,7 +118,8 @@ def _load_examples(trees: Sequence[str | Path | LabelledTrees], split: str, cfg:
             raise ValueError(f"tree file {src} has no labels for {missing} (it has {names}); run `mavis-align label` first")
         cols = [names.index(o) for o in objectives]
         ex, _ = node_examples(data, split, keep_leaf_fraction=keep, drop_leaves=drop_leaves, seed=cfg.seed + i)
-        out.extend(NodeExample(e.input_ids, e.value[cols], e.lpr, e.tree, e.node, e.depth, e.is_leaf, e.prefix_lpr) for e in ex)
+        out.extend(replace(e, value=e.value[cols], tree=e.tree + tree_offset) for e in ex)
+        tree_offset += len(data.trees)
     return out
 
 
@@ -121,22 +131,176 @@ def _last_token_values(model: ValueModel, batch: dict) -> torch.Tensor:
     return values[torch.arange(values.shape[0]), last]
 
 
+def prefix_carriers(examples: Sequence[NodeExample]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """Few sequences that hold every example as a prefix: a causal trunk's hidden state at the last
+    token of an example equals its state at that position of any longer sequence it starts.
+
+    Returns:
+        (carriers, where): carrier token lists, and per example (carrier index, position).
+    """
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    carriers: list[list[int]] = []
+    by_tree: dict[int, list[int]] = {}
+    where: list[tuple[int, int]] = [(0, 0)] * len(examples)
+    for i in order:
+        ids = examples[i].input_ids
+        for c in by_tree.get(examples[i].tree, []):
+            if carriers[c][: len(ids)] == ids:
+                where[i] = (c, len(ids) - 1)
+                break
+        else:
+            carriers.append(list(ids))
+            by_tree.setdefault(examples[i].tree, []).append(len(carriers) - 1)
+            where[i] = (len(carriers) - 1, len(ids) - 1)
+    return carriers, where
+
+
+_FEATURE_MEMO: dict[tuple, torch.Tensor] = {}  # (trunk fingerprint, examples digest) -> features; the last few only
+
+
+def _examples_digest(examples: Sequence[NodeExample]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes() + b"|")
+    return h.hexdigest()
+
+
+def trunk_features(model: ValueModel, examples: Sequence[NodeExample], pad_id: int, *, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+    """:func:`compute_trunk_features`, remembered for a frozen trunk: the value models of several
+    objectives on one trunk and one tree file (iteration 0) compute the features once."""
+    if model.trunk_key is None:
+        return compute_trunk_features(model, examples, pad_id, batch_size=batch_size, progress=progress)
+    key = (model.trunk_key, _examples_digest(examples))
+    if key not in _FEATURE_MEMO:
+        while len(_FEATURE_MEMO) >= 4:
+            _FEATURE_MEMO.pop(next(iter(_FEATURE_MEMO)))
+        _FEATURE_MEMO[key] = compute_trunk_features(model, examples, pad_id, batch_size=batch_size, progress=progress)
+    return _FEATURE_MEMO[key]
+
+
 @torch.no_grad()
-def evaluate_mse(model: ValueModel, examples: Sequence[NodeExample], pad_id: int, zeta: float, batch_size: int = 32, kl_target: str = "future") -> dict:
+def compute_trunk_features(model: ValueModel, examples: Sequence[NodeExample], pad_id: int, *, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+    """Backbone states at the last token of every example -> [N, 2, H] float32: [:, 0] the state
+    itself, [:, 1] the mean state of the example's tokens (what :attr:`ValueModel.pool` reads).
+
+    Runs each root-to-leaf sequence once (see :func:`prefix_carriers`), longest first.
+    """
+    from ..values import running_mean
+
+    carriers, where = prefix_carriers(examples)
+    device = next(model.backbone.parameters()).device
+    hidden: list[torch.Tensor | None] = [None] * len(carriers)
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(carriers)), key=lambda c: -len(carriers[c]))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(order), desc="trunk features", unit="seq")
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        width = len(carriers[idx[0]])
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, c in enumerate(idx):
+            ids[r, : len(carriers[c])] = torch.tensor(carriers[c])
+            mask[r, : len(carriers[c])] = 1
+        out = model.backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        mean = running_mean(out, mask.to(device))
+        for r, c in enumerate(idx):
+            hidden[c] = torch.stack([out[r, : len(carriers[c])].float(), mean[r, : len(carriers[c])]], dim=1).cpu()
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    model.train(was_training)
+    return torch.stack([hidden[c][p] for c, p in where])
+
+
+def values_from_features(model: ValueModel, features: torch.Tensor) -> torch.Tensor:
+    """[N, 2, H] from :func:`trunk_features` -> [N, M]."""
+    return model.values_from_hidden(features[:, 0], features[:, 1])
+
+
+@torch.no_grad()
+def predict_values(model: ValueModel, examples: Sequence[NodeExample], pad_id: int, *, batch_size: int = 32, features: torch.Tensor | None = None) -> torch.Tensor:
+    """V at the last token of every example -> [N, M] float32 (from ``features`` [N, H] when given)."""
+    if not examples:
+        return torch.zeros(0, len(model.objectives))
+    was_training = model.training
+    model.eval()
+    if features is not None:
+        head_device = next(model.head.parameters()).device
+        out = values_from_features(model, features.to(head_device)).cpu()
+    else:
+        device = next(model.parameters()).device
+        parts = []
+        for s in range(0, len(examples), batch_size):
+            b = collate(examples[s : s + batch_size], pad_id)
+            parts.append(_last_token_values(model, {k: v.to(device) for k, v in b.items()}).cpu())
+        out = torch.cat(parts)
+    model.train(was_training)
+    return out
+
+
+def example_targets(examples: Sequence[NodeExample], zeta: float, kl_target: str = "future") -> torch.Tensor:
+    """[N, M] regression targets of eq. 6."""
+    return torch.tensor(np.stack([e.target(zeta, kl_target) for e in examples]), dtype=torch.float32)
+
+
+@torch.no_grad()
+def evaluate_mse(model: ValueModel, examples: Sequence[NodeExample], pad_id: int, zeta: float, batch_size: int = 32, kl_target: str = "future",
+                 features: torch.Tensor | None = None) -> dict:
     """Validation MSE per objective and overall (mean over heads)."""
     if not examples:
         return {}
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    sq = torch.zeros(len(model.objectives))
-    for s in range(0, len(examples), batch_size):
-        b = collate(examples[s : s + batch_size], pad_id, zeta, kl_target)
-        pred = _last_token_values(model, {k: v.to(device) for k, v in b.items()})
-        sq += ((pred - b["target"].to(device)) ** 2).sum(0).cpu()
-    model.train(was_training)
-    per = (sq / len(examples)).tolist()
+    pred = predict_values(model, examples, pad_id, batch_size=batch_size, features=features)
+    per = ((pred - example_targets(examples, zeta, kl_target)) ** 2).mean(0).tolist()
     return {"val_mse": float(np.mean(per)), "val_mse_per_objective": dict(zip(model.objectives, per)), "val_examples": len(examples)}
+
+
+@torch.no_grad()
+def value_quality(model: ValueModel, examples: Sequence[NodeExample], pad_id: int, *, zeta: float = 0.0, kl_target: str = "future",
+                  features: torch.Tensor | None = None) -> dict:
+    """Held-out R² and sibling concordance per objective (:mod:`mavis_align.train.quality`)."""
+    from .quality import quality_report
+
+    if not examples:
+        return {"examples": 0, "trees": 0, "per_objective": {}}
+    pred = predict_values(model, examples, pad_id, features=features)
+    groups = [(e.tree, e.parent) for e in examples]
+    return quality_report(pred.numpy(), example_targets(examples, zeta, kl_target).numpy(), groups, model.objectives)
+
+
+def held_out_quality(model: ValueModel, trees: Sequence[str | Path], *, zeta: float = 0.0, kl_target: str = "future") -> dict:
+    """:func:`value_quality` of every head of ``model`` on the val split of the tree files that carry
+    that head's labels (files of later iterations are often labelled with one objective only)."""
+    from .quality import quality_report
+
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
+    report: dict = {"examples": 0, "trees": 0, "per_objective": {}}
+    cfg = TrainConfig(zeta=zeta, kl_target=kl_target)
+    loaded = [(path, read_trees(path)) for path in trees]
+    for m, name in enumerate(model.objectives):
+        files = [data for _, (data, names, _) in loaded if name in names]
+        cols = [[names.index(name)] for _, (_, names, _) in loaded if name in names]
+        examples: list[NodeExample] = []
+        offset = 0
+        for data, col in zip(files, cols):
+            ex, _ = node_examples(data, "val", keep_leaf_fraction=1.0)
+            examples.extend(replace(e, value=e.value[col], tree=e.tree + offset) for e in ex)
+            offset += len(data.trees)
+        if not examples:
+            continue
+        pred = predict_values(model, examples, pad_id)[:, [m]].numpy()
+        rep = quality_report(pred, example_targets(examples, cfg.zeta, cfg.kl_target).numpy(), [(e.tree, e.parent) for e in examples], [name])
+        report["per_objective"][name] = rep["per_objective"][name]
+        report["examples"] = max(report["examples"], rep["examples"])
+        report["trees"] = max(report["trees"], rep["trees"])
+    return report
 
 
 def _atomic_dir(target: Path, write) -> None:
@@ -153,6 +317,19 @@ def _atomic_dir(target: Path, write) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _trainable_state(model: ValueModel) -> dict[str, torch.Tensor]:
+    """What a checkpoint must hold: everything but a frozen backbone."""
+    skip = "backbone." if model.frozen_backbone else None
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if not (skip and k.startswith(skip))}
+
+
+def _load_trainable(model: ValueModel, state: dict[str, torch.Tensor]) -> None:
+    expected = set(_trainable_state(model))
+    if set(state) != expected:
+        raise ValueError(f"checkpoint holds {sorted(set(state) ^ expected)[:5]}... that do not match this model's trainable weights")
+    model.load_state_dict(state, strict=False)
 
 
 def _save_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
@@ -218,6 +395,13 @@ def train_value_model(
     if config.lora_rank and not model.is_lora:
         model.add_lora(config.lora_rank, config.lora_alpha, config.lora_dropout)
     device = next(model.parameters()).device
+    # A frozen trunk never changes: its features are computed once and only the heads train.
+    frozen = model.frozen_backbone
+    t_feat = time.perf_counter()
+    train_feats = trunk_features(model, train, pad_id, progress=progress).to(device) if frozen else None
+    val_feats = trunk_features(model, val, pad_id, progress=progress) if frozen and val else None
+    feature_seconds = time.perf_counter() - t_feat
+    train_targets = example_targets(train, config.zeta, config.kl_target).to(device)
     per_step = config.batch_size * config.grad_accum
     steps_per_epoch = max(1, math.ceil(len(train) / per_step))
     total = max(1, math.ceil(steps_per_epoch * config.epochs))
@@ -233,7 +417,7 @@ def train_value_model(
         saved = json.loads((ckpt / "trainer.json").read_text())
         if saved["config"] != cfg_dict:
             raise ValueError(f"--resume: training settings differ from the checkpoint in {ckpt}")
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        _load_trainable(model, load_file(str(ckpt / "model.safetensors")))
         _load_optimizer(opt, ckpt)
         sched.load_state_dict(saved["scheduler"])
         torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["cpu"])
@@ -249,7 +433,7 @@ def train_value_model(
 
     def checkpoint() -> None:
         def write(d: Path) -> None:
-            save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+            save_file(_trainable_state(model), str(d / "model.safetensors"))
             _save_optimizer(opt, d)
             save_file({"cpu": torch.get_rng_state()}, str(d / "rng.safetensors"))
             (d / "trainer.json").write_text(json.dumps({"config": cfg_dict, "scheduler": sched.state_dict(), "state": state}))
@@ -263,11 +447,24 @@ def train_value_model(
     def validate() -> None:
         if not val:
             return
-        res = evaluate_mse(model, val, pad_id, config.zeta, kl_target=config.kl_target)
+        res = evaluate_mse(model, val, pad_id, config.zeta, kl_target=config.kl_target, features=val_feats)
         log({"step": state["step"], **res})
         if state["best_val"] is None or res["val_mse"] < state["best_val"]:
             state["best_val"], state["best_step"] = res["val_mse"], state["step"]
             _atomic_dir(out / "best", lambda d: model.save(d))
+
+    def predict_rows(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions and targets [len(rows), M] of training examples ``rows``."""
+        if frozen:
+            index = torch.tensor(rows, device=device)
+            return values_from_features(model, train_feats[index]), train_targets[index]
+        b = collate([train[i] for i in rows], pad_id, config.zeta, config.kl_target)
+        b = {k: v.to(device) for k, v in b.items()}
+        return _last_token_values(model, b), b["target"]
+
+    from .quality import sibling_pairs
+
+    train_pairs = sibling_pairs([(e.tree, e.parent) for e in train]) if config.sibling_weight else []
 
     bar = None
     if progress:
@@ -284,12 +481,17 @@ def train_value_model(
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for a in range(0, len(chunk), config.batch_size):
-            b = collate([train[i] for i in chunk[a : a + config.batch_size]], pad_id, config.zeta, config.kl_target)
-            b = {k: v.to(device) for k, v in b.items()}
-            pred = _last_token_values(model, b)
-            loss = ((pred - b["target"]) ** 2).mean()
-            (loss * (len(b["target"]) / len(chunk))).backward()
-            loss_sum += float(loss.detach()) * len(b["target"])
+            pred, target = predict_rows(chunk[a : a + config.batch_size])
+            loss = ((pred - target) ** 2).mean()
+            (loss * (len(target) / len(chunk))).backward()
+            loss_sum += float(loss.detach()) * len(target)
+        if config.sibling_weight and train_pairs:
+            pick = torch.randint(len(train_pairs), (config.sibling_pairs,), generator=torch.Generator().manual_seed(config.seed * 104729 + state["step"]))
+            first, second = zip(*(train_pairs[i] for i in pick.tolist()))
+            pred, target = predict_rows(list(first) + list(second))
+            n = len(first)
+            sib = (((pred[:n] - pred[n:]) - (target[:n] - target[n:])) ** 2).mean()
+            (config.sibling_weight * sib).backward()
         opt.step()
         sched.step()
         state["step"] += 1
@@ -313,10 +515,20 @@ def train_value_model(
         _atomic_dir(out / "best", lambda d: model.save(d))
     _atomic_dir(out / "final", lambda d: model.save(d))
     checkpoint()
+    final_val = evaluate_mse(model, val, pad_id, config.zeta, kl_target=config.kl_target, features=val_feats) if val else None
+    quality = None
+    if val:  # of the model that is used: best/
+        best = ValueModel.load(out / "best", device=device)
+        quality = value_quality(best, val, pad_id, zeta=config.zeta, kl_target=config.kl_target, features=val_feats)
     result = {
         "objectives": objectives, "steps": state["step"], "train_examples": len(train), "val_examples": len(val),
-        "best_val_mse": state["best_val"], "best_step": state["best_step"], "seconds_this_run": round(time.perf_counter() - t0, 2),
-        "final_val": evaluate_mse(model, val, pad_id, config.zeta, kl_target=config.kl_target) if val else None,
+        "best_val_mse": state["best_val"], "best_step": state["best_step"], "seconds_this_run": round(time.perf_counter() - t0 + feature_seconds, 2),
+        "feature_seconds": round(feature_seconds, 2) if frozen else None,
+        "final_val": final_val, "quality": quality,
     }
+    if progress and quality:
+        from .quality import format_quality
+
+        print(format_quality(quality))
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -1,0 +1,203 @@
+"""Value-model quality metrics on hand-built arrays, the frozen-trunk value model (features computed
+once, heads only, MLP heads) and the shared-trunk forward at decode time."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_lm, make_tiny_tokenizer
+from mavis_align.collect.dataset import NodeExample
+from mavis_align.decoding.steppers import CachedValueScorer, bind_objectives, naive_value_fn, trunk_groups
+from mavis_align.train.quality import quality_report, r_squared, sibling_concordance, sibling_pairs
+from mavis_align.train.regression import TrainConfig, prefix_carriers, train_value_model, trunk_features
+from mavis_align.values import ValueModel, ValueModelError, tokenizer_fingerprint, truncated_backbone
+
+
+def test_r_squared_closed_forms():
+    target = np.array([[1.0, 2.0], [2.0, 2.0], [3.0, 2.0]])
+    assert np.allclose(r_squared(target, target)[0], 1.0)
+    mean = np.repeat(target.mean(0, keepdims=True), 3, 0)
+    r2 = r_squared(mean, target)
+    assert r2[0] == pytest.approx(0.0) and math.isnan(r2[1])  # no variance to explain
+    worse = target + np.array([[1.0, 0.0]] * 3)
+    assert r_squared(worse, target)[0] == pytest.approx(1 - 1 / (2 / 3))
+    with pytest.raises(ValueError, match=r"\[N, M\]"):
+        r_squared(target[:, 0], target[:, 0])
+
+
+def test_sibling_pairs_group_by_tree_and_parent():
+    groups = [(0, 0), (0, 0), (0, 0), (0, 1), (1, 0), (1, 0), (0, 1)]
+    pairs = sibling_pairs(groups)
+    assert sorted(pairs) == [(0, 1), (0, 2), (1, 2), (3, 6), (4, 5)]
+
+
+def test_concordance_counts_order_ties_and_clusters():
+    # tree 0: three siblings, targets 0 < 1 < 2; V orders (0,1) right, (0,2) right, (1,2) wrong
+    # tree 1: two siblings with equal targets (skipped), two with a V tie (counts 1/2)
+    target = np.array([0.0, 1.0, 2.0, 5.0, 5.0, 0.0, 1.0])
+    pred = np.array([0.0, 0.9, 0.5, 1.0, 2.0, 3.0, 3.0])
+    groups = [(0, 0), (0, 0), (0, 0), (1, 4), (1, 4), (1, 7), (1, 7)]
+    res = sibling_concordance(pred, target, sibling_pairs(groups), [g[0] for g in groups])
+    assert res["pairs"] == 4 and res["trees"] == 2
+    assert res["concordance"] == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    # clustered SE: residuals per tree (2 - 0.625*3) and (0.5 - 0.625*1), g/(g-1) = 2
+    expected = math.sqrt(2 * ((2 - 1.875) ** 2 + (0.5 - 0.625) ** 2)) / 4
+    assert res["se"] == pytest.approx(expected)
+    empty = sibling_concordance(pred, np.zeros(7), sibling_pairs(groups), [g[0] for g in groups])
+    assert empty["pairs"] == 0 and math.isnan(empty["concordance"])
+
+
+def test_quality_report_is_json_ready():
+    target = np.array([[0.0], [1.0], [0.5], [0.7]])
+    rep = quality_report(target * 2, target, [(0, 0), (0, 0), (1, 0), (1, 0)], ["h"])
+    json.dumps(rep)
+    q = rep["per_objective"]["h"]
+    assert q["concordance"] == 1.0 and q["pairs"] == 2 and rep["trees"] == 2
+    assert q["r2"] == pytest.approx(1 - ((target) ** 2).mean() / target.var())
+
+
+def _example(ids, tree, node=1, parent=0, value=0.0):
+    return NodeExample(list(ids), np.array([value]), 0.0, tree, node, 1, False, 0.0, parent)
+
+
+def test_prefix_carriers_share_sequences_within_a_tree():
+    ex = [_example([5, 6], 0), _example([5, 6, 7, 8], 0), _example([5, 6, 9], 0), _example([5, 6], 1), _example([5], 0)]
+    carriers, where = prefix_carriers(ex)
+    assert len(carriers) == 3  # [5,6,7,8] and [5,6,9] in tree 0; [5,6] in tree 1
+    for e, (c, p) in zip(ex, where):
+        assert carriers[c][: p + 1] == e.input_ids and p == len(e.input_ids) - 1
+
+
+def frozen_model(objectives=("a", "b"), head_hidden=0, seed=0, pool="last") -> ValueModel:
+    tok = make_tiny_tokenizer()
+    trunk = truncated_backbone(make_tiny_lm(len(tok), seed=3, layers=2), 1)
+    torch.manual_seed(seed)
+    vm = ValueModel(trunk, list(objectives), tokenizer_fingerprint(tok), {"backbone": "trunk:1"}, tok, head_hidden=head_hidden, pool=pool)
+    vm.freeze_backbone()
+    return vm.eval()
+
+
+def test_trunk_features_equal_each_examples_own_forward():
+    vm = frozen_model()
+    rng = np.random.default_rng(0)
+    ex = []
+    for t in range(3):
+        root = rng.integers(4, 20, size=6).tolist()
+        for n in range(1, 6):
+            ex.append(_example(root[: n + 1] + rng.integers(4, 20, size=n % 3).tolist(), t, node=n))
+    feats = trunk_features(vm, ex, pad_id=1, batch_size=4)
+    assert feats.shape == (len(ex), 2, vm.hidden_size)
+    for i, e in enumerate(ex):
+        own = vm.backbone(input_ids=torch.tensor([e.input_ids])).last_hidden_state[0]
+        assert torch.allclose(feats[i, 0], own[-1], atol=1e-5), i
+        assert torch.allclose(feats[i, 1], own.mean(0), atol=1e-5), i
+
+
+def test_running_mean_pool_reads_real_tokens_only(tiny_tokenizer):
+    vm = frozen_model(pool="mean+last")
+    with torch.no_grad():
+        vm.head.weight.normal_()
+    texts = ["hello world the cat sat", "why ?"]
+    single = torch.cat([vm.score(*tiny_tokenizer(t, return_tensors="pt").values()) for t in texts])
+    for side in ("left", "right"):
+        tiny_tokenizer.padding_side = side
+        enc = tiny_tokenizer(texts, return_tensors="pt", padding=True)
+        assert torch.allclose(vm.score(enc["input_ids"], enc["attention_mask"]), single, atol=1e-5), side
+    tiny_tokenizer.padding_side = "left"
+    with pytest.raises(ValueError, match="pool must be one of"):
+        frozen_model(pool="max")
+
+
+def test_mlp_heads_roundtrip_and_frozen_fingerprint_checked(tmp_path):
+    vm = frozen_model(head_hidden=8, pool="mean")
+    with torch.no_grad():
+        vm.head.w2.normal_()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    vm.save(tmp_path / "v")
+    back = ValueModel.load(tmp_path / "v")
+    assert back.head_hidden == 8 and back.pool == "mean" and back.frozen_backbone and back.trunk_key == vm.trunk_key
+    assert not any(p.requires_grad for p in back.backbone.parameters())
+    assert torch.allclose(back(ids).values, vm(ids).values, atol=1e-6)
+    # a changed trunk no longer matches its recorded fingerprint
+    meta = json.loads((tmp_path / "v" / "meta.json").read_text())
+    meta["trunk_fingerprint"] = "0" * 64
+    (tmp_path / "v" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueModelError, match="fingerprint"):
+        ValueModel.load(tmp_path / "v")
+    with pytest.raises(ValueError, match="frozen"):
+        vm.add_lora(4)
+
+
+def test_frozen_trunk_trains_heads_only_and_reports_quality(tmp_path):
+    from mavis_align.collect import GenPolicy, TreeConfig, build_trees, label_trees
+    from mavis_align.collect.store import LabelledTrees
+    from test_train import PROMPTS, cat_reward
+
+    tok = make_tiny_tokenizer()
+    pol = GenPolicy(make_tiny_lm(len(tok), seed=3), tok)
+    items = [(i, p, tok(p, add_special_tokens=False)["input_ids"]) for i, p in enumerate(PROMPTS * 2)]
+    built = build_trees(pol, items, TreeConfig(num_layers=3, k_root=4, k=2, max_new_tokens=8), torch.Generator().manual_seed(0))
+    values, lprs, texts = label_trees(built, [cat_reward()], tok)
+    data = LabelledTrees(built, values, lprs, [int(i % 4 == 3) for i in range(len(built))], texts)
+
+    vm = frozen_model(("cat",), head_hidden=16)
+    trunk_before = {k: v.clone() for k, v in vm.backbone.state_dict().items()}
+    res = train_value_model(vm, [data], tmp_path / "v", TrainConfig(lr=3e-3, epochs=8, batch_size=16, eval_every=10, sibling_weight=0.5), progress=False)
+    assert all(torch.equal(v, trunk_before[k]) for k, v in vm.backbone.state_dict().items())
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    q = res["quality"]["per_objective"]["cat"]
+    assert res["quality"]["trees"] == 4 and q["pairs"] > 10 and q["r2"] is not None and 0 <= q["concordance"] <= 1
+    assert json.loads((tmp_path / "v" / "result.json").read_text())["quality"] == res["quality"]
+    # the checkpoint holds the heads, not the frozen trunk
+    from safetensors.torch import load_file
+
+    assert all(not k.startswith("backbone.") for k in load_file(str(tmp_path / "v" / "checkpoint" / "model.safetensors")))
+
+
+def test_sibling_loss_settings_are_checked():
+    with pytest.raises(ValueError, match="sibling_weight"):
+        TrainConfig(sibling_weight=-1.0)
+
+
+def test_value_models_on_one_frozen_trunk_share_one_forward():
+    models = [frozen_model(("a",), seed=1, pool="mean"), frozen_model(("b", "c"), head_hidden=4, seed=2, pool="mean+last")]
+    for vm in models:
+        with torch.no_grad():
+            for p in vm.head.parameters():
+                p.normal_()
+    other = frozen_model(("d",), seed=3)
+    with torch.no_grad():
+        for p in other.backbone.parameters():
+            p.mul_(1.1)
+    other.freeze_backbone()  # a different trunk: its own group
+    models.append(other)
+    assert models[0].trunk_key == models[1].trunk_key != other.trunk_key
+    bindings = bind_objectives(models)
+    scorer = CachedValueScorer(models, bindings)
+    assert scorer.groups == [[0, 1], [2]] == trunk_groups(models, [0, 1, 2])
+    prompts = torch.tensor([[1, 1, 5, 6], [7, 8, 9, 10]])
+    mask = (prompts != 1).long()
+    scorer.start(prompts, mask)
+    cands = torch.tensor([[4, 5, 6], [7, 8, 9]])
+    first = scorer.score(cands)
+    scorer.append(torch.tensor([5, 9]))
+    second = scorer.score(cands)
+    naive = naive_value_fn(models, bindings)
+    rows = [[5, 6], [7, 8, 9, 10]]
+    expect1 = naive([r + [c] for r, cs in zip(rows, cands.tolist()) for c in cs]).view(2, 3, -1)
+    expect2 = naive([r + [t, c] for r, t, cs in zip(rows, [5, 9], cands.tolist()) for c in cs]).view(2, 3, -1)
+    assert torch.allclose(first, expect1, atol=1e-5) and torch.allclose(second, expect2, atol=1e-5)
+    # beam search reorders rows (running sums included); two appends in a row flush the first
+    scorer.append(torch.tensor([6, 4]))
+    scorer.reorder(torch.tensor([1, 1, 0]))
+    scorer.append(torch.tensor([7, 8, 9]))
+    third = scorer.score(cands[[1, 1, 0]])
+    rows3 = [[7, 8, 9, 10, 9, 4, 7], [7, 8, 9, 10, 9, 4, 8], [5, 6, 5, 6, 9]]
+    expect3 = naive([r + [c] for r, cs in zip(rows3, cands[[1, 1, 0]].tolist()) for c in cs]).view(3, 3, -1)
+    assert torch.allclose(third, expect3, atol=1e-5)

@@ -1,5 +1,7 @@
 """Decoding speed: HF ``generate`` vs the native loop vs MAVIS (fast, naive, LogitsProcessor,
-multi-head), on the embedded default base model with default-size ("tiny", 6.8M) value models.
+multi-head), on the embedded default base model with value models of the default backbone
+(``--backbone``, default ``trunk:8``: the base model's first 8 layers, frozen, mean-pooled heads;
+three such models share one trunk forward per step).
 
 All methods run in this one process, one after another, with the same prompts; every number is
 also given as a ratio to HF ``generate`` sampling measured in the same run (the machine is shared
@@ -34,11 +36,12 @@ from mavis_align.decoding.processor import MavisLogitsProcessor
 from mavis_align.generation import SamplingConfig, encode_batch
 from mavis_align.models import format_prompts, load_causal_lm
 from mavis_align.provenance import run_record
-from mavis_align.values import ValueModel, build_value_model
+from mavis_align.values import DEFAULT_VALUE_BACKBONE, ValueModel, build_value_model
 
 OBJECTIVES = ["helpful", "harmless", "humor"]
 K = 15
 BETA = 2.0
+BACKBONE = DEFAULT_VALUE_BACKBONE  # set from --backbone in main()
 
 
 def peak_rss_mb() -> float:
@@ -58,8 +61,8 @@ class Bench:
             self.singles = [ValueModel.load(vm_dir / n) for n in OBJECTIVES[:singles]]
             self.multi = ValueModel.load(vm_dir / "multi") if multi else None
         else:
-            self.singles = [build_value_model([n], backbone="tiny", seed=i) for i, n in enumerate(OBJECTIVES[:singles])]
-            self.multi = build_value_model(OBJECTIVES, backbone="tiny", seed=7) if multi else None
+            self.singles = [build_value_model([n], backbone=BACKBONE, seed=i) for i, n in enumerate(OBJECTIVES[:singles])]
+            self.multi = build_value_model(OBJECTIVES, backbone=BACKBONE, seed=7) if multi else None
         gc.collect()
         self.prompts_all = [p.text for p in load_prompts("hh-mix", "test", tokenizer=self.tok, limit=8)]
 
@@ -91,6 +94,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--naive-tokens-batched", type=int, default=16, help="tokens for the naive path at batch > 1 (it is very slow there)")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--backbone", default=DEFAULT_VALUE_BACKBONE, help="value-model backbone (see `mavis-align ls backbones`)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-method peak-memory subprocesses")
     ap.add_argument("--memory-only", action="store_true", help="only (re)measure memory for the rows in results/decode.json")
@@ -143,7 +147,7 @@ def main() -> None:
     del bench
     gc.collect()
     meta = run_record({"new_tokens": args.new_tokens, "naive_tokens_batched": args.naive_tokens_batched, "reps": args.reps, "top_k": K, "beta": BETA,
-                       "value_backbone": "tiny", "threads": torch.get_num_threads(), "prompts": "hh-mix test[:batch]"}, 0)
+                       "value_backbone": BACKBONE, "threads": torch.get_num_threads(), "prompts": "hh-mix test[:batch]"}, 0)
     write_results(out, records, meta)
     if not args.no_memory:
         measure_memory(records)
@@ -158,10 +162,10 @@ def measure_memory(records: list[dict]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         vm_dir = Path(tmp)
         for i, n in enumerate(OBJECTIVES):
-            build_value_model([n], backbone="tiny", seed=i).save(vm_dir / n)
-        build_value_model(OBJECTIVES, backbone="tiny", seed=7).save(vm_dir / "multi")
+            build_value_model([n], backbone=BACKBONE, seed=i).save(vm_dir / n)
+        build_value_model(OBJECTIVES, backbone=BACKBONE, seed=7).save(vm_dir / "multi")
         for rec in records:
-            cmd = [sys.executable, __file__, "--single", f"{rec['method']}:{rec['batch']}:{rec['M']}:{rec['new_tokens']}", "--vm-dir", str(vm_dir)]
+            cmd = [sys.executable, __file__, "--backbone", BACKBONE, "--single", f"{rec['method']}:{rec['batch']}:{rec['M']}:{rec['new_tokens']}", "--vm-dir", str(vm_dir)]
             line = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             mem = json.loads(line)
             rec["peak_rss_mb"] = mem["peak_rss_mb"]

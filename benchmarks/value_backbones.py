@@ -89,6 +89,7 @@ def speed(out: Path, name: str, model, tok, n_tokens: int = 32, reps: int = 2) -
     path = out / "speed" / f"{slug(name)}.json"
     if path.exists():
         return json.loads(path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
     cfg = CONFIGS[name]
     singles = [build_value_model([o], backbone=cfg["backbone"], pool=cfg["pool"], seed=i).eval() for i, o in enumerate(OBJECTIVES)]
     multi = build_value_model(OBJECTIVES, backbone=cfg["backbone"], pool=cfg["pool"], seed=7).eval()
@@ -174,7 +175,9 @@ def report(out: Path, names: list[str], steered: list[str], results_dir: Path) -
                        "threads": torch.get_num_threads()}, 0)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "value_backbones.json").write_text(json.dumps({"run": meta, "pi_ref": ref, "rows": rows}, indent=2) + "\n")
-    L = ["Held-out quality (one 3-head model per configuration, 32 val trees) and decode speed (× HF `generate`, same run).", "",
+    n_val = rows[0]["quality"]["trees"] if rows else 0
+    L = [f"Held-out quality (one 3-head model per configuration; {n_val} held-out trees of the {TREES['prompts']}) and decode speed "
+         "(× HF `generate` sampling measured in the same process right before; 32 new tokens forced).", "",
          "| configuration | train s | R² helpful / harmless / humor | sibling concordance helpful / harmless / humor (pairs) | M=3 b1 | M=3 b8 | 3-head b1 | 3-head b8 |",
          "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -103,6 +103,15 @@ def test_collect_label_train_distill_cli(tmp_path, tiny_lm, tiny_tokenizer, caps
     assert main(["train", "--trees", str(trees), "--objective", "concise", "--objective", "humor", "--out", str(out),
                  "--backbone", str(tmp_path / "m"), "--base-model", str(tmp_path / "m"), "--epochs", "1", "--batch-size", "4"]) == 0
     assert json.loads((out / "result.json").read_text())["objectives"] == ["concise", "humor"]
+    # the default kind of backbone: the base model's first layers, frozen, mean-pooled heads, quality reported
+    trunk = tmp_path / "vt"
+    assert main(["train", "--trees", str(trees), "--objective", "concise", "--out", str(trunk), "--backbone", "trunk:1",
+                 "--base-model", str(tmp_path / "m"), "--epochs", "2", "--batch-size", "4"]) == 0
+    res = json.loads((trunk / "result.json").read_text())
+    assert res["feature_seconds"] is not None and "concise" in res["quality"]["per_objective"]
+    meta = json.loads((trunk / "best" / "meta.json").read_text())
+    assert meta["pool"] == "mean" and meta["frozen_backbone"] and meta["backbone"] == "trunk:1"
+    assert "sibling concordance" in capsys.readouterr().out
     assert main(["train", "--trees", str(tmp_path / "nope.h5"), "--objective", "concise", "--out", str(tmp_path / "w")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["distill", "--teacher", str(out / "best"), "--trees", str(trees), "--out", str(tmp_path / "d"),

@@ -243,6 +243,13 @@ def test_policy_iteration_improves_regularised_objective_on_token_mdp(tmp_path):
     assert j1["response"] < j1["future"]  # charging a's own log-ratio undoes part of the previous tilt
 
 
+def test_steering_z_is_the_rise_in_standard_errors():
+    from mavis_align.demo import steering_z
+
+    assert steering_z({"mean": 0.5, "se": 0.03}, {"mean": 0.3, "se": 0.04}) == pytest.approx(0.2 / 0.05)
+    assert math.isnan(steering_z({"mean": 0.5, "se": 0.0}, {"mean": 0.3, "se": 0.0}))
+
+
 def test_demo_runs_end_to_end_and_reuses_its_models(tmp_path, capsys):
     """The README's main command on tiny models: trains, prints the steering table, then reuses."""
     import yaml
@@ -256,7 +263,7 @@ def test_demo_runs_end_to_end_and_reuses_its_models(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "name": "tinydemo", "model": str(d), "objectives": ["concise", "positive", "humor"], "dataset": str(data), "train_prompts": 6,
-        "eval_prompts": 2, "chat": False, "tree": {"num_layers": 2, "k_root": 2, "k": 2, "max_new_tokens": 5}, "backbone": str(d),
+        "eval_prompts": 2, "chat": False, "tree": {"num_layers": 2, "k_root": 2, "k": 2, "max_new_tokens": 5}, "backbone": "trunk:1",
         "train": {"lr": 3e-3, "epochs": 1, "batch_size": 8, "eval_every": 0}, "eval": {"beta": 2.0, "top_k": 4, "max_new_tokens": 5, "samples": 1},
         "val_fraction": 0.3,
     }))
@@ -267,6 +274,8 @@ def test_demo_runs_end_to_end_and_reuses_its_models(tmp_path, capsys):
     for label, _ in settings:
         assert f"| {label} |" in text
     assert (out / "demo.md").read_text() == text and (out / "iter0" / "humor" / "value" / "best" / "meta.json").exists()
+    assert "z vs π_ref" in text and "sibling concordance" in text  # steering z and value-model quality are shown
+    assert json.loads((out / "iter0" / "humor" / "value" / "best" / "meta.json").read_text())["pool"] == "mean"
     stamp = (out / "iter0" / "trees.h5").stat().st_mtime_ns
     run_demo(recipe, out, n_prompts=2, samples=1, progress=False)
     assert (out / "iter0" / "trees.h5").stat().st_mtime_ns == stamp  # cached models were reused

@@ -346,6 +346,7 @@ def _cmd_train_probes(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_BASE_MODEL
+    from .values import DEFAULT_VALUE_BACKBONE
     from .rewards import DEFAULT_OBJECTIVES
 
     parser = argparse.ArgumentParser(prog="mavis-align", description="MAVIS: multi-objective value-guided decoding")
@@ -428,8 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", action="append", required=True, help="objective = head (repeatable: one multi-head model)")
     p.add_argument("--out", required=True)
     p.add_argument("--init", help="start from this value model (policy iteration)")
-    p.add_argument("--backbone", default="tiny", help="backbone of a new model (see `mavis-align ls backbones`)")
-    p.add_argument("--pool", default="last", choices=["last", "mean", "mean+last"], help="what the heads read: the last state (paper) or the mean state")
+    p.add_argument("--backbone", default=DEFAULT_VALUE_BACKBONE, help="backbone of a new model (see `mavis-align ls backbones`)")
+    p.add_argument("--pool", default=None, choices=["last", "mean", "mean+last"], help="what the heads read: the last state (paper) or the mean state (default: mean for trunk:N, else last)")
     p.add_argument("--head-hidden", type=int, default=0, help="0: linear heads; d > 0: two-layer MLP heads of width d")
     p.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     p.add_argument("--zeta", type=float, default=0.0, help="KL penalty multiplier (eq. 6)")
@@ -469,8 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", action="append", required=True, metavar="[NAME=]PATH")
     p.add_argument("--trees", action="append", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--backbone", default="tiny")
-    p.add_argument("--pool", default="last", choices=["last", "mean", "mean+last"])
+    p.add_argument("--backbone", default=DEFAULT_VALUE_BACKBONE)
+    p.add_argument("--pool", default=None, choices=["last", "mean", "mean+last"])
     p.add_argument("--head-hidden", type=int, default=0)
     p.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -483,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=None, help="recipe YAML (default: the packaged demo recipe)")
     p.add_argument("--out", default=None, help="run folder (default: under the cache dir)")
     p.add_argument("--beta", type=float, default=None)
-    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=12, help="held-out test prompts (half ordinary, half harmful)")
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)

@@ -17,12 +17,18 @@ def steering_settings(objectives: list[str]) -> list[tuple[str, dict | None]]:
     return out
 
 
+def steering_z(steered: dict, ref: dict) -> float:
+    """(mean − mean_ref) / sqrt(se² + se_ref²): the rise of a reward over π_ref in standard errors."""
+    se = (steered["se"] ** 2 + ref["se"] ** 2) ** 0.5
+    return (steered["mean"] - ref["mean"]) / se if se > 0 else float("nan")
+
+
 def packaged_recipe(name: str = "demo") -> Path:
     return Path(str(resources.files("mavis_align") / "recipes" / f"{name}.yaml"))
 
 
 def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = None, *, beta: float | None = None,
-             n_prompts: int = 8, samples: int = 2, seed: int = 0, progress: bool = True) -> str:
+             n_prompts: int = 12, samples: int = 2, seed: int = 0, progress: bool = True) -> str:
     """Run (or reuse) the demo's value training, then print and return the steering table."""
     from .data import load_prompts
     from .decoding.decoder import MavisDecoder
@@ -52,8 +58,8 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
     cfg = SamplingConfig(max_new_tokens=int(recipe.eval.get("max_new_tokens", 40)), top_k=int(recipe.eval.get("top_k", 15)), beta=b)
     plain = SamplingConfig(max_new_tokens=cfg.max_new_tokens)
     rewards = get_rewards(recipe.objectives)
-    header = "| weights λ | " + " | ".join(recipe.objectives) + " | KL (nats) |"
-    table = [header, "|---" * (len(recipe.objectives) + 2) + "|"]
+    header = "| weights λ | " + " | ".join(recipe.objectives) + " | KL (nats) | weighted objectives: z vs π_ref |"
+    table = [header, "|---" * (len(recipe.objectives) + 3) + "|"]
     examples = []
     results = {}
     for label, weights in steering_settings(list(recipe.objectives)):
@@ -61,12 +67,15 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
                                config=cfg if weights else plain, samples=samples, seed=seed, chat=recipe.chat)
         results[label] = res
         cells = [f"{res['rewards'][m]['mean']:.3f} ± {res['rewards'][m]['se']:.3f}" for m in recipe.objectives]
-        table.append(f"| {label} | " + " | ".join(cells) + f" | {res['kl']['mean']:.2f} |")
+        ref = results["pi_ref (no values)"]["rewards"]
+        zs = ", ".join(f"{m} {steering_z(res['rewards'][m], ref[m]):+.1f}" for m in (weights or {}))
+        table.append(f"| {label} | " + " | ".join(cells) + f" | {res['kl']['mean']:.2f} | {zs or '-'} |")
         harmful = next((e for e in res["examples"] if e["prompt"] == prompts[-1]), None) or res["examples"][-1]
         examples.append(f"- **{label}**: {harmful['response'][:200]!r}")
     text = "\n".join(lines + [
         f"## Steering: {len(prompts)} held-out prompts ({half} ordinary, {half} harmful) x {samples} samples, beta={b}, top-k={cfg.top_k}",
-        "", "Mean reward ± standard error per objective; KL by paper eq. 7.", "", *table, "",
+        "", "Mean reward ± standard error per objective; KL by paper eq. 7; z of each weighted objective's rise over π_ref "
+        "(difference / its standard error; > 2 is a clear rise).", "", *table, "",
         f"Responses to {prompts[-1]!r}:", "", *examples, "",
     ])
     (out / "demo.md").write_text(text)

@@ -487,7 +487,13 @@ BACKBONES = {
     "trunk:N": "the base model's first N decoder layers (pretrained), frozen: only the heads train, on features computed once; value models on the same trunk share one trunk forward when decoding",
     "<name or path>": "any causal LM / base model loadable by from_pretrained (must share the base tokenizer)",
 }
-DEFAULT_VALUE_BACKBONE = "tiny"
+DEFAULT_VALUE_BACKBONE = "trunk:4"
+
+
+def default_pool(backbone: str) -> str:
+    """A frozen trunk reads the mean state (measured best, benchmarks/value_backbones.py); trained
+    backbones keep the paper's last-state head."""
+    return "mean" if backbone.startswith("trunk:") else "last"
 
 
 def build_value_model(
@@ -497,7 +503,7 @@ def build_value_model(
     base_model: str | None = None,
     seed: int = 0,
     head_hidden: int = 0,
-    pool: str = "last",
+    pool: str | None = None,
 ) -> ValueModel:
     """Create an untrained value model for ``objectives`` that reads the base model's tokenizer.
 
@@ -507,8 +513,10 @@ def build_value_model(
         base_model: the base (pi_ref) model name; default: the embedded default.
         seed: initialisation seed of random parameters.
         head_hidden: 0 for linear heads, d > 0 for two-layer MLP heads of width d.
-        pool: what the heads read: "last" (the paper), "mean" or "mean+last" (see :data:`POOLS`).
+        pool: what the heads read: "last" (the paper), "mean" or "mean+last" (see :data:`POOLS`);
+            None: :func:`default_pool` of the backbone.
     """
+    pool = pool or default_pool(backbone)
     from .models import DEFAULT_BASE_MODEL, load_causal_lm, load_tokenizer, resolve_model
 
     base_model = base_model or DEFAULT_BASE_MODEL

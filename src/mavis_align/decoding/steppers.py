@@ -220,6 +220,9 @@ class CachedValueScorer:
         self.active = sorted(set(range(len(models)) if active is None else active))
         self.device = next(self.models[0].parameters()).device if self.models else torch.device("cpu")
         self.groups = trunk_groups(self.models, self.active)
+        for group in self.groups:  # equal fingerprints: one copy of the trunk in memory is enough
+            for mi in group[1:]:
+                self.models[mi].backbone = self.models[group[0]].backbone
         self.pooled = {g[0] for g in self.groups if any(self.models[mi].pool != "last" for mi in g)}
 
     @property

@@ -61,7 +61,7 @@ class Recipe:
     eval_prompts: int = 16
     chat: bool = True
     tree: dict = field(default_factory=dict)
-    backbone: str = "tiny"
+    backbone: str = "trunk:4"
     value_head: dict = field(default_factory=dict)  # {"pool": last|mean|mean+last, "hidden": 0 (linear) or MLP width}
     train: dict = field(default_factory=dict)
     iterations: list[dict] = field(default_factory=list)  # rounds i >= 1
@@ -108,7 +108,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def value_model_options(recipe: Recipe) -> dict:
     """build_value_model keyword arguments of the recipe's value models."""
-    return {"backbone": recipe.backbone, "base_model": recipe.model, "pool": str(recipe.value_head.get("pool", "last")),
+    return {"backbone": recipe.backbone, "base_model": recipe.model, "pool": recipe.value_head.get("pool"),
             "head_hidden": int(recipe.value_head.get("hidden", 0))}
 
 

@@ -52,10 +52,12 @@ CONFIGS = {
     "trunk:8 mean": {"backbone": "trunk:8", "pool": "mean", "train": HEAD_TRAIN},
     "trunk:8 mean+last": {"backbone": "trunk:8", "pool": "mean+last", "train": HEAD_TRAIN},
     "trunk:16 mean": {"backbone": "trunk:16", "pool": "mean", "train": HEAD_TRAIN},
+    "trunk:4 mean ridge": {"backbone": "trunk:4", "pool": "mean", "train": {"solver": "ridge", "keep_leaf_fraction": 1.0}},
     "truncate:2": {"backbone": "truncate:2", "pool": "last", "train": SMALL_TRAIN},
 }
-DEFAULT_RUN = ["tiny", "tiny-256", "trunk:8 last", "trunk:2 mean", "trunk:4 mean", "trunk:8 mean", "trunk:8 mean+last", "trunk:16 mean"]
-STEER = ["tiny", "trunk:4 mean", "trunk:8 mean"]
+DEFAULT_RUN = ["tiny", "tiny-256", "trunk:8 last", "trunk:2 mean", "trunk:4 mean", "trunk:4 mean ridge", "trunk:8 mean", "trunk:8 mean+last",
+               "trunk:16 mean"]
+STEER = ["tiny", "trunk:4 mean", "trunk:4 mean ridge", "trunk:8 mean"]
 BETAS = [1.0, 2.0, 5.0]
 TOP_K = 15
 EVAL = {"prompts": 16, "samples": 2, "max_new_tokens": 40, "seed": 0}
@@ -89,8 +91,14 @@ def speed(out: Path, name: str, model, tok, n_tokens: int = 32, reps: int = 2) -
     path = out / "speed" / f"{slug(name)}.json"
     if path.exists():
         return json.loads(path.read_text())
-    path.parent.mkdir(parents=True, exist_ok=True)
     cfg = CONFIGS[name]
+    same = next((n for n in CONFIGS if n != name and (CONFIGS[n]["backbone"], CONFIGS[n]["pool"]) == (cfg["backbone"], cfg["pool"])
+                 and (out / "speed" / f"{slug(n)}.json").exists()), None)
+    if same is not None:  # the same architecture (only training differs): decoding costs the same
+        rows = [{**r, "measured_as": same} for r in json.loads((out / "speed" / f"{slug(same)}.json").read_text())]
+        write_json(path, rows)
+        return rows
+    path.parent.mkdir(parents=True, exist_ok=True)
     singles = [build_value_model([o], backbone=cfg["backbone"], pool=cfg["pool"], seed=i).eval() for i, o in enumerate(OBJECTIVES)]
     multi = build_value_model(OBJECTIVES, backbone=cfg["backbone"], pool=cfg["pool"], seed=7).eval()
     prompts_all = [p.text for p in load_prompts("hh-mix", "test", tokenizer=tok, limit=8)]
@@ -147,6 +155,7 @@ def steer(out: Path, name: str, model, tok, rewards, prompts: list[str]) -> dict
 
 def reference(out: Path, model, tok, rewards, prompts: list[str]) -> dict:
     path = out / "steer" / "pi_ref.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         r = evaluate_decoder(MavisDecoder(model, tok), prompts, rewards, config=SamplingConfig(max_new_tokens=EVAL["max_new_tokens"]),
                              samples=EVAL["samples"], seed=EVAL["seed"])

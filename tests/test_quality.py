@@ -201,3 +201,42 @@ def test_value_models_on_one_frozen_trunk_share_one_forward():
     rows3 = [[7, 8, 9, 10, 9, 4, 7], [7, 8, 9, 10, 9, 4, 8], [5, 6, 5, 6, 9]]
     expect3 = naive([r + [c] for r, cs in zip(rows3, cands[[1, 1, 0]].tolist()) for c in cs]).view(3, 3, -1)
     assert torch.allclose(third, expect3, atol=1e-5)
+
+
+def test_fit_ridge_recovers_a_linear_map_and_picks_penalties_by_group_cv():
+    from mavis_align.train.regression import fit_ridge
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 6, generator=g) * torch.tensor([1.0, 5.0, 0.1, 2.0, 1.0, 3.0]) + 4.0
+    w_true = torch.tensor([[0.5, -0.2, 3.0, 0.0, 0.1, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    noise = torch.randn(300, 2, generator=g) * torch.tensor([0.01, 1.0])
+    y = x @ w_true.T + torch.tensor([1.0, 2.0]) + noise
+    groups = [i // 10 for i in range(300)]
+    weight, bias, alphas, cv = fit_ridge(x, y, groups, alphas=(1e-3, 1.0, 1e6))
+    assert torch.allclose(weight[0], w_true[0], atol=0.02) and abs(float(bias[0]) - 1.0) < 0.1
+    assert alphas[0] < 1e6 and alphas[1] == 1e6  # signal: little penalty; pure noise: the largest
+    assert len(cv) == 3 and len(cv[0]) == 2
+    with pytest.raises(ValueError, match="at least 2 trees"):
+        fit_ridge(x, y, [0] * 300)
+
+
+def test_ridge_solver_fits_frozen_linear_heads_only(tmp_path):
+    from mavis_align.collect import GenPolicy, TreeConfig, build_trees, label_trees
+    from mavis_align.collect.store import LabelledTrees
+    from test_train import PROMPTS, cat_reward
+
+    tok = make_tiny_tokenizer()
+    pol = GenPolicy(make_tiny_lm(len(tok), seed=3), tok)
+    items = [(i, p, tok(p, add_special_tokens=False)["input_ids"]) for i, p in enumerate(PROMPTS * 2)]
+    built = build_trees(pol, items, TreeConfig(num_layers=3, k_root=4, k=2, max_new_tokens=8), torch.Generator().manual_seed(0))
+    values, lprs, texts = label_trees(built, [cat_reward()], tok)
+    data = LabelledTrees(built, values, lprs, [int(i % 4 == 3) for i in range(len(built))], texts)
+    vm = frozen_model(("cat",), pool="mean")
+    res = train_value_model(vm, [data], tmp_path / "v", TrainConfig(solver="ridge"), progress=False)
+    assert res["solver"] == "ridge" and res["ridge_alpha"]["cat"] > 0 and res["quality"]["per_objective"]["cat"]["pairs"] > 0
+    back = ValueModel.load(tmp_path / "v" / "best")
+    assert back.meta["ridge_alpha"] == res["ridge_alpha"]
+    with pytest.raises(ValueError, match="frozen trunk"):
+        train_value_model(frozen_model(("cat",), head_hidden=4), [data], tmp_path / "w", TrainConfig(solver="ridge"), progress=False)
+    with pytest.raises(ValueError, match="solver must be"):
+        TrainConfig(solver="adam")

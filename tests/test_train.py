@@ -248,6 +248,10 @@ def test_steering_z_is_the_rise_in_standard_errors():
 
     assert steering_z({"mean": 0.5, "se": 0.03}, {"mean": 0.3, "se": 0.04}) == pytest.approx(0.2 / 0.05)
     assert math.isnan(steering_z({"mean": 0.5, "se": 0.0}, {"mean": 0.3, "se": 0.0}))
+    # paired by prompt (2 samples per prompt): per-prompt differences 0.1, 0.3, 0.2 -> mean 0.2, se 0.1/sqrt(3)
+    steered = {"mean": 0, "se": 1, "values": [0.6, 0.4, 0.9, 0.9, 0.2, 0.4]}
+    ref = {"mean": 0, "se": 1, "values": [0.5, 0.3, 0.6, 0.6, 0.1, 0.1]}
+    assert steering_z(steered, ref, samples=2) == pytest.approx(0.2 / (0.1 / 3**0.5))
 
 
 def test_demo_runs_end_to_end_and_reuses_its_models(tmp_path, capsys):

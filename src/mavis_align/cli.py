@@ -186,7 +186,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps, zeta=args.zeta, kl_target=args.kl_target,
         keep_leaf_fraction=args.keep_leaf_fraction, val_drop_leaves=args.val_drop_leaves, eval_every=args.eval_every,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, seed=args.seed,
-        sibling_weight=args.sibling_weight, objectives=list(args.objective),
+        sibling_weight=args.sibling_weight, solver=args.solver, objectives=list(args.objective),
     )
     for t in args.trees:
         if not Path(t).is_file():
@@ -435,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     p.add_argument("--zeta", type=float, default=0.0, help="KL penalty multiplier (eq. 6)")
     p.add_argument("--kl-target", default="future", choices=["future", "response"], help="log-ratio charged: tokens after s (default) or the whole response")
+    p.add_argument("--solver", default="sgd", choices=["sgd", "ridge"], help="ridge: closed-form heads on a frozen trunk, penalty by cross-validation over train trees")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sibling-weight", type=float, default=0.0, help="weight of the added sibling-difference loss (within-state order)")
     p.add_argument("--weight-decay", type=float, default=0.002)

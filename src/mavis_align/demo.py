@@ -17,8 +17,21 @@ def steering_settings(objectives: list[str]) -> list[tuple[str, dict | None]]:
     return out
 
 
-def steering_z(steered: dict, ref: dict) -> float:
-    """(mean − mean_ref) / sqrt(se² + se_ref²): the rise of a reward over π_ref in standard errors."""
+def steering_z(steered: dict, ref: dict, samples: int = 1) -> float:
+    """The rise of a reward over π_ref in standard errors.
+
+    Paired by prompt when both summaries carry per-response ``values`` in the same prompt order
+    (``samples`` responses per prompt): mean of the per-prompt differences / their standard error.
+    Otherwise unpaired: (mean − mean_ref) / sqrt(se² + se_ref²).
+    """
+    a, b = steered.get("values"), ref.get("values")
+    if a is not None and b is not None and len(a) == len(b) and len(a) >= 2 * samples:
+        diffs = [sum(a[i : i + samples]) / samples - sum(b[i : i + samples]) / samples for i in range(0, len(a), samples)]
+        n = len(diffs)
+        mean = sum(diffs) / n
+        sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
+        se = sd / n**0.5
+        return mean / se if se > 0 else float("nan")
     se = (steered["se"] ** 2 + ref["se"] ** 2) ** 0.5
     return (steered["mean"] - ref["mean"]) / se if se > 0 else float("nan")
 
@@ -68,14 +81,14 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
         results[label] = res
         cells = [f"{res['rewards'][m]['mean']:.3f} ± {res['rewards'][m]['se']:.3f}" for m in recipe.objectives]
         ref = results["pi_ref (no values)"]["rewards"]
-        zs = ", ".join(f"{m} {steering_z(res['rewards'][m], ref[m]):+.1f}" for m in (weights or {}))
+        zs = ", ".join(f"{m} {steering_z(res['rewards'][m], ref[m], samples):+.1f}" for m in (weights or {}))
         table.append(f"| {label} | " + " | ".join(cells) + f" | {res['kl']['mean']:.2f} | {zs or '-'} |")
         harmful = next((e for e in res["examples"] if e["prompt"] == prompts[-1]), None) or res["examples"][-1]
         examples.append(f"- **{label}**: {harmful['response'][:200]!r}")
     text = "\n".join(lines + [
         f"## Steering: {len(prompts)} held-out prompts ({half} ordinary, {half} harmful) x {samples} samples, beta={b}, top-k={cfg.top_k}",
         "", "Mean reward ± standard error per objective; KL by paper eq. 7; z of each weighted objective's rise over π_ref "
-        "(difference / its standard error; > 2 is a clear rise).", "", *table, "",
+        "(mean per-prompt difference / its standard error, paired by prompt; > 2 is a clear rise).", "", *table, "",
         f"Responses to {prompts[-1]!r}:", "", *examples, "",
     ])
     (out / "demo.md").write_text(text)

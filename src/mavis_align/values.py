@@ -183,13 +183,15 @@ class ValueModel(nn.Module):
             hidden: [..., H] the state at the scored position; mean: [..., H] the mean state of
                 the real tokens up to and including it (needed unless ``pool`` is "last").
         """
+        return self.head(self.head_input(hidden, mean).to(self._head_dtype())).float()
+
+    def head_input(self, hidden: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+        """What the heads read, [..., H] or [..., 2H] (see :data:`POOLS`)."""
         if self.pool == "last":
-            x = hidden
-        elif mean is None:
+            return hidden
+        if mean is None:
             raise ValueError(f"a value model with pool={self.pool!r} needs the running mean of the hidden states")
-        else:
-            x = mean if self.pool == "mean" else torch.cat([mean, hidden], dim=-1)
-        return self.head(x.to(self._head_dtype())).float()
+        return mean if self.pool == "mean" else torch.cat([mean, hidden], dim=-1)
 
     def _head_dtype(self) -> torch.dtype:
         return next(self.head.parameters()).dtype

@@ -28,7 +28,10 @@ def summarize(values: Sequence[float]) -> dict:
 def evaluate_generations(gens: Sequence[Generation], rewards) -> dict:
     """Per-objective reward summaries, KL (eq. 7) and length of already decoded responses."""
     prompts, texts = [g.prompt for g in gens], [g.text for g in gens]
-    out = {"rewards": {r.name: summarize(r(prompts, texts)) for r in rewards}}
+    out = {"rewards": {}}
+    for r in rewards:
+        values = [float(v) for v in r(prompts, texts)]
+        out["rewards"][r.name] = {**summarize(values), "values": values}  # per response, in order (paired comparisons)
     out["kl"] = summarize([g.log_ratio for g in gens])
     out["length"] = summarize([float(len(g.token_ids)) for g in gens])
     return out

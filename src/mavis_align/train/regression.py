@@ -64,6 +64,9 @@ class TrainConfig:
             ((V(a) - V(b)) - (t(a) - t(b)))² over pairs of training nodes with one parent: the
             within-state order that the tilt uses (0: plain eq. 6).
         sibling_pairs: sibling pairs per optimizer step for that loss.
+        solver: "sgd" (Adafactor steps, any model) or "ridge": for a frozen trunk with linear heads,
+            the heads in closed form (ridge regression on standardised features), the penalty of each
+            head chosen by 5-fold cross-validation over train trees (held-out trees are not used).
         lora_rank: add LoRA adapters of this rank (None: train all weights); lora_alpha, lora_dropout.
         seed: data order, leaf subsampling, dropout.
     """
@@ -82,6 +85,7 @@ class TrainConfig:
     eval_every: int = 50
     sibling_weight: float = 0.0
     sibling_pairs: int = 64
+    solver: str = "sgd"
     lora_rank: int | None = None
     lora_alpha: float = 256.0
     lora_dropout: float = 0.2
@@ -98,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if self.zeta < 0:
             raise ValueError(f"zeta must be >= 0, got {self.zeta}")
+        if self.solver not in ("sgd", "ridge"):
+            raise ValueError(f"solver must be 'sgd' or 'ridge', got {self.solver!r}")
         if self.sibling_weight < 0 or self.sibling_pairs < 1:
             raise ValueError(f"sibling_weight must be >= 0 and sibling_pairs >= 1, got {self.sibling_weight}, {self.sibling_pairs}")
         if self.kl_target not in ("future", "response"):
@@ -319,6 +325,91 @@ def _atomic_dir(target: Path, write) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+RIDGE_ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
+
+
+def fit_ridge(x: torch.Tensor, y: torch.Tensor, groups: Sequence[int], alphas: Sequence[float] = RIDGE_ALPHAS, *, folds: int = 5,
+              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[float], list[list[float]]]:
+    """Ridge regression of ``y`` [N, M] on ``x`` [N, D] with one penalty per output column, each chosen
+    by ``folds``-fold cross-validation over ``groups`` (examples of one group stay in one fold).
+
+    Features are standardised before the penalty applies; the returned weight [M, D] and bias [M]
+    act on raw ``x`` (pred = x @ weight.T + bias).
+    Returns:
+        (weight, bias, chosen alpha per column, CV MSE [alpha][column]).
+    """
+    x, y = x.double(), y.double()
+    ids = sorted(set(int(g) for g in groups))
+    if len(ids) < 2:
+        raise ValueError("ridge cross-validation needs examples from at least 2 trees")
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
+    fold_of = {ids[j]: i % min(folds, len(ids)) for i, j in enumerate(order)}
+    fold = torch.tensor([fold_of[int(g)] for g in groups])
+
+    def solve(xs: torch.Tensor, ys: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, sd = xs.mean(0), xs.std(0).clamp(min=1e-6)
+        z = (xs - mu) / sd
+        ym = ys.mean(0)
+        w = torch.linalg.solve(z.T @ z + alpha * torch.eye(z.shape[1], dtype=z.dtype), z.T @ (ys - ym))
+        return w, mu, sd, ym
+
+    cv = []
+    for alpha in alphas:
+        sq = torch.zeros(y.shape[1], dtype=torch.float64)
+        for f in range(int(fold.max()) + 1):
+            tr, te = fold != f, fold == f
+            w, mu, sd, ym = solve(x[tr], y[tr], alpha)
+            sq += (((x[te] - mu) / sd @ w + ym - y[te]) ** 2).sum(0)
+        cv.append((sq / len(y)).tolist())
+    best = [alphas[min(range(len(alphas)), key=lambda a: cv[a][m])] for m in range(y.shape[1])]
+    weight, bias = torch.zeros(y.shape[1], x.shape[1], dtype=torch.float64), torch.zeros(y.shape[1], dtype=torch.float64)
+    for m, alpha in enumerate(best):
+        w, mu, sd, ym = solve(x, y[:, m : m + 1], alpha)
+        weight[m] = (w[:, 0] / sd)
+        bias[m] = ym[0] - (mu / sd) @ w[:, 0]
+    return weight.float(), bias.float(), best, cv
+
+
+def _train_ridge(model: ValueModel, train, val, train_feats, val_feats, train_targets, out: Path, config: TrainConfig, pad_id: int,
+                 feature_seconds: float, progress: bool) -> dict:
+    """The heads of a frozen-trunk linear value model in closed form (see :func:`fit_ridge`)."""
+    from ..provenance import write_run_record
+
+    if not model.frozen_backbone or model.head_hidden:
+        raise ValueError("solver='ridge' needs a frozen trunk (backbone trunk:N) and linear heads (head_hidden 0)")
+    if (out / "result.json").exists():
+        raise FileExistsError(f"{out} already holds a trained model (use another folder)")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_dict = {**asdict(config), "objectives": list(model.objectives)}
+    write_run_record(out, {"train": cfg_dict, "train_examples": len(train), "val_examples": len(val), "model": model.meta}, config.seed)
+    t0 = time.perf_counter()
+    x = model.head_input(train_feats[:, 0], train_feats[:, 1]).cpu()
+    weight, bias, alphas, cv = fit_ridge(x, train_targets.cpu(), [e.tree for e in train], seed=config.seed)
+    with torch.no_grad():
+        model.head.weight.copy_(weight.to(model.head.weight))
+        model.head.bias.copy_(bias.to(model.head.bias))
+    model.meta["ridge_alpha"] = dict(zip(model.objectives, alphas))
+    _atomic_dir(out / "best", lambda d: model.save(d))
+    _atomic_dir(out / "final", lambda d: model.save(d))
+    final_val = evaluate_mse(model, val, pad_id, config.zeta, kl_target=config.kl_target, features=val_feats) if val else None
+    quality = value_quality(model, val, pad_id, zeta=config.zeta, kl_target=config.kl_target, features=val_feats) if val else None
+    with (out / "metrics.jsonl").open("w") as f:
+        for alpha, row in zip(RIDGE_ALPHAS, cv):
+            f.write(json.dumps({"ridge_alpha": alpha, "cv_mse_per_objective": dict(zip(model.objectives, row))}) + "\n")
+    result = {
+        "objectives": list(model.objectives), "solver": "ridge", "steps": 0, "train_examples": len(train), "val_examples": len(val),
+        "ridge_alpha": model.meta["ridge_alpha"], "best_val_mse": final_val["val_mse"] if final_val else None, "best_step": 0,
+        "seconds_this_run": round(time.perf_counter() - t0 + feature_seconds, 2), "feature_seconds": round(feature_seconds, 2),
+        "final_val": final_val, "quality": quality,
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    if progress and quality:
+        from .quality import format_quality
+
+        print(format_quality(quality))
+    return result
+
+
 def _trainable_state(model: ValueModel) -> dict[str, torch.Tensor]:
     """What a checkpoint must hold: everything but a frozen backbone."""
     skip = "backbone." if model.frozen_backbone else None
@@ -402,6 +493,8 @@ def train_value_model(
     val_feats = trunk_features(model, val, pad_id, progress=progress) if frozen and val else None
     feature_seconds = time.perf_counter() - t_feat
     train_targets = example_targets(train, config.zeta, config.kl_target).to(device)
+    if config.solver == "ridge":
+        return _train_ridge(model, train, val, train_feats, val_feats, train_targets, out, config, pad_id, feature_seconds, progress)
     per_step = config.batch_size * config.grad_accum
     steps_per_epoch = max(1, math.ceil(len(train) / per_step))
     total = max(1, math.ceil(steps_per_epoch * config.epochs))

@@ -112,9 +112,8 @@ class TrainConfig:
 
 def _load_examples(trees: Sequence[str | Path | LabelledTrees], split: str, cfg: TrainConfig, objectives: list[str], drop_leaves: bool, keep: float):
     """Examples of ``split`` from every tree file, with targets restricted to ``objectives``."""
-    out: list[NodeExample] = []
-    tree_offset = 0  # tree ids unique across files (siblings are grouped by tree and parent)
-    for i, src in enumerate(trees):
+    sources = []
+    for src in trees:
         if isinstance(src, LabelledTrees):
             data, names = src, list(objectives)
         else:
@@ -122,8 +121,18 @@ def _load_examples(trees: Sequence[str | Path | LabelledTrees], split: str, cfg:
         missing = [o for o in objectives if o not in names]
         if missing:
             raise ValueError(f"tree file {src} has no labels for {missing} (it has {names}); run `mavis-align label` first")
+        sources.append((data, names))
+    return _examples(sources, split, objectives, drop_leaves, keep, cfg.seed)
+
+
+def _examples(sources: Sequence[tuple[LabelledTrees, list[str]]], split: str, objectives: list[str], drop_leaves: bool, keep: float,
+              seed: int) -> list[NodeExample]:
+    """Examples of ``split`` from loaded (trees, label names) pairs, targets restricted to ``objectives``."""
+    out: list[NodeExample] = []
+    tree_offset = 0  # tree ids unique across files (siblings are grouped by tree and parent)
+    for i, (data, names) in enumerate(sources):
         cols = [names.index(o) for o in objectives]
-        ex, _ = node_examples(data, split, keep_leaf_fraction=keep, drop_leaves=drop_leaves, seed=cfg.seed + i)
+        ex, _ = node_examples(data, split, keep_leaf_fraction=keep, drop_leaves=drop_leaves, seed=seed + i)
         out.extend(replace(e, value=e.value[cols], tree=e.tree + tree_offset) for e in ex)
         tree_offset += len(data.trees)
     return out
@@ -233,7 +242,8 @@ def values_from_features(model: ValueModel, features: torch.Tensor) -> torch.Ten
 
 @torch.no_grad()
 def predict_values(model: ValueModel, examples: Sequence[NodeExample], pad_id: int, *, batch_size: int = 32, features: torch.Tensor | None = None) -> torch.Tensor:
-    """V at the last token of every example -> [N, M] float32 (from ``features`` [N, H] when given)."""
+    """V at the last token of every example -> [N, M] float32 (from ``features`` [N, 2, H] of
+    :func:`trunk_features` when given)."""
     if not examples:
         return torch.zeros(0, len(model.objectives))
     was_training = model.training
@@ -283,26 +293,23 @@ def value_quality(model: ValueModel, examples: Sequence[NodeExample], pad_id: in
 
 def held_out_quality(model: ValueModel, trees: Sequence[str | Path], *, zeta: float = 0.0, kl_target: str = "future") -> dict:
     """:func:`value_quality` of every head of ``model`` on the val split of the tree files that carry
-    that head's labels (files of later iterations are often labelled with one objective only)."""
+    that head's labels (files of later iterations are often labelled with one objective only).
+    Heads whose labels live in the same files share one prediction pass."""
     from .quality import quality_report
 
     pad_id = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
     report: dict = {"examples": 0, "trees": 0, "per_objective": {}}
-    cfg = TrainConfig(zeta=zeta, kl_target=kl_target)
-    loaded = [(path, read_trees(path)) for path in trees]
+    loaded = [read_trees(path)[:2] for path in trees]
+    preds: dict[tuple[int, ...], torch.Tensor] = {}
     for m, name in enumerate(model.objectives):
-        files = [data for _, (data, names, _) in loaded if name in names]
-        cols = [[names.index(name)] for _, (_, names, _) in loaded if name in names]
-        examples: list[NodeExample] = []
-        offset = 0
-        for data, col in zip(files, cols):
-            ex, _ = node_examples(data, "val", keep_leaf_fraction=1.0)
-            examples.extend(replace(e, value=e.value[col], tree=e.tree + offset) for e in ex)
-            offset += len(data.trees)
+        files = tuple(i for i, (_, names) in enumerate(loaded) if name in names)
+        examples = _examples([loaded[i] for i in files], "val", [name], False, 1.0, 0)
         if not examples:
             continue
-        pred = predict_values(model, examples, pad_id)[:, [m]].numpy()
-        rep = quality_report(pred, example_targets(examples, cfg.zeta, cfg.kl_target).numpy(), [(e.tree, e.parent) for e in examples], [name])
+        if files not in preds:
+            preds[files] = predict_values(model, examples, pad_id)
+        rep = quality_report(preds[files][:, [m]].numpy(), example_targets(examples, zeta, kl_target).numpy(),
+                             [(e.tree, e.parent) for e in examples], [name])
         report["per_objective"][name] = rep["per_objective"][name]
         report["examples"] = max(report["examples"], rep["examples"])
         report["trees"] = max(report["trees"], rep["trees"])

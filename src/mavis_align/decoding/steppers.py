@@ -240,7 +240,6 @@ class CachedValueScorer:
         self.pending: torch.Tensor | None = None
         self.caches = {}
         self.sums: dict[int, torch.Tensor] = {}
-        self.count = self.mask.sum(-1).float()
         ids = input_ids.to(self.device)
         for group in self.groups:
             cache = DynamicCache()
@@ -267,7 +266,6 @@ class CachedValueScorer:
             )
             if group[0] in self.sums:
                 self.sums[group[0]] = self.sums[group[0]] + out.last_hidden_state[:, 0].float()
-        self.count = self.count + 1
         self.mask = mask
         self.next_pos = self.next_pos + 1
 
@@ -297,6 +295,7 @@ class CachedValueScorer:
         block = cand if not n_app else torch.cat([self.pending[:, None], cand], dim=1)
         pos = torch.cat([self.next_pos[:, None].expand(b, n_app), (self.next_pos + n_app)[:, None].expand(b, k)], dim=1)
         out = torch.zeros(b, k, len(self.bindings), dtype=torch.float32, device=self.device)
+        seen = self.mask.sum(-1).float() + n_app  # real tokens before the candidate, pending one included
         for group in self.groups:
             trunk = self.models[group[0]].backbone
             dtype = next(trunk.parameters()).dtype
@@ -309,7 +308,7 @@ class CachedValueScorer:
                 if n_app:
                     self.sums[group[0]] = self.sums[group[0]] + states[:, 0].float()
                 # mean over the prefix (incl. the pending token) and the candidate itself
-                mean = (self.sums[group[0]][:, None] + hidden.float()) / (self.count + n_app + 1)[:, None, None]
+                mean = (self.sums[group[0]][:, None] + hidden.float()) / (seen + 1)[:, None, None]
             for mi in group:
                 values = self.models[mi].values_from_hidden(hidden, mean)
                 for j, bd in enumerate(self.bindings):
@@ -318,7 +317,6 @@ class CachedValueScorer:
         if n_app:
             self.mask = torch.cat([self.mask, self.mask.new_ones(b, 1)], dim=1)
             self.next_pos = self.next_pos + 1
-            self.count = self.count + 1
             self.pending = None
         return out
 
@@ -331,7 +329,6 @@ class CachedValueScorer:
             cache.reorder_cache(index)
         self.mask = self.mask.index_select(0, index)
         self.next_pos = self.next_pos.index_select(0, index)
-        self.count = self.count.index_select(0, index)
         self.sums = {g: v.index_select(0, index) for g, v in self.sums.items()}
 
     def merge(self, other: "CachedValueScorer") -> None:
@@ -344,7 +341,6 @@ class CachedValueScorer:
         self.mask, pa, pb = _merge_masks(self.mask, other.mask)
         self.caches = {g: _merge_caches(self.caches[g], other.caches[g], pa, pb) for g in self.caches}
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
-        self.count = torch.cat([self.count, other.count])
         self.sums = {g: torch.cat([v, other.sums[g]]) for g, v in self.sums.items()}
 
 

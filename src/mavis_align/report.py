@@ -474,10 +474,10 @@ def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
 
 def _quality_section(rows: list[dict], distill_result: dict) -> list[str]:
     """Held-out R² and sibling concordance of every value model the claims rest on."""
+    from .train.quality import format_concordance, format_r2
+
     def cells(q: dict) -> str:
-        r2 = "-" if q.get("r2") is None else f"{q['r2']:.3f}"
-        conc = "-" if q.get("concordance") is None else f"{q['concordance']:.3f} ± {q.get('concordance_se') or 0:.3f}"
-        return f"{r2} | {conc} | {q.get('pairs', '-')}"
+        return f"{format_r2(q)} | {format_concordance(q)} | {q.get('pairs', '-')}"
 
     L = ["## Value-model quality", "",
          "Held-out R² (1 − MSE / variance of the targets) and sibling concordance (the fraction of held-out sibling pairs with",

@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from ..collect import CollectSpec, TreeConfig, collect
+from .quality import format_concordance, format_r2
 from .regression import TrainConfig, train_value_model
 
 
@@ -265,8 +266,8 @@ def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, st
         for row in summary["iterations"]:
             for m, r in row["objectives"].items():
                 mse = f"{r['val_mse']:.4f}" if r["val_mse"] is not None else "-"
-                r2 = f"{r['r2']:.3f}" if r.get("r2") is not None else "-"
-                conc = f"{r['concordance']:.3f} ± {r['concordance_se']:.3f} ({r['pairs']})" if r.get("concordance") is not None else "-"
+                conc = format_concordance(r) + (f" ({r['pairs']})" if r.get("concordance") is not None else "")
+                r2 = format_r2(r)
                 lines.append(f"| {row['iteration']} | {m} | {mse} | {r2} | {conc} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['ref_reward']:.3f} | {r['kl']:.2f} |")
         (out / "summary.md").write_text("\n".join(lines) + "\n")
 

@@ -103,11 +103,20 @@ def _num(x: float) -> float | None:
     return None if math.isnan(x) else round(x, 6)
 
 
+def format_r2(q: dict, missing: str = "-") -> str:
+    """R² of one objective's quality entry, 3 decimals (``missing`` when absent)."""
+    return missing if q.get("r2") is None else f"{q['r2']:.3f}"
+
+
+def format_concordance(q: dict, missing: str = "-") -> str:
+    """"c ± se" of one objective's quality entry (``missing`` when absent)."""
+    return missing if q.get("concordance") is None else f"{q['concordance']:.3f} ± {q.get('concordance_se') or 0:.3f}"
+
+
 def format_quality(report: dict) -> str:
     """One line per objective: R², concordance ± se over n pairs."""
     lines = []
     for name, q in report["per_objective"].items():
-        r2 = "n/a" if q["r2"] is None else f"{q['r2']:.3f}"
-        conc = "n/a" if q["concordance"] is None else f"{q['concordance']:.3f} ± {q['concordance_se']:.3f}"
-        lines.append(f"{name}: R² {r2}, sibling concordance {conc} over {q['pairs']} pairs ({report['trees']} held-out trees)")
+        lines.append(f"{name}: R² {format_r2(q, 'n/a')}, sibling concordance {format_concordance(q, 'n/a')} over {q['pairs']} pairs "
+                     f"({report['trees']} held-out trees)")
     return "\n".join(lines)

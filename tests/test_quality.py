@@ -133,18 +133,15 @@ def test_mlp_heads_roundtrip_and_frozen_fingerprint_checked(tmp_path):
         vm.add_lora(4)
 
 
-def test_frozen_trunk_trains_heads_only_and_reports_quality(tmp_path):
-    from mavis_align.collect import GenPolicy, TreeConfig, build_trees, label_trees
-    from mavis_align.collect.store import LabelledTrees
-    from test_train import PROMPTS, cat_reward
+@pytest.fixture(scope="module")
+def cat_trees():
+    from test_train import build_cat_trees
 
-    tok = make_tiny_tokenizer()
-    pol = GenPolicy(make_tiny_lm(len(tok), seed=3), tok)
-    items = [(i, p, tok(p, add_special_tokens=False)["input_ids"]) for i, p in enumerate(PROMPTS * 2)]
-    built = build_trees(pol, items, TreeConfig(num_layers=3, k_root=4, k=2, max_new_tokens=8), torch.Generator().manual_seed(0))
-    values, lprs, texts = label_trees(built, [cat_reward()], tok)
-    data = LabelledTrees(built, values, lprs, [int(i % 4 == 3) for i in range(len(built))], texts)
+    return build_cat_trees()
 
+
+def test_frozen_trunk_trains_heads_only_and_reports_quality(tmp_path, cat_trees):
+    data = cat_trees
     vm = frozen_model(("cat",), head_hidden=16)
     trunk_before = {k: v.clone() for k, v in vm.backbone.state_dict().items()}
     res = train_value_model(vm, [data], tmp_path / "v", TrainConfig(lr=3e-3, epochs=8, batch_size=16, eval_every=10, sibling_weight=0.5), progress=False)
@@ -201,6 +198,12 @@ def test_value_models_on_one_frozen_trunk_share_one_forward():
     rows3 = [[7, 8, 9, 10, 9, 4, 7], [7, 8, 9, 10, 9, 4, 8], [5, 6, 5, 6, 9]]
     expect3 = naive([r + [c] for r, cs in zip(rows3, cands[[1, 1, 0]].tolist()) for c in cs]).view(3, 3, -1)
     assert torch.allclose(third, expect3, atol=1e-5)
+    # continuous batching: rows started apart and merged score as if started together
+    left, right = CachedValueScorer(models, bindings), CachedValueScorer(models, bindings)
+    left.start(torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.long))
+    right.start(torch.tensor([[7, 8, 9, 10]]), torch.ones(1, 4, dtype=torch.long))
+    left.merge(right)
+    assert torch.allclose(left.score(cands), expect1, atol=1e-5)
 
 
 def test_fit_ridge_recovers_a_linear_map_and_picks_penalties_by_group_cv():
@@ -220,17 +223,8 @@ def test_fit_ridge_recovers_a_linear_map_and_picks_penalties_by_group_cv():
         fit_ridge(x, y, [0] * 300)
 
 
-def test_ridge_solver_fits_frozen_linear_heads_only(tmp_path):
-    from mavis_align.collect import GenPolicy, TreeConfig, build_trees, label_trees
-    from mavis_align.collect.store import LabelledTrees
-    from test_train import PROMPTS, cat_reward
-
-    tok = make_tiny_tokenizer()
-    pol = GenPolicy(make_tiny_lm(len(tok), seed=3), tok)
-    items = [(i, p, tok(p, add_special_tokens=False)["input_ids"]) for i, p in enumerate(PROMPTS * 2)]
-    built = build_trees(pol, items, TreeConfig(num_layers=3, k_root=4, k=2, max_new_tokens=8), torch.Generator().manual_seed(0))
-    values, lprs, texts = label_trees(built, [cat_reward()], tok)
-    data = LabelledTrees(built, values, lprs, [int(i % 4 == 3) for i in range(len(built))], texts)
+def test_ridge_solver_fits_frozen_linear_heads_only(tmp_path, cat_trees):
+    data = cat_trees
     vm = frozen_model(("cat",), pool="mean")
     res = train_value_model(vm, [data], tmp_path / "v", TrainConfig(solver="ridge"), progress=False)
     assert res["solver"] == "ridge" and res["ridge_alpha"]["cat"] > 0 and res["quality"]["per_objective"]["cat"]["pairs"] > 0

@@ -27,8 +27,8 @@ def cat_reward() -> Reward:
                   lambda ps, rs: [sum(w in ("cat", "mat") for w in r.split()) / max(len(r.split()), 1) for r in rs])
 
 
-@pytest.fixture(scope="module")
-def trees():
+def build_cat_trees() -> LabelledTrees:
+    """16 trees of a tiny random LM labelled with :func:`cat_reward`; every fourth one held out."""
     tok = make_tiny_tokenizer()
     pol = GenPolicy(make_tiny_lm(len(tok), seed=3), tok)
     items = [(i, p, tok(p, add_special_tokens=False)["input_ids"]) for i, p in enumerate(PROMPTS * 2)]
@@ -36,6 +36,11 @@ def trees():
     values, lprs, texts = label_trees(built, [cat_reward()], tok)
     splits = [int(i % 4 == 3) for i in range(len(built))]
     return LabelledTrees(built, values, lprs, splits, texts)
+
+
+@pytest.fixture(scope="module")
+def trees():
+    return build_cat_trees()
 
 
 def new_value_model(objectives=("cat",), seed=0) -> ValueModel:
@@ -107,6 +112,9 @@ def test_lora_training_and_distillation(trees, tmp_path):
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
     loaded = ValueModel.load(tmp_path / "d" / "student")
     assert loaded.objectives == ["cat", "other"] and res["val_mse_vs_teachers"] is not None
+    # held-out quality only where the trees carry labels ("other" has none)
+    assert set(res["quality"]["per_objective"]) == set(res["teacher_quality"]) == {"cat"}
+    assert res["quality"]["per_objective"]["cat"]["pairs"] > 0 and res["quality"]["trees"] == 4
     with pytest.raises(ValueError, match="teachers' objectives"):
         distill([teacher_a], new_value_model(("x",)), [path], tmp_path / "e", progress=False)
 

@@ -50,7 +50,7 @@ def mavis_logprobs(mdp, model, rewards, lam, eta):
     ids = torch.tensor([PROMPT] * n)
     scorer = SequenceValueScorer(mdp.value_fn(rewards, eta), ["r1", "r2"])
     cfg = SamplingConfig(max_new_tokens=mdp.horizon, top_k=VOCAB, normalize=False, beta=1.0 / eta)
-    rows = decode_ids(CachedBase(model), ids, torch.ones_like(ids), cfg, eos_id=None, pad_id=0, scorer=scorer,
+    rows = decode_ids(CachedBase(model), ids, torch.ones_like(ids), cfg, eos_id=None, scorer=scorer,
                       weights=torch.tensor([lam] * n, dtype=torch.float32), forced=[list(y) for y in mdp.sequences])
     return {y: sum(r.logprobs_gen) for y, r in zip(mdp.sequences, rows)}
 

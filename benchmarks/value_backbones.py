@@ -31,7 +31,7 @@ import torch
 from mavis_align.collect import CollectSpec, TreeConfig, collect
 from mavis_align.data import load_prompts
 from mavis_align.decoding.decoder import MavisDecoder
-from mavis_align.evaluate import evaluate_decoder
+from mavis_align.evaluate import DecoderPolicy, evaluate_policy
 from mavis_align.generation import SamplingConfig, encode_batch
 from mavis_align.models import format_prompts, load_causal_lm, load_tokenizer
 from mavis_align.provenance import run_record, write_json
@@ -147,7 +147,7 @@ def steer(out: Path, name: str, model, tok, rewards, prompts: list[str]) -> dict
             path = folder / f"beta{beta:g}-{m}.json"
             if not path.exists():
                 cfg = SamplingConfig(max_new_tokens=EVAL["max_new_tokens"], top_k=TOP_K, beta=beta)
-                r = evaluate_decoder(dec, prompts, rewards, weights={m: 1.0}, config=cfg, samples=EVAL["samples"], seed=EVAL["seed"])
+                r = evaluate_policy(DecoderPolicy(name, dec, cfg, weights={m: 1.0}), prompts, rewards, model, tok, samples=EVAL["samples"], seed=EVAL["seed"])
                 write_json(path, {"reward": r["rewards"][m], "kl": r["kl"], "rewards": r["rewards"]})
             res[f"beta{beta:g}-{m}"] = json.loads(path.read_text())
     return res
@@ -157,8 +157,8 @@ def reference(out: Path, model, tok, rewards, prompts: list[str]) -> dict:
     path = out / "steer" / "pi_ref.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
-        r = evaluate_decoder(MavisDecoder(model, tok), prompts, rewards, config=SamplingConfig(max_new_tokens=EVAL["max_new_tokens"]),
-                             samples=EVAL["samples"], seed=EVAL["seed"])
+        r = evaluate_policy(DecoderPolicy("pi_ref", MavisDecoder(model, tok), SamplingConfig(max_new_tokens=EVAL["max_new_tokens"])), prompts, rewards,
+                            model, tok, samples=EVAL["samples"], seed=EVAL["seed"])
         write_json(path, {"rewards": r["rewards"], "kl": r["kl"]})
     return json.loads(path.read_text())
 

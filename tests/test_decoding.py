@@ -39,7 +39,7 @@ def _trace(base, scorer, tok, forced, config, weights, beta):
     ids, mask = _batch(tok, PROMPTS)
     dists = []
     rows = decode_ids(
-        base, ids, mask, config, eos_id=None, pad_id=tok.pad_token_id, scorer=scorer, weights=weights, beta=beta,
+        base, ids, mask, config, eos_id=None, scorer=scorer, weights=weights, beta=beta,
         forced=forced, on_step=lambda t, d: dists.append((d.ids.clone(), d.logp.exp().clone(), d.values.clone())),
     )
     return rows, dists
@@ -130,23 +130,35 @@ def test_kl_estimate_recorded(tiny_lm, tiny_tokenizer, value_models):
 
 def test_beta_zero_is_top_k_sampling(tiny_lm, tiny_tokenizer, value_models):
     """beta = 0: pi_MAVIS is pi_ref restricted to its top-k, whatever the values."""
-    from mavis_align.generation import generate
-
     cfg = SamplingConfig(max_new_tokens=6, top_k=4, beta=0.0)
     m = MavisDecoder(tiny_lm, tiny_tokenizer, value_models).generate(PROMPTS, weights={"a": 1}, config=cfg, seed=5, chat=False)
-    p = generate(tiny_lm, tiny_tokenizer, PROMPTS, SamplingConfig(max_new_tokens=6, top_k=4), seed=5, chat=False)
+    p = MavisDecoder(tiny_lm, tiny_tokenizer).generate(PROMPTS, config=SamplingConfig(max_new_tokens=6, top_k=4), seed=5, chat=False)
     for x, y in zip(m, p):
         assert x.token_ids == y.token_ids
         assert x.logprobs_gen == pytest.approx(y.logprobs_gen, abs=1e-5)
 
 
-def test_no_value_models_is_plain_sampling(tiny_lm, tiny_tokenizer):
-    from mavis_align.generation import generate
+def test_no_value_models_is_plain_sampling_by_inverse_cdf(tiny_lm, tiny_tokenizer):
+    """Without value models, prompt i follows an uncached loop that inverts pi_ref's CDF with one
+    uniform per token from ``row_generator(seed, i)``."""
+    from mavis_align.decoding import row_generator
 
     cfg = SamplingConfig(max_new_tokens=6)
-    a = MavisDecoder(tiny_lm, tiny_tokenizer).generate(PROMPTS, config=cfg, seed=2, chat=False)
-    b = generate(tiny_lm, tiny_tokenizer, PROMPTS, cfg, seed=2, chat=False)
-    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    got = MavisDecoder(tiny_lm, tiny_tokenizer).generate(PROMPTS, config=cfg, seed=2, chat=False)
+    for i, (prompt, g) in enumerate(zip(PROMPTS, got)):
+        gen = row_generator(2, i)
+        ids = tiny_tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        want = []
+        for _ in range(cfg.max_new_tokens):
+            with torch.no_grad():
+                p = torch.softmax(tiny_lm(ids).logits[0, -1].double(), -1)
+            u = torch.rand((), generator=gen, dtype=torch.float64)
+            tok = int(torch.searchsorted(torch.cumsum(p, 0), u * p.sum(), right=True))
+            want.append(tok)
+            if tok == tiny_tokenizer.eos_token_id:
+                break
+            ids = torch.cat([ids, torch.tensor([[tok]])], 1)
+        assert g.token_ids == want
 
 
 def test_bad_input_fails_before_decoding(tiny_lm, tiny_tokenizer, value_models):
@@ -257,7 +269,7 @@ def test_beam_search_greedy_one_beam_follows_highest_value(tiny_lm, tiny_tokeniz
     forced = [g.token_ids]
     ids, mask = _batch(tiny_tokenizer, PROMPTS[:1])
     dists = []
-    decode_ids(CachedBase(tiny_lm), ids, mask, cfg, eos_id=None, pad_id=1, scorer=CachedValueScorer(value_models, bind_objectives(value_models)),
+    decode_ids(CachedBase(tiny_lm), ids, mask, cfg, eos_id=None, scorer=CachedValueScorer(value_models, bind_objectives(value_models)),
                weights=torch.tensor([[0.0, 1.0, 0.0]]), beta=torch.tensor([1.0]), forced=forced, on_step=lambda t, d: dists.append(d))
     for t, d in enumerate(dists):
         assert d.ids[0, d.values[0].argmax()].item() == g.token_ids[t]
@@ -275,15 +287,15 @@ def test_row_source_and_per_row_budgets(tiny_lm, tiny_tokenizer, value_models):
     cfg = SamplingConfig(max_new_tokens=6, top_k=5, beta=2.0)
     w, b = torch.tensor([[1.0, 0.0, 0.0]] * 5), torch.tensor([2.0] * 5)
     bind = bind_objectives(value_models)
-    shared = decode_ids(CachedBase(tiny_lm), ids, mask, cfg, eos_id=None, pad_id=1, scorer=CachedValueScorer(value_models, bind),
+    shared = decode_ids(CachedBase(tiny_lm), ids, mask, cfg, eos_id=None, scorer=CachedValueScorer(value_models, bind),
                         weights=w, beta=b, forced=forced, row_source=src, max_new_tokens=budgets)
-    dup = decode_ids(CachedBase(tiny_lm), dup_ids, dup_mask, cfg, eos_id=None, pad_id=1, scorer=CachedValueScorer(value_models, bind),
+    dup = decode_ids(CachedBase(tiny_lm), dup_ids, dup_mask, cfg, eos_id=None, scorer=CachedValueScorer(value_models, bind),
                      weights=w, beta=b, forced=forced, max_new_tokens=budgets)
     for r, (x, y) in enumerate(zip(shared, dup)):
         assert len(x.token_ids) == budgets[r] and x.token_ids == forced[r][: budgets[r]]
         assert x.logprobs_gen == pytest.approx(y.logprobs_gen, abs=1e-5)
         assert x.logprobs_ref == pytest.approx(y.logprobs_ref, abs=1e-5)
-    sampled = decode_ids(CachedBase(tiny_lm), ids, mask, cfg, eos_id=None, pad_id=1, generator=torch.Generator().manual_seed(0),
+    sampled = decode_ids(CachedBase(tiny_lm), ids, mask, cfg, eos_id=None, generator=torch.Generator().manual_seed(0),
                          row_source=src, max_new_tokens=budgets)
     assert [len(r.token_ids) for r in sampled] == budgets
     assert all(r.finish_reason == "length" for r in sampled)
@@ -329,3 +341,71 @@ def test_merging_running_batches_equals_one_batch(tiny_lm, tiny_tokenizer, value
     rbb = CachedBase(tiny_lm)
     rbb.start(b_ids, b_mask)
     torch.testing.assert_close(merged_logits[2:], rbb.step(torch.tensor([6])), atol=1e-5, rtol=1e-5)
+
+
+def test_sample_positions_is_padding_invariant_and_distributed_right():
+    from mavis_align.decoding import sample_positions
+
+    p = torch.tensor([[0.1, 0.6, 0.3]]).log()
+    padded = torch.cat([p, torch.full((1, 5), float("-inf"))], 1)
+    no = torch.tensor([False])
+    a = [int(sample_positions(p, no, [torch.Generator().manual_seed(s)])) for s in range(300)]
+    b = [int(sample_positions(padded, no, [torch.Generator().manual_seed(s)])) for s in range(300)]
+    assert a == b
+    g = torch.Generator().manual_seed(0)
+    draws = [int(sample_positions(p, no, [g])) for _ in range(4000)]
+    freq = [draws.count(i) / len(draws) for i in range(3)]
+    assert freq == pytest.approx([0.1, 0.6, 0.3], abs=0.03)
+    # a row's draw does not depend on its neighbours; greedy rows take the argmax and draw nothing
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    both = sample_positions(torch.cat([padded, torch.tensor([[0.0, -1.0, -9.0, -9.0, -9.0, -9.0, -9.0, -9.0]])]), torch.tensor([False, True]), [g1, None])
+    assert int(both[0]) == int(sample_positions(p, no, [g2])) and int(both[1]) == 0
+    # the candidates' order does not matter: the CDF runs in token-id order
+    perm = torch.tensor([[2, 0, 1]])
+    for s in range(50):
+        x = int(sample_positions(p, no, [torch.Generator().manual_seed(s)]))
+        y = int(sample_positions(p.gather(1, perm), no, [torch.Generator().manual_seed(s)], ids=perm))
+        assert perm[0, y] == x
+
+
+def test_processor_ignores_masked_candidates_inside_top_k(tiny_lm, tiny_tokenizer, value_models):
+    """Another processor left 3 tokens finite (constrained decoding); with top_k = 5 the two -inf
+    candidates must neither get mass nor set NORMALIZE's range: the processor equals the tilt over
+    the 3 allowed tokens."""
+    from mavis_align.decoding import MavisLogitsProcessor
+
+    ids, mask = _batch(tiny_tokenizer, PROMPTS)
+    allowed = torch.tensor([[5, 9, 12], [7, 8, 23], [11, 20, 21]])
+    scores = torch.full((3, len(tiny_tokenizer)), float("-inf"))
+    scores.scatter_(1, allowed, torch.tensor([[0.5, 0.1, -0.3], [0.0, 0.2, 0.4], [1.0, -1.0, 0.0]]))
+    proc = MavisLogitsProcessor(value_models, {"a": 1.0}, beta=4.0, top_k=5, attention_mask=mask)
+    got = proc(ids, scores).exp()
+    fn = naive_value_fn(value_models, bind_objectives(value_models))
+    for b in range(3):
+        prompt = ids[b][mask[b].bool()].tolist()
+        v = fn([prompt + [int(a)] for a in allowed[b]])[:, 0]
+        ref = torch.log_softmax(scores[b, allowed[b]], -1)
+        want = torch.softmax(ref + 4.0 * (v - v.min()) / (v.max() - v.min()), -1)
+        torch.testing.assert_close(got[b, allowed[b]], want, atol=1e-5, rtol=1e-5)
+        assert float(got[b].sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_beam_search_keeps_live_beams_after_n_children_finish(tiny_lm, tiny_tokenizer):
+    """EOS is a child of every beam at every step (k = vocabulary). Finished children must not end
+    the search: the beams live on to the token budget, and with values that prefer longer
+    unfinished states the best candidates are the full-length ones."""
+    from mavis_align.decoding import value_beam_search
+
+    eos = tiny_tokenizer.eos_token_id
+    vocab = len(tiny_tokenizer)
+
+    def fn(seqs):  # value: -1 for a finished state, else its length
+        return torch.tensor([[-1.0 if s[-1] == eos else float(len(s))] for s in seqs])
+
+    ids, mask = _batch(tiny_tokenizer, PROMPTS[:2])
+    cfg = SamplingConfig(max_new_tokens=6, top_k=vocab, beta=1.0)
+    res = value_beam_search(CachedBase(tiny_lm), SequenceValueScorer(fn, ["len"]), ids, mask, cfg, num_beams=2, expand=vocab,
+                            weights=torch.ones(2, 1), beta=torch.ones(2), eos_id=eos, generators=[torch.Generator().manual_seed(i) for i in range(2)])
+    for r in res:
+        assert len(r.candidates) == 2
+        assert all(len(c.row.token_ids) == 6 and c.row.finish_reason == "length" for c in r.candidates)

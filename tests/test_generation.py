@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from mavis_align.generation import SamplingConfig, generate, sample_batch
+from mavis_align.decoding import MavisDecoder, decode_ids
+from mavis_align.decoding.steppers import CachedBase
+from mavis_align.generation import SamplingConfig
+
+
+def generate(model, tokenizer, prompts, config=SamplingConfig(), **kw):
+    """Plain sampling from pi_ref: the decoder without value models."""
+    return MavisDecoder(model, tokenizer).generate(prompts, config=config, **kw)
 
 
 def reference_greedy(model, tokenizer, text, steps):
@@ -22,7 +29,7 @@ def reference_greedy(model, tokenizer, text, steps):
 
 def test_batched_cached_greedy_matches_uncached_reference(tiny_lm, tiny_tokenizer):
     prompts = ["hello world the cat sat on the mat", "why", "the dog ran ?"]  # unequal lengths -> left padding
-    gens = sample_batch(tiny_lm, tiny_tokenizer, prompts, prompts, SamplingConfig(max_new_tokens=6, greedy=True), None)
+    gens = generate(tiny_lm, tiny_tokenizer, prompts, SamplingConfig(max_new_tokens=6, greedy=True), chat=False)
     for p, g in zip(prompts, gens):
         toks, lps = reference_greedy(tiny_lm, tiny_tokenizer, p, 6)
         assert g.token_ids == toks
@@ -37,6 +44,9 @@ def test_same_seed_same_output_and_seed_matters(tiny_lm, tiny_tokenizer):
     c = generate(tiny_lm, tiny_tokenizer, prompts, cfg, seed=4, chat=False, batch_size=4)
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
     assert [g.token_ids for g in a] != [g.token_ids for g in c]
+    # every prompt draws from its own generator: the batch size does not change any response
+    d = generate(tiny_lm, tiny_tokenizer, prompts, cfg, seed=3, chat=False, batch_size=1)
+    assert [g.token_ids for g in a] == [g.token_ids for g in d]
 
 
 def test_logprobs_and_log_ratio(tiny_lm, tiny_tokenizer):
@@ -56,7 +66,7 @@ def test_eos_stops_and_is_reported(tiny_tokenizer):
         model.lm_head.weight.zero_()  # all logits equal -> greedy picks id 0 == <eos>
     g = generate(model, tiny_tokenizer, ["hello", "the cat sat"], SamplingConfig(max_new_tokens=5, greedy=True), chat=False)
     assert [x.token_ids for x in g] == [[0], [0]]
-    assert [x.finish_reason for x in g] == ["eos", "eos"]
+    assert [x.finish_reason for x in g] == ["stop", "stop"]  # OpenAI's reason for EOS
 
 
 def test_stop_string_cuts_text(tiny_lm, tiny_tokenizer):
@@ -83,5 +93,16 @@ def test_config_validation(kwargs, msg):
 
 
 def test_sampling_requires_generator(tiny_lm, tiny_tokenizer):
+    ids = torch.tensor([[5, 6, 7]])
     with pytest.raises(ValueError, match="Generator"):
-        sample_batch(tiny_lm, tiny_tokenizer, ["hello"], ["hello"], SamplingConfig(), None)
+        decode_ids(CachedBase(tiny_lm), ids, torch.ones_like(ids), SamplingConfig(), eos_id=0)
+
+
+def test_min_new_tokens_bans_eos(tiny_tokenizer):
+    from conftest import make_tiny_lm
+
+    model = make_tiny_lm(len(tiny_tokenizer), seed=1)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # greedy would pick <eos> (id 0) at once
+    g = generate(model, tiny_tokenizer, ["hello"], SamplingConfig(max_new_tokens=5, min_new_tokens=3, greedy=True), chat=False)[0]
+    assert g.token_ids[:3] != [0, 0, 0] and 0 not in g.token_ids[:3] and g.token_ids[3] == 0 and g.finish_reason == "stop"

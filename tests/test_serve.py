@@ -45,7 +45,7 @@ def server():
     deadline = time.time() + 30
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "app": app}
+    yield {"url": f"http://127.0.0.1:{port}", "app": app, "decoder": dec}
     srv.should_exit = True
     thread.join(timeout=10)
 
@@ -215,17 +215,51 @@ def test_batched_requests_match_the_same_requests_alone(client):
     assert together == alone
 
 
-def test_sample_index_is_padding_invariant_and_distributed_right():
-    import torch
+SAME_AS_DECODER = [  # (prompt, objective weights, extra body): sampling, greedy, plain, stop strings, min_tokens, normalize off
+    ("hello", {"concise": 1}, {"beta": 2.0, "top_k": 4, "temperature": 0.8}),
+    ("the cat sat", {"positive": 1}, {"beta": 6.0, "top_k": 6, "temperature": 0}),
+    ("why", None, {}),
+    ("why not", None, {"temperature": 0}),
+    ("a good mat ?", {"concise": 0.5, "positive": 0.5}, {"beta": 3.0, "top_k": 8, "min_tokens": 6, "stop": ["cat"]}),
+    ("the dog", {"positive": 1}, {"beta": 1.0, "top_k": 5, "normalize": False}),
+]
 
-    from mavis_align.serve.scheduler import sample_index
 
-    p = torch.tensor([0.1, 0.6, 0.3])
-    padded = torch.cat([p, torch.zeros(5)])
-    a = [sample_index(p, torch.Generator().manual_seed(s)) for s in range(300)]
-    b = [sample_index(padded, torch.Generator().manual_seed(s)) for s in range(300)]
-    assert a == b
-    g = torch.Generator().manual_seed(0)
-    draws = [sample_index(p, g) for _ in range(4000)]
-    freq = [draws.count(i) / len(draws) for i in range(3)]
-    assert freq == pytest.approx([0.1, 0.6, 0.3], abs=0.03)
+def _decoder_says(decoder, prompt, weights, extra, seed, max_tokens):
+    """What ``MavisDecoder.generate`` gives for the server request (prompt, weights, extra, seed)."""
+    from mavis_align.decoding import DEFAULT_TOP_K, MavisDecoder, SamplingConfig
+
+    t = extra.get("temperature", 1.0)
+    cfg = SamplingConfig(max_new_tokens=max_tokens, min_new_tokens=extra.get("min_tokens", 0), temperature=t or 1.0, greedy=t == 0,
+                         top_k=extra.get("top_k", DEFAULT_TOP_K if weights else 0), beta=extra.get("beta", 1.0),
+                         normalize=extra.get("normalize", True), stop_strings=tuple(extra.get("stop", ())))
+    dec = decoder if weights else MavisDecoder(decoder.model, decoder.tokenizer)  # no weights: pi_ref alone
+    return dec.generate([prompt], weights=weights, config=cfg, seed=seed, chat=False)[0]
+
+
+def test_server_output_equals_the_decoders_alone_and_beside_other_requests(server, client):
+    """The server and MavisDecoder.generate run the same engine: same request and seed, same text,
+    whether the request is decoded alone or next to others (sampling, greedy, plain, stop, min_tokens)."""
+    reqs = []
+    for i, (prompt, weights, extra) in enumerate(SAME_AS_DECODER):
+        body = {k: v for k, v in extra.items() if k not in ("temperature", "stop")}
+        if weights:
+            body["objective_weights"] = weights
+        kw = {"temperature": extra["temperature"]} if "temperature" in extra else {}
+        if "stop" in extra:
+            kw["stop"] = extra["stop"]
+        reqs.append(dict(prompt=prompt, max_tokens=12, seed=100 + i, extra_body=body, **kw))
+    want = [_decoder_says(server["decoder"], p, w, e, 100 + i, 12) for i, (p, w, e) in enumerate(SAME_AS_DECODER)]
+
+    def ask(r):
+        out = client.completions.create(model="tiny", **r)
+        return out.choices[0].text.strip(), out.usage.completion_tokens, out.choices[0].finish_reason
+
+    alone = [ask(r) for r in reqs]
+    with ThreadPoolExecutor(len(reqs)) as ex:
+        together = list(ex.map(ask, reqs))
+    expected = [(g.text, len(g.token_ids), g.finish_reason) for g in want]
+    assert alone == expected
+    assert together == expected
+    assert any(e[2] == "length" for e in expected) and len({e[0] for e in expected}) == len(expected)
+    assert expected[4][1] >= 6  # min_tokens held EOS back

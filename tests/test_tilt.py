@@ -12,20 +12,54 @@ from conftest import make_tiny_lm
 from mavis_align.decoding.engine import decode_ids
 from mavis_align.decoding.exact import TokenMDP, kl_divergence
 from mavis_align.decoding.steppers import CachedBase, SequenceValueScorer
-from mavis_align.decoding.tilt import combine_values, normalize_values, resolve_weights, tilted_logprobs, top_k_candidates
+from mavis_align.decoding.tilt import combine_values, normalize_values, resolve_weights, tilted_logprobs
 from mavis_align.generation import SamplingConfig
 
 
-def test_top_k_candidates_after_temperature():
-    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+def _rows(k, temperature=1.0, beta=0.0, weights=None, normalize=True, greedy=False):
+    from mavis_align.decoding.engine import RowSpec, RowTensors
+
+    cfg = SamplingConfig(max_new_tokens=1, top_k=k, temperature=temperature, beta=beta, normalize=normalize, greedy=greedy)
+    return RowTensors.pack([RowSpec(cfg, weights=weights)], 0 if weights is None else weights.shape[0], "cpu")
+
+
+def test_step_distribution_top_k_after_temperature_per_row():
+    from mavis_align.decoding.engine import step_distribution
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [1.0, 3.0, 2.0, 0.0]])
     before = logits.clone()
-    ids, logp = top_k_candidates(logits, 2, temperature=2.0)
-    assert ids.tolist() == [[1, 2]]
-    full = torch.log_softmax(logits / 2.0, dim=-1)
-    torch.testing.assert_close(logp, full[:, [1, 2]])
+    rows = _rows(2, temperature=2.0).cat(_rows(3))
+    d = step_distribution(logits, rows)
+    assert d.ids.tolist() == [[1, 2, 0], [1, 2, 0]]
+    top2 = torch.log_softmax(logits[0, [1, 2]] / 2.0, dim=-1)
+    torch.testing.assert_close(d.logp[0, :2], top2)
+    assert d.logp[0, 2] == float("-inf")  # outside row 0's k = 2
+    torch.testing.assert_close(d.logp[1], torch.log_softmax(logits[1, [1, 2, 0]], dim=-1))
     assert torch.equal(logits, before)
-    with pytest.raises(ValueError, match="k must be"):
-        top_k_candidates(logits, 0)
+    full = step_distribution(logits, _rows(0).cat(_rows(0)))
+    assert full.ids is None and torch.allclose(full.logp, torch.log_softmax(logits, -1))
+
+
+def test_step_distribution_masked_candidates_do_not_set_normalize_range():
+    """-inf logits inside the top-k (banned words, earlier processors) get no mass and no say in NORMALIZE."""
+    from mavis_align.decoding.engine import step_distribution
+
+    class Fixed:  # value scorer: V of token a is vals[a]
+        def __init__(self, vals):
+            self.vals = torch.tensor(vals)
+
+        def score(self, ids):
+            return self.vals[ids][..., None]
+
+    logits = torch.tensor([[0.0, -0.1, float("-inf"), -0.2, float("-inf")]])
+    vals = [0.5, 0.6, 100.0, 0.4, -100.0]  # the masked tokens would stretch NORMALIZE's range
+    d = step_distribution(logits, _rows(5, beta=3.0, weights=torch.tensor([1.0])), scorer=Fixed(vals))
+    p = d.full(5).exp()[0]
+    assert p[2] == 0 and p[4] == 0
+    ref = torch.log_softmax(torch.tensor([0.0, -0.1, -0.2]), -1)
+    v = torch.tensor([0.5, 0.6, 0.4])
+    want = torch.softmax(ref + 3.0 * (v - v.min()) / (v.max() - v.min()), -1)
+    torch.testing.assert_close(p[[0, 1, 3]], want)
 
 
 def test_combine_and_normalize_closed_form():
@@ -94,7 +128,7 @@ def mavis_sequence_logprobs(mdp, model, rewards, weights, eta) -> dict:
     scorer = SequenceValueScorer(mdp.value_fn(rewards, eta), [f"r{m}" for m in range(len(rewards))])
     config = SamplingConfig(max_new_tokens=mdp.horizon, top_k=VOCAB, normalize=False, beta=1.0 / eta)
     rows = decode_ids(
-        CachedBase(model), ids, torch.ones_like(ids), config, eos_id=None, pad_id=0, scorer=scorer,
+        CachedBase(model), ids, torch.ones_like(ids), config, eos_id=None, scorer=scorer,
         weights=torch.tensor([weights] * n, dtype=torch.float32), forced=[list(y) for y in mdp.sequences],
     )
     return {y: sum(r.logprobs_gen) for y, r in zip(mdp.sequences, rows)}

@@ -139,7 +139,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     tree = TreeConfig(
         num_layers=args.layers, k_root=args.k_root, k=args.k, max_new_tokens=args.max_new_tokens,
         two_layer_rule=args.two_layer_rule, extra_children=args.extra_children, max_rows=args.max_rows,
-        temperature=args.temperature, top_k=args.top_k if args.top_k is not None else (15 if args.value else 0),
+        temperature=args.temperature, top_k=args.top_k if args.top_k is not None else (DEFAULT_TOP_K if args.value else 0),
         beta=args.beta, normalize=not args.no_normalize,
     )
     spec = CollectSpec(

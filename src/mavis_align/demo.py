@@ -9,6 +9,8 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from .generation import DEFAULT_TOP_K
+
 def steering_settings(objectives: list[str]) -> list[tuple[str, dict | None]]:
     """pi_ref, each objective alone, and each neighbouring pair at equal weight."""
     out: list[tuple[str, dict | None]] = [("pi_ref (no values)", None)]
@@ -45,7 +47,7 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
     """Run (or reuse) the demo's value training, then print and return the steering table."""
     from .data import load_prompts
     from .decoding.decoder import MavisDecoder
-    from .evaluate import evaluate_decoder
+    from .evaluate import DecoderPolicy, evaluate_policy
     from .generation import SamplingConfig
     from .models import load_causal_lm
     from .paths import cache_dir
@@ -68,7 +70,7 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
     test = load_prompts(recipe.dataset, "test", seed=recipe.data_seed, tokenizer=tok)
     prompts = [p.text for p in test if p.category != "harmful"][:half] + [p.text for p in test if p.category == "harmful"][:half]
     b = beta if beta is not None else float(recipe.eval.get("beta", 5.0))
-    cfg = SamplingConfig(max_new_tokens=int(recipe.eval.get("max_new_tokens", 40)), top_k=int(recipe.eval.get("top_k", 15)), beta=b)
+    cfg = SamplingConfig(max_new_tokens=int(recipe.eval.get("max_new_tokens", 40)), top_k=int(recipe.eval.get("top_k", DEFAULT_TOP_K)), beta=b)
     plain = SamplingConfig(max_new_tokens=cfg.max_new_tokens)
     rewards = get_rewards(recipe.objectives)
     header = "| weights λ | " + " | ".join(recipe.objectives) + " | KL (nats) | weighted objectives: z vs π_ref |"
@@ -76,8 +78,8 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
     examples = []
     results = {}
     for label, weights in steering_settings(list(recipe.objectives)):
-        res = evaluate_decoder(decoder if weights else MavisDecoder(model, tok), prompts, rewards, weights=weights,
-                               config=cfg if weights else plain, samples=samples, seed=seed, chat=recipe.chat)
+        policy = DecoderPolicy(label, decoder if weights else MavisDecoder(model, tok), cfg if weights else plain, weights=weights, chat=recipe.chat)
+        res = evaluate_policy(policy, prompts, rewards, model, tok, samples=samples, seed=seed, chat=recipe.chat, keep_examples=len(prompts) * samples)
         results[label] = res
         cells = [f"{res['rewards'][m]['mean']:.3f} ± {res['rewards'][m]['se']:.3f}" for m in recipe.objectives]
         ref = results["pi_ref (no values)"]["rewards"]

@@ -1,9 +1,6 @@
-"""Plain KV-cached batched sampling from a causal LM, with an explicit ``torch.Generator``.
-
-This is the steer-free decoding loop (sampling from pi_ref). It records, for every generated
-token, log pi_ref(a|s) over the full vocabulary at temperature 1 and log pi_gen(a|s) under the
-distribution actually sampled from (after temperature / top-k), so KL estimates (paper eq. 7)
-can be formed from its output.
+"""What a decode is asked for and what it returns: :class:`SamplingConfig` (validated once),
+:class:`Generation` records, and the text helpers (batch encoding, stop strings) every decode path
+shares. The decoding itself lives in :mod:`mavis_align.decoding` (one engine for every path).
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ class Generation:
         token_ids: generated token ids (EOS included when it was produced).
         logprobs_ref: log pi_ref(a_t|s_t) per generated token, full vocabulary, temperature 1.
         logprobs_gen: log pi_gen(a_t|s_t) per generated token under the sampling distribution.
-        finish_reason: ``"eos"``, ``"stop"`` (stop string) or ``"length"``.
+        finish_reason: ``"stop"`` (EOS or a stop string) or ``"length"`` (token budget), as in OpenAI's API.
     """
 
     prompt: str
@@ -39,6 +36,17 @@ class Generation:
     def log_ratio(self) -> float:
         """sum_t log(pi_gen/pi_ref): this sequence's single-sample KL contribution (eq. 7)."""
         return float(sum(g - r for g, r in zip(self.logprobs_gen, self.logprobs_ref)))
+
+
+DEFAULT_TOP_K = 15  # candidates per step with value models (paper App. F.5)
+
+
+def check_beta(beta: float) -> float:
+    """The one check of a tilt strength: finite and >= 0 (paper: beta = 1/eta)."""
+    b = float(beta)
+    if not b >= 0 or b == float("inf"):
+        raise ValueError(f"beta must be finite and >= 0, got {beta}")
+    return b
 
 
 @dataclass(frozen=True)
@@ -76,11 +84,10 @@ class SamplingConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = no top-k), got {self.top_k}")
-        if not self.beta >= 0 or self.beta == float("inf"):
-            raise ValueError(f"beta must be finite and >= 0, got {self.beta}")
+        check_beta(self.beta)
 
 
-def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     cut = min((text.find(s) for s in stops if s and s in text), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
@@ -100,7 +107,7 @@ def rows_to_generations(tokenizer, prompts: list[str], rows, stop_strings: tuple
     """Decoded id rows -> :class:`Generation` records with text cut before any stop string."""
     out = []
     for prompt, row in zip(prompts, rows):
-        text, _ = _cut_at_stop(tokenizer.decode(row.token_ids, skip_special_tokens=True), stop_strings)
+        text, _ = cut_at_stop(tokenizer.decode(row.token_ids, skip_special_tokens=True), stop_strings)
         extras = {"values": row.values} if row.values else {}
         out.append(Generation(prompt, text.strip(), row.token_ids, row.logprobs_ref, row.logprobs_gen, row.finish_reason, extras))
     return out
@@ -110,70 +117,4 @@ def stop_checker(tokenizer, stop_strings: tuple[str, ...]):
     """A ``stop_check`` callable for the decoding engine, or None without stop strings."""
     if not stop_strings:
         return None
-    return lambda ids: _cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop_strings)[1]
-
-
-@torch.no_grad()
-def sample_batch(
-    model,
-    tokenizer,
-    prompts: list[str],
-    formatted: list[str],
-    config: SamplingConfig,
-    generator: torch.Generator | None,
-) -> list[Generation]:
-    """Decode one left-padded batch from pi_ref with a KV cache.
-
-    Args:
-        prompts: user prompts (kept in the output records).
-        formatted: the model input text for each prompt (e.g. chat-formatted), same length.
-        generator: RNG for sampling; required unless ``config.greedy``.
-    """
-    from .decoding.engine import decode_ids
-    from .decoding.steppers import CachedBase
-
-    device = next(model.parameters()).device
-    input_ids, attention = encode_batch(tokenizer, formatted, device)
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    rows = decode_ids(
-        CachedBase(model), input_ids, attention, config, eos_id=eos_id, pad_id=pad_id, generator=generator,
-        stop_check=stop_checker(tokenizer, config.stop_strings),
-    )
-    return rows_to_generations(tokenizer, prompts, rows, config.stop_strings)
-
-
-def generate(
-    model,
-    tokenizer,
-    prompts: list[str],
-    config: SamplingConfig = SamplingConfig(),
-    *,
-    seed: int = 0,
-    batch_size: int = 8,
-    chat: bool | None = None,
-    progress: bool = False,
-) -> list[Generation]:
-    """Sample one response per prompt from ``model`` in batches of ``batch_size``.
-
-    A single ``torch.Generator`` seeded with ``seed`` drives all batches, so the same prompts,
-    seed and batch size give the same responses.
-    """
-    from .models import format_prompts
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    formatted = format_prompts(tokenizer, prompts, chat=chat)
-    starts = range(0, len(prompts), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="generate", unit="batch")
-    results: list[Generation] = []
-    for s in starts:
-        results.extend(
-            sample_batch(model, tokenizer, prompts[s : s + batch_size], formatted[s : s + batch_size], config, generator)
-        )
-    return results
+    return lambda ids: cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop_strings)[1]

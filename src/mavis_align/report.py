@@ -16,6 +16,8 @@ import math
 import shutil
 from pathlib import Path
 
+from .generation import DEFAULT_TOP_K
+
 HOLDS, FAILS, MIXED = "holds", "does not hold", "mixed"
 PAPER_DISTILL_GAP = 0.121  # largest reward gap of the distilled model in the paper's Table 3
 
@@ -61,7 +63,7 @@ def _mean(res: dict, objective: str) -> tuple[float, float]:
 
 def mavis_curve(points: dict[str, dict], objective: str, iteration: int, betas: list[float]) -> list[dict]:
     """The MAVIS points of one objective and iteration, ordered by beta."""
-    from .study import point_name
+    from .study_layout import point_name
 
     out = []
     for b in betas:
@@ -298,12 +300,12 @@ def _scale(out: Path, spec) -> dict:
 
 def build(out: Path, spec) -> tuple[dict, dict]:
     """Every claim's verdict dict plus the context (scale, costs) from a finished study folder."""
-    from .study import _load_points, final_value_dir
+    from .study_layout import final_value_dir, load_points
 
     r = spec.recipe
     objs = list(r.objectives)
     betas = [float(b) for b in spec.single["betas"]]
-    points = _load_points(out / "single" / "points")
+    points = load_points(out / "single" / "points")
     iterations = {m: final_value_dir(out / "mavis", m)[0] for m in objs}
     claims = {1: claim_single(points, objs, iterations, betas), 2: claim_iteration(points, objs, iterations, betas)}
     # the primary sweep (KL-matched or fixed beta) and any extra-beta sweeps
@@ -362,7 +364,7 @@ def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
           f"{spec.rl_config.num_generations} samples, KL coefficient {spec.rl_config.kl_beta}, on {spec.baselines.get('prompts', 160)} train prompts; "
           f"MORLHF at λ_1 ∈ {spec.baselines.get('morlhf', [])} for ({', '.join(spec.pair)}).",
           f"- Evaluation: {e.get('prompts', 16)} held-out `{spec.eval_split}` prompts × {e.get('samples', 2)} samples, ≤ {e.get('max_new_tokens', 40)} new tokens, "
-          f"top-k {e.get('top_k', 15)}, seed {e.get('seed', 0)}; KL by eq. 7 (teacher-forced π_ref, full vocabulary); ± is one standard error.",
+          f"top-k {e.get('top_k', DEFAULT_TOP_K)}, seed {e.get('seed', 0)}; KL by eq. 7 (teacher-forced π_ref, full vocabulary); ± is one standard error.",
           f"- Wall time (2-core CPU, no GPU): {hours:.2f} h in all; per stage: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in st.items()) + ".", ""]
 
     L += _quality_section(ctx.get("value_quality", []), claims[5].get("distill_result", {}))
@@ -381,7 +383,7 @@ def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
                  f"{best} | {_yes(row['holds'], row['diff'])} |")
     floor = next((v for k, v in ctx["points"].items() if k.endswith("-beta0")), None)
     if floor is not None:
-        L += ["", f"β = 0 (top-k sampling of π_ref with k = {e.get('top_k', 15)}, no value model) has KL {floor['kl']['mean']:.1f} ± {floor['kl']['se']:.1f} nats and rewards "
+        L += ["", f"β = 0 (top-k sampling of π_ref with k = {e.get('top_k', DEFAULT_TOP_K)}, no value model) has KL {floor['kl']['mean']:.1f} ± {floor['kl']['se']:.1f} nats and rewards "
               + ", ".join(f"{m} {floor['rewards'][m]['mean']:.3f}" for m in objs)
               + ": the top-k truncation alone costs that much KL, a floor under every MAVIS point. β = 0 points are listed but not credited to MAVIS."]
     L += ["", "Every single-objective point (reward of the objective steered for, ± se; KL):", "",
@@ -506,7 +508,7 @@ def _reading(claims: dict, ctx: dict, spec) -> list[str]:
                    "π_ref (the interpolation in its rule), not with a MAVIS policy at their KL.")
     floor = next((v for k, v in pts.items() if k.endswith("-beta0")), None)
     if floor is not None:
-        out.append(f"- Top-k truncation: top-{spec.evaluation.get('top_k', 15)} sampling of π_ref without any value model (β = 0) already costs "
+        out.append(f"- Top-k truncation: top-{spec.evaluation.get('top_k', DEFAULT_TOP_K)} sampling of π_ref without any value model (β = 0) already costs "
                    f"{floor['kl']['mean']:.1f} nats and changes the rewards ("
                    + ", ".join(f"{m} {pts['ref']['rewards'][m]['mean']:.3f} → {floor['rewards'][m]['mean']:.3f}" for m in objs)
                    + f"). Per token that is {floor['kl']['mean'] / max(floor['length']['mean'], 1):.2f} nats: the top-k tokens hold about "

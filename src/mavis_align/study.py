@@ -25,7 +25,9 @@ from pathlib import Path
 
 import yaml
 
+from .generation import DEFAULT_TOP_K
 from .provenance import write_json
+from .study_layout import final_value_dir, load_points, point_name
 from .train.iterate import Recipe, add_cost, extends_recipe, recipe_prompts
 
 STAGES = ("mavis", "baselines", "single", "sweep", "distill", "report")
@@ -147,17 +149,6 @@ def check_study(spec: StudySpec) -> list[str]:
 # ------------------------------------------------------------------------------------ helpers
 
 
-def final_value_dir(mavis_dir: Path, objective: str) -> tuple[int, Path]:
-    """(iteration, value-model folder) of the last finished iteration of ``objective``."""
-    i, best = 0, None
-    while (mavis_dir / f"iter{i}" / objective / "value" / "best" / "meta.json").exists():
-        best = (i, mavis_dir / f"iter{i}" / objective / "value" / "best")
-        i += 1
-    if best is None:
-        raise FileNotFoundError(f"no trained value model for {objective!r} under {mavis_dir}")
-    return best
-
-
 def matched_beta(single_points: dict[str, dict], objectives: list[str], iteration_of: dict[str, int], betas: list[float]) -> float:
     """The beta of the grid whose MAVIS KL (mean over ``objectives``, final iterations) is closest to
     the mean KL of the objectives' RL policies -- the paper's 'similar KL' protocol.
@@ -174,14 +165,6 @@ def matched_beta(single_points: dict[str, dict], objectives: list[str], iteratio
     if not steering:
         raise ValueError("matching the RL policies' KL needs a beta > 0 in single.betas")
     return min(steering, key=gap)
-
-
-def point_name(iteration: int, objective: str, beta: float) -> str:
-    return f"iter{iteration}-{objective}-beta{float(beta):g}"
-
-
-def _load_points(folder: Path) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.exists() else {}
 
 
 # ------------------------------------------------------------------------------------ stages
@@ -270,7 +253,7 @@ class _Evaluation:
             raise ValueError(f"no {spec.eval_split} prompts in {r.dataset!r}")
         self.rewards = get_rewards(list(r.objectives))
         self.samples, self.seed = int(e.get("samples", 2)), int(e.get("seed", 0))
-        self.max_new_tokens, self.top_k = int(e.get("max_new_tokens", 40)), int(e.get("top_k", 15))
+        self.max_new_tokens, self.top_k = int(e.get("max_new_tokens", 40)), int(e.get("top_k", DEFAULT_TOP_K))
         self.plain = SamplingConfig(max_new_tokens=self.max_new_tokens)
 
     def tilted(self, beta: float, **kw):
@@ -334,7 +317,7 @@ def sweep_beta(spec: StudySpec, out: Path) -> float:
     beta = spec.sweep.get("beta", "matched")
     if beta != "matched":
         return float(beta)
-    points = _load_points(out / "single" / "points")
+    points = load_points(out / "single" / "points")
     iteration_of = {m: final_value_dir(out / "mavis", m)[0] for m in spec.pair}
     return matched_beta(points, list(spec.pair), iteration_of, list(spec.single["betas"]))
 
@@ -352,7 +335,7 @@ def _stage_sweep(spec: StudySpec, out: Path, progress: bool) -> None:
         methods=list(s.get("methods", ["ref", "mavis", "rsoup", "mod", "morlhf"])), grid_step=float(s.get("grid_step", 0.5)),
         beta=sweep_beta(spec, out), betas=dict(s.get("betas", {})), n=int(s.get("n", 5)), dataset=e.get("dataset", r.dataset), split=spec.eval_split,
         prompts=int(e.get("prompts", 16)), samples=int(e.get("samples", 2)), max_new_tokens=int(e.get("max_new_tokens", 40)),
-        top_k=int(e.get("top_k", 15)), seed=int(e.get("seed", 0)), chat=r.chat,
+        top_k=int(e.get("top_k", DEFAULT_TOP_K)), seed=int(e.get("seed", 0)), chat=r.chat,
     )
     _sweep_into(out / "sweep", sweep, progress)
     for beta in s.get("extra_betas", []):

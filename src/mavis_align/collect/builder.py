@@ -111,7 +111,7 @@ class GenPolicy:
             w = self.weights.expand(len(row_source), -1)
             b = torch.full((len(row_source),), float(config.beta))
         return decode_ids(
-            CachedBase(self.model), ids.to(device), mask.to(device), sampling, eos_id=self.eos_id, pad_id=self.pad_id,
+            CachedBase(self.model), ids.to(device), mask.to(device), sampling, eos_id=self.eos_id,
             generator=generator, scorer=scorer, weights=w, beta=b,
             row_source=torch.tensor(row_source, dtype=torch.long), max_new_tokens=budgets,
         )
@@ -155,7 +155,7 @@ def build_trees(
             for (j, row) in zip(row_source, decoded):
                 t, parent, budget, _ = chunk[j]
                 tree = trees[t]
-                terminal = row.finish_reason == "eos"
+                terminal = bool(row.token_ids) and row.token_ids[-1] == policy.eos_id
                 n_tok = len(row.token_ids)
                 if config.two_layer_rule and layer == 0 and terminal and L > 1 and n_tok >= 2:
                     cut = int(torch.randint(1, n_tok, (1,), generator=generator))

@@ -1,23 +1,24 @@
-"""Value-guided beam search (paper Section 4.4).
+"""Value-guided beam search (paper Section 4.4), a chooser over the one decode engine's state.
 
 Per prompt, N beams. At every step each live beam draws ``expand`` distinct children from its
 tilted distribution pi_MAVIS (Gumbel top-k: sampling without replacement; greedy takes the most
 likely); all children of a prompt are ranked by their combined value sum_m lambda_m V_m(s ⊕ a)
-and the best N non-finished ones become the next beams. Children that end (EOS / stop string)
-join the prompt's finished pool. At the end the pool (plus any beams cut by the length limit) is
-ranked by combined value, the top N are kept, and an optional re-ranker (e.g. the weighted reward
-models) picks the winner among them.
+and the best N unfinished ones become the next beams. Children that end (EOS, a stop string, or
+the token budget) join the prompt's finished pool; a prompt is searched until none of its beams
+is left alive (finished candidates never cut the live beams short). The pool is ranked by
+combined value, the top N are kept, and an optional re-ranker (e.g. the weighted reward models)
+picks the winner among them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..generation import SamplingConfig
-from .engine import DecodedRow, step_distribution
+from .engine import DecodedRow, DecodeState, RowSpec, finish_reason
 
 
 @dataclass
@@ -33,8 +34,8 @@ class BeamResult:
     candidates: list[BeamCandidate] = field(default_factory=list)
 
 
-def _gumbel(shape, generator, device) -> torch.Tensor:
-    u = torch.rand(shape, generator=generator, device=device).clamp(min=1e-20, max=1 - 1e-7)
+def _gumbel(shape, generator: torch.Generator) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator).clamp(min=1e-20, max=1 - 1e-7)
     return -torch.log(-torch.log(u))
 
 
@@ -50,106 +51,75 @@ def value_beam_search(
     weights: torch.Tensor,
     beta: torch.Tensor,
     eos_id: int | None,
-    pad_id: int,
-    generator: torch.Generator | None,
+    generators: Sequence[torch.Generator] | None = None,
     expand: int | None = None,
     stop_check: Callable[[list[int]], bool] | None = None,
+    pad_id: int = 0,
 ) -> list[BeamResult]:
     """Beam search over P prompts ([P, T] left-padded) -> one :class:`BeamResult` per prompt.
 
     Args:
+        base, scorer: a fresh base stepper and value scorer.
         num_beams: N, beams kept per prompt (and candidates returned).
         weights: [P, M]; beta: [P].
+        generators: one per prompt (draws the Gumbel noise); not needed when greedy.
         expand: children drawn per beam per step (default N).
+        pad_id: token fed to dead beam slots (never part of a result).
     """
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     expand = expand or num_beams
     if expand < 1:
         raise ValueError(f"expand must be >= 1, got {expand}")
-    if not config.greedy and generator is None:
-        raise ValueError("beam search samples children: pass a torch.Generator (or greedy=True)")
-    n_prompts = input_ids.shape[0]
-    nb = num_beams
-    logits = base.start(input_ids, attention_mask)
-    scorer.start(input_ids, attention_mask)
-    device = logits.device
-    rep = torch.arange(n_prompts, device=device).repeat_interleave(nb)
-    base.reorder(rep)
-    scorer.reorder(rep)
-    logits = logits.index_select(0, rep)
-    w, b = weights.to(device).index_select(0, rep), beta.to(device).index_select(0, rep)
+    n_prompts, nb = input_ids.shape[0], num_beams
+    if not config.greedy and (generators is None or len(generators) != n_prompts):
+        raise ValueError(f"beam search samples children: pass one torch.Generator per prompt ({n_prompts}), or greedy=True")
+    gens = list(generators) if generators is not None else [None] * n_prompts
+    specs = [RowSpec(config, weights=weights[p], beta=float(beta[p]), generator=gens[p], stop_check=stop_check)
+             for p in range(n_prompts) for _ in range(nb)]
+    state = DecodeState(lambda: base, lambda: scorer, int(weights.shape[1]), eos_id)
+    state.admit(input_ids, attention_mask, specs, list(range(n_prompts * nb)), torch.arange(n_prompts).repeat_interleave(nb))
     beams = [DecodedRow() for _ in range(n_prompts * nb)]
-    last_value = [0.0] * (n_prompts * nb)
     alive = [i % nb == 0 for i in range(n_prompts * nb)]  # at first all beams of a prompt are the same: expand one
     finished: list[list[BeamCandidate]] = [[] for _ in range(n_prompts)]
-    prompt_done = [False] * n_prompts
-    eos_ban = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
-    if eos_id is not None and config.min_new_tokens > 0:
-        eos_ban[eos_id] = True
-    for t in range(config.max_new_tokens):
-        dist = step_distribution(logits, config, scorer=scorer, weights=w, beta=b, banned=eos_ban if t < config.min_new_tokens else None)
-        keys = dist.logp if config.greedy else dist.logp + _gumbel(dist.logp.shape, generator, device)
+    device = state.logits.device
+    while any(alive):
+        dist = state.distribution()
+        keys = dist.logp
+        if not config.greedy:
+            noise = torch.cat([_gumbel((nb, keys.shape[-1]), gens[p]) for p in range(n_prompts)])
+            keys = keys + noise.to(device)
         n_take = min(expand, keys.shape[-1])
         pos = torch.topk(keys, n_take, dim=-1).indices  # [R, n_take]
         tok = dist.token_ids(pos)
-        logp_gen = dist.logp.gather(-1, pos)
-        vals = dist.values.gather(-1, pos)
-        logp_ref = torch.log_softmax(logits, dim=-1).gather(-1, tok)
-        tok_l, gen_l, ref_l, val_l = tok.tolist(), logp_gen.tolist(), logp_ref.tolist(), vals.tolist()
-        parents = torch.arange(n_prompts * nb, device=device)
-        chosen = torch.full((n_prompts * nb,), pad_id, dtype=torch.long, device=device)
-        new_beams: list[DecodedRow] = list(beams)
-        new_alive = [False] * (n_prompts * nb)
+        logp_ref = torch.log_softmax(state.logits, dim=-1).gather(-1, tok)
+        tok_l, gen_l, ref_l = tok.tolist(), dist.logp.gather(-1, pos).tolist(), logp_ref.tolist()
+        val_l = dist.values.gather(-1, pos).tolist()
+        parents = list(range(n_prompts * nb))
+        chosen = [pad_id] * (n_prompts * nb)
+        new_beams, new_alive = list(beams), [False] * (n_prompts * nb)
         for p in range(n_prompts):
-            if prompt_done[p]:
-                continue
-            children = []
-            for r in range(p * nb, (p + 1) * nb):
-                if not alive[r]:
-                    continue
-                for j in range(n_take):
-                    if gen_l[r][j] == float("-inf"):
-                        continue
-                    children.append((val_l[r][j], r, j))
+            children = [(val_l[r][j], r, j) for r in range(p * nb, (p + 1) * nb) if alive[r]
+                        for j in range(n_take) if gen_l[r][j] != float("-inf")]
             children.sort(key=lambda c: -c[0])
             slot = p * nb
             for value, r, j in children:
-                row = DecodedRow(
-                    beams[r].token_ids + [tok_l[r][j]], beams[r].logprobs_ref + [ref_l[r][j]],
-                    beams[r].logprobs_gen + [gen_l[r][j]], beams[r].values + [value],
-                )
-                if eos_id is not None and tok_l[r][j] == eos_id:
-                    row.finish_reason = "eos"
-                elif stop_check is not None and stop_check(row.token_ids):
-                    row.finish_reason = "stop"
-                else:
-                    if slot < (p + 1) * nb:
-                        new_beams[slot], new_alive[slot] = row, True
-                        parents[slot], chosen[slot] = r, tok_l[r][j]
-                        slot += 1
-                    continue
-                if len(finished[p]) < nb:
+                row = DecodedRow(beams[r].token_ids + [tok_l[r][j]], beams[r].logprobs_ref + [ref_l[r][j]],
+                                 beams[r].logprobs_gen + [gen_l[r][j]], beams[r].values + [value])
+                reason = finish_reason(row.token_ids, specs[r], eos_id)
+                if reason is not None:
+                    row.finish_reason = reason
                     finished[p].append(BeamCandidate(row, value))
-            if len(finished[p]) >= nb or slot == p * nb:
-                prompt_done[p] = True
-                for r in range(p * nb, (p + 1) * nb):
-                    new_alive[r] = False
+                elif slot < (p + 1) * nb:
+                    new_beams[slot], new_alive[slot], parents[slot], chosen[slot] = row, True, r, tok_l[r][j]
+                    slot += 1
         beams, alive = new_beams, new_alive
-        last_value = [beams[r].values[-1] if beams[r].values else 0.0 for r in range(len(beams))]
-        if all(prompt_done) or t == config.max_new_tokens - 1:
+        if not any(alive):
             break
-        base.reorder(parents)
-        scorer.reorder(parents)
-        logits = base.step(chosen)
-        scorer.append(chosen)
+        state.select(parents)
+        state.advance(torch.tensor(chosen, device=device))
     results = []
-    for p in range(n_prompts):
-        pool = list(finished[p])
-        for r in range(p * nb, (p + 1) * nb):
-            if alive[r]:
-                beams[r].finish_reason = "length"
-                pool.append(BeamCandidate(beams[r], last_value[r]))
+    for pool in finished:
         pool.sort(key=lambda c: -c.value)
         results.append(BeamResult(pool[:nb]))
     return results

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import torch
 
-from ..generation import Generation, SamplingConfig, encode_batch, rows_to_generations, stop_checker
+from ..generation import DEFAULT_TOP_K, Generation, SamplingConfig, check_beta, encode_batch, rows_to_generations, stop_checker
 from ..values import ValueModel, check_tokenizer
-from .engine import decode_ids
+from .engine import decode_ids, row_generator
 from .steppers import CachedBase, CachedValueScorer, NaiveBase, SequenceValueScorer, bind_objectives, naive_value_fn
 from .tilt import resolve_weights
 
 Weights = Mapping[str, float] | Sequence[Mapping[str, float]]
-DEFAULT_TOP_K = 15  # paper App. F.5 (Llama-2 7B)
 
 
 def parse_value_spec(spec: str) -> tuple[str | None, str]:
@@ -90,14 +89,10 @@ class MavisDecoder:
         if weights is None:
             weights = {name: 1.0 for name in self.objectives}
         w = resolve_weights(self.objectives, weights, n)
-        if beta is None:
-            b = torch.full((n,), float(config.beta))
-        else:
-            b = torch.as_tensor([beta] * n if isinstance(beta, (int, float)) else list(beta), dtype=torch.float32)
-            if b.shape != (n,):
-                raise ValueError(f"got {b.numel()} beta values for {n} prompts")
-        if not bool(torch.isfinite(b).all()) or bool((b < 0).any()):
-            raise ValueError(f"beta must be finite and >= 0, got {b.tolist()}")
+        betas = [config.beta] * n if beta is None else [beta] * n if isinstance(beta, (int, float)) else list(beta)
+        if len(betas) != n:
+            raise ValueError(f"got {len(betas)} beta values for {n} prompts")
+        b = torch.tensor([check_beta(x) for x in betas], dtype=torch.float32)
         used = (w > 0).any(0)
         active = sorted({bd.model for j, bd in enumerate(self.bindings) if bool(used[j])})
         return w, b, active
@@ -113,13 +108,13 @@ class MavisDecoder:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
 
     def _batches(self, prompts: list[str], seed: int, batch_size: int, chat: bool | None, progress: bool, desc: str):
-        """Yield (slice, input_ids, attention_mask, generator) per batch; one seeded generator for all."""
+        """Yield (slice, input_ids, attention_mask, generators) per batch: prompt i draws from
+        ``row_generator(seed, i)``, so its tokens do not depend on the batch size or its neighbours."""
         from ..models import format_prompts
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         device = next(self.model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(seed)
         formatted = format_prompts(self.tokenizer, prompts, chat=chat)
         starts = range(0, len(prompts), batch_size)
         if progress:
@@ -129,7 +124,7 @@ class MavisDecoder:
         for s in starts:
             sl = slice(s, s + batch_size)
             input_ids, attention = encode_batch(self.tokenizer, formatted[sl], device)
-            yield sl, input_ids, attention, generator
+            yield sl, input_ids, attention, [row_generator(seed, i) for i in range(sl.start, min(sl.stop, len(prompts)))]
 
     def _scorer(self, active: list[int], naive: bool):
         if not self.value_models:
@@ -158,7 +153,9 @@ class MavisDecoder:
             weights: {objective: lambda} for all prompts, or one dict per prompt; normalised to
                 sum 1; default: equal weights over every loaded objective.
             beta: tilt strength for all prompts or one per prompt (default ``config.beta``).
-            seed: seeds the single ``torch.Generator`` that drives every batch.
+            seed: prompt i samples from its own generator ``row_generator(seed, i)``: the same
+                prompts and seed give the same responses at any batch size, and prompt 0 the same
+                as a server request with this seed.
             naive: use the uncached per-sequence reference path (slow; for tests/benchmarks).
         Returns:
             :class:`Generation` records; ``log_ratio`` is the sequence's KL estimate (eq. 7) and
@@ -167,11 +164,11 @@ class MavisDecoder:
         prompts = list(prompts)
         w, b, active = self.resolve(len(prompts), weights, beta, config)
         out: list[Generation] = []
-        for sl, input_ids, attention, generator in self._batches(prompts, seed, batch_size, chat, progress, "mavis"):
+        for sl, input_ids, attention, generators in self._batches(prompts, seed, batch_size, chat, progress, "mavis"):
             rows = decode_ids(
                 NaiveBase(self.model) if naive else CachedBase(self.model),
                 input_ids, attention, config,
-                eos_id=self.eos_id, pad_id=self.pad_id, generator=generator,
+                eos_id=self.eos_id, generators=generators,
                 scorer=self._scorer(active, naive),
                 weights=None if w is None else w[sl], beta=None if b is None else b[sl],
                 stop_check=stop_checker(self.tokenizer, config.stop_strings),
@@ -214,11 +211,11 @@ class MavisDecoder:
         prompts = list(prompts)
         w, b, active = self.resolve(len(prompts), weights, beta, config)
         out: list[Generation] = []
-        for sl, input_ids, attention, generator in self._batches(prompts, seed, batch_size, chat, progress, "beam"):
+        for sl, input_ids, attention, generators in self._batches(prompts, seed, batch_size, chat, progress, "beam"):
             results = value_beam_search(
                 CachedBase(self.model), CachedValueScorer(self.value_models, self.bindings, active),
                 input_ids, attention, config, num_beams=num_beams, weights=w[sl], beta=b[sl],
-                eos_id=self.eos_id, pad_id=self.pad_id, generator=generator, expand=expand,
+                eos_id=self.eos_id, pad_id=self.pad_id, generators=generators, expand=expand,
                 stop_check=stop_checker(self.tokenizer, config.stop_strings),
             )
             for prompt, res in zip(prompts[sl], results):

@@ -1,17 +1,27 @@
-"""The MAVIS decoding loop (paper Algorithm 2) over a left-padded batch of token ids.
+"""The one decode engine (paper Algorithm 2): a batch of rows, each with its own sampling parameters.
 
-At every step, for every unfinished row:
+At every step, for every live row:
 
 1. logits of pi_ref at s_{t-1} (one cached forward of the base model for the whole batch);
-2. the top-k candidates of pi_ref after temperature;
-3. their values V_m(s_{t-1} ⊕ a) from the value scorer (one forward per value model);
-4. v = sum_m lambda_m V_m, NORMALIZE, pi_MAVIS ∝ pi_ref · exp(beta · v) over the candidates;
-5. sample (seeded ``torch.Generator``), take the argmax (greedy), or follow forced tokens.
+2. the row's top-k candidates of pi_ref after its temperature (EOS banned before its
+   ``min_new_tokens``);
+3. their values V_m(s_{t-1} ⊕ a) from the value scorer (one forward per frozen trunk / value model);
+4. v = sum_m lambda_m V_m, NORMALIZE (per row, on or off), pi_MAVIS ∝ pi_ref · exp(beta · v) over
+   the candidates (:func:`step_distribution`: the per-step chain, written once);
+5. the chooser: :func:`sample_positions` (one uniform per row from the row's own generator, or
+   the argmax for greedy rows), forced tokens (teacher forcing), or beam search's chooser.
 
-Without a scorer the same loop is plain sampling from pi_ref (optionally top-k). For every
-generated token it records log pi_ref(a) over the full vocabulary at temperature 1 and
-log pi_gen(a) under the distribution actually used, so each row carries its KL estimate
-(paper eq. 7) as the sum of their differences.
+Rows without objective weights (or without a scorer) decode pi_ref alone, top-k optional. A row
+ends by :func:`finish_reason` (OpenAI's reasons: ``"stop"`` for EOS or a stop string, ``"length"``
+for its token budget); finished rows leave the batch (their KV-cache rows are dropped) and new rows
+can join between steps (:meth:`DecodeState.admit`), which is how the server batches continuously.
+
+Every row draws its randomness from its own CPU ``torch.Generator`` (:func:`row_generator`), so a
+row's tokens do not depend on its neighbours, the batch size or the device of the uniform draws:
+``MavisDecoder.generate`` and the server give the same text for the same request and seed.
+For every generated token a row records log pi_ref(a) over the full vocabulary at temperature 1
+and log pi_gen(a) under the distribution actually used; their summed difference is the row's KL
+estimate (paper eq. 7).
 """
 
 from __future__ import annotations
@@ -22,9 +32,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..generation import SamplingConfig
-from .tilt import combine_values, tilted_logprobs, top_k_candidates
+from .tilt import combine_values, tilted_logprobs
 
 NEG_INF = float("-inf")
+FINISH_REASONS = ("stop", "length")  # OpenAI's: EOS or a stop string / the token budget (or forced tokens) used up
 
 
 @dataclass
@@ -37,7 +48,7 @@ class DecodedRow:
         logprobs_gen: log pi_gen(a_t|s_t) under the distribution used (pi_MAVIS with values).
         values: combined value sum_m lambda_m V_m(s_t ⊕ a_t) of each chosen token (raw, before
             normalisation); empty without a value scorer.
-        finish_reason: ``"eos"``, ``"stop"``, ``"length"`` or ``"forced"``.
+        finish_reason: one of :data:`FINISH_REASONS`.
     """
 
     token_ids: list[int] = field(default_factory=list)
@@ -45,6 +56,111 @@ class DecodedRow:
     logprobs_gen: list[float] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
     finish_reason: str = "length"
+
+
+@dataclass
+class RowSpec:
+    """How one row decodes; checked by :class:`SamplingConfig` and :meth:`check`.
+
+    Attributes:
+        config: temperature / greedy, top-k, beta, normalize, min/max new tokens, stop strings.
+        weights: [M] objective weights summing to 1, or None for pi_ref alone.
+        beta: tilt strength (default ``config.beta``).
+        generator: the row's RNG (see :func:`row_generator`); needed unless greedy or forced.
+        budget: most tokens this row may produce (default ``config.max_new_tokens``).
+        forced: tokens to take instead of choosing (teacher forcing).
+        stop_check: ``fn(generated ids) -> bool``, True once the text holds a stop string.
+    """
+
+    config: SamplingConfig
+    weights: torch.Tensor | None = None
+    beta: float | None = None
+    generator: torch.Generator | None = None
+    budget: int | None = None
+    forced: Sequence[int] | None = None
+    stop_check: Callable[[list[int]], bool] | None = None
+
+    def check(self, n_objectives: int) -> "RowSpec":
+        from ..generation import check_beta
+
+        if self.weights is not None and tuple(self.weights.shape) != (n_objectives,):
+            raise ValueError(f"row weights must have shape [{n_objectives}], got {list(self.weights.shape)}")
+        if self.beta is not None:
+            check_beta(self.beta)
+        if self.budget is not None and not 0 <= self.budget <= self.config.max_new_tokens:
+            raise ValueError(f"a row's budget must be in [0, {self.config.max_new_tokens}], got {self.budget}")
+        if self.forced is None and not self.config.greedy and self.generator is None:
+            raise ValueError("sampling needs an explicit torch.Generator per row (or greedy=True)")
+        return self
+
+    @property
+    def max_tokens(self) -> int:
+        n = self.config.max_new_tokens if self.budget is None else self.budget
+        return n if self.forced is None else min(n, len(self.forced))
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a well-spread 64-bit hash of ``x``."""
+    x &= 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def row_seed(seed: int, index: int = 0) -> int:
+    """The seed of row ``index`` of a call seeded ``seed`` (a request's own seed is row 0)."""
+    return _mix64(_mix64(seed) + index) & 0x7FFFFFFFFFFFFFFF
+
+
+def row_generator(seed: int, index: int = 0) -> torch.Generator:
+    """A CPU generator for row ``index`` of a call seeded ``seed``."""
+    return torch.Generator().manual_seed(row_seed(seed, index))
+
+
+# ---------------------------------------------------------------------------------- per-row tensors
+
+
+@dataclass
+class RowTensors:
+    """The rows' sampling parameters packed for batched math (B rows, M objectives).
+
+    weights [B, M] (zeros for untilted rows), beta [B], top_k [B] long (0 = whole vocabulary),
+    temperature [B] (1 for greedy rows), greedy [B] bool, normalize [B] bool, tilted [B] bool,
+    min_new [B] long.
+    """
+
+    weights: torch.Tensor
+    beta: torch.Tensor
+    top_k: torch.Tensor
+    temperature: torch.Tensor
+    greedy: torch.Tensor
+    normalize: torch.Tensor
+    tilted: torch.Tensor
+    min_new: torch.Tensor
+
+    @classmethod
+    def pack(cls, specs: Sequence[RowSpec], n_objectives: int, device) -> "RowTensors":
+        zero = torch.zeros(n_objectives)
+        w = torch.stack([s.weights.float().cpu() if s.weights is not None else zero for s in specs]) if specs else torch.zeros(0, n_objectives)
+        return cls(
+            weights=w.to(device),
+            beta=torch.tensor([float(s.config.beta if s.beta is None else s.beta) for s in specs], dtype=torch.float32, device=device),
+            top_k=torch.tensor([s.config.top_k for s in specs], dtype=torch.long, device=device),
+            temperature=torch.tensor([1.0 if s.config.greedy else s.config.temperature for s in specs], dtype=torch.float32, device=device),
+            greedy=torch.tensor([s.config.greedy for s in specs], dtype=torch.bool, device=device),
+            normalize=torch.tensor([s.config.normalize for s in specs], dtype=torch.bool, device=device),
+            tilted=torch.tensor([s.weights is not None for s in specs], dtype=torch.bool, device=device),
+            min_new=torch.tensor([s.config.min_new_tokens for s in specs], dtype=torch.long, device=device),
+        )
+
+    def select(self, index: torch.Tensor) -> "RowTensors":
+        return RowTensors(**{k: getattr(self, k).index_select(0, index) for k in self.__dataclass_fields__})
+
+    def cat(self, other: "RowTensors") -> "RowTensors":
+        return RowTensors(**{k: torch.cat([getattr(self, k), getattr(other, k)]) for k in self.__dataclass_fields__})
+
+
+# ---------------------------------------------------------------------------------- one step
 
 
 @dataclass
@@ -66,46 +182,265 @@ class StepDistribution:
             return index
         return self.ids.gather(-1, index if index.dim() == 2 else index[:, None]).reshape(index.shape)
 
+    def full(self, vocab: int) -> torch.Tensor:
+        """[B, V] log pi_gen over the whole vocabulary (-inf outside the candidates)."""
+        if self.ids is None:
+            return self.logp
+        return torch.full((self.logp.shape[0], vocab), NEG_INF, device=self.logp.device).scatter(-1, self.ids, self.logp)
+
 
 def step_distribution(
     logits: torch.Tensor,
-    config: SamplingConfig,
+    rows: RowTensors,
     *,
     scorer=None,
-    weights: torch.Tensor | None = None,
-    beta: torch.Tensor | None = None,
     banned: torch.Tensor | None = None,
 ) -> StepDistribution:
-    """The next-token distribution of pi_gen (pi_MAVIS with a scorer, else pi_ref, top-k optional).
+    """The next-token distribution of every row: pi_MAVIS for tilted rows, else pi_ref (top-k optional).
+
+    Candidates whose logit is -inf (banned words, constrained decoding, EOS before
+    ``min_new_tokens``) never enter NORMALIZE's min and max and get no probability.
 
     Args:
-        logits: [B, V] pi_ref logits.
+        logits: [B, V] pi_ref logits (-inf allowed).
+        rows: the rows' parameters.
         scorer: value scorer with ``score(candidates [B, K]) -> [B, K, M]``, or None.
-        weights: [B, M] objective weights (rows sum to 1); needed with a scorer.
-        beta: [B] tilt strengths; needed with a scorer.
-        banned: [V] bool, tokens that may not be produced now (e.g. EOS before min_new_tokens).
+        banned: [B, V] bool, tokens a row may not produce now, or None.
+    Returns:
+        The distribution; ``ids`` is None only when no row is tilted and every row samples the
+        whole vocabulary.
     """
+    logits = logits.float()
     if banned is not None and bool(banned.any()):
         logits = logits.masked_fill(banned, NEG_INF)
-    if scorer is None:
-        gen = logits.float() if config.greedy else logits.float() / config.temperature
-        if config.top_k and config.top_k < logits.shape[-1]:
-            top, ids = torch.topk(gen, config.top_k, dim=-1)
-            return StepDistribution(ids, torch.log_softmax(top, dim=-1), None)
-        return StepDistribution(None, torch.log_softmax(gen, dim=-1), None)
-    k = config.top_k or logits.shape[-1]
-    ids, ref_logp = top_k_candidates(logits, k, 1.0 if config.greedy else config.temperature)
-    valid = torch.isfinite(ref_logp)
-    combined = combine_values(scorer.score(ids), weights)
-    logp = tilted_logprobs(ref_logp, combined, beta, normalize=config.normalize, valid=None if bool(valid.all()) else valid)
-    return StepDistribution(ids, logp, combined)
+    vocab = logits.shape[-1]
+    logp_full = torch.log_softmax(logits / rows.temperature[:, None], dim=-1)
+    tilt = scorer is not None and bool(rows.tilted.any())
+    k_row = torch.where(rows.top_k > 0, rows.top_k.clamp(max=vocab), torch.full_like(rows.top_k, vocab))
+    if not tilt and bool((k_row == vocab).all()):
+        return StepDistribution(None, logp_full, None)
+    ref_logp, ids = torch.topk(logp_full, int(k_row.max()), dim=-1)
+    valid = (torch.arange(ids.shape[1], device=ids.device)[None, :] < k_row[:, None]) & torch.isfinite(ref_logp)
+    if not tilt:
+        return StepDistribution(ids, torch.log_softmax(ref_logp.masked_fill(~valid, NEG_INF), dim=-1), None)
+    combined = combine_values(scorer.score(ids), rows.weights)
+    beta = torch.where(rows.tilted, rows.beta, torch.zeros_like(rows.beta))
+    return StepDistribution(ids, tilted_logprobs(ref_logp, combined, beta, normalize=rows.normalize, valid=valid), combined)
 
 
-def _choose(dist: StepDistribution, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """Candidate position per row [B]."""
-    if greedy:
-        return torch.argmax(dist.logp, dim=-1)
-    return torch.multinomial(torch.exp(dist.logp), 1, generator=generator).squeeze(-1)
+def sample_positions(logp: torch.Tensor, greedy: torch.Tensor, generators: Sequence[torch.Generator | None],
+                     ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The one sampler: a candidate position per row [B].
+
+    Greedy rows take the argmax. Every other row inverts its CDF, taken in token-id order, with a
+    single uniform drawn from its own CPU generator: it consumes one random number per token
+    however many candidates it (or its neighbours) has, and neither zero-probability padding nor
+    the order the candidates come in changes the draw.
+
+    Args:
+        logp: [B, K] log-probabilities (-inf allowed).
+        greedy: [B] bool.
+        generators: B generators (None allowed for greedy rows).
+        ids: [B, K] token id of each position, or None when position = token id.
+    """
+    pos = torch.argmax(logp, dim=-1)
+    sampled = [i for i, g in enumerate(greedy.tolist()) if not g]
+    if not sampled:
+        return pos
+    for i in sampled:
+        if generators[i] is None:
+            raise ValueError("a sampled row needs a torch.Generator")
+    u = torch.stack([torch.rand((), generator=generators[i], dtype=torch.float64) for i in sampled]).to(logp.device)
+    idx = torch.tensor(sampled, device=logp.device)
+    order = None if ids is None else torch.argsort(ids.index_select(0, idx), dim=-1)
+    lp = logp.index_select(0, idx)
+    probs = torch.exp((lp if order is None else lp.gather(-1, order)).double())
+    cdf = torch.cumsum(probs, dim=-1)
+    draw = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1).clamp(max=probs.shape[1] - 1)
+    # rounding can land on the zero-probability tail: step back to the last positive entry
+    last_pos = torch.where(probs > 0, torch.arange(probs.shape[1], device=probs.device), torch.zeros_like(draw)[:, None]).amax(-1)
+    hit = probs.gather(-1, draw[:, None]).squeeze(-1) > 0
+    draw = torch.where(hit, draw, last_pos)
+    if order is not None:
+        draw = order.gather(-1, draw[:, None]).squeeze(-1)
+    return pos.index_copy(0, idx, draw)
+
+
+def finish_reason(token_ids: list[int], spec: RowSpec, eos_id: int | None) -> str | None:
+    """The one stop rule: ``"stop"`` (EOS, or a stop string in the text), ``"length"`` (budget used up), or None."""
+    if eos_id is not None and token_ids and token_ids[-1] == eos_id:
+        return "stop"
+    if spec.stop_check is not None and spec.stop_check(token_ids):
+        return "stop"
+    if len(token_ids) >= spec.max_tokens:
+        return "length"
+    return None
+
+
+# ---------------------------------------------------------------------------------- the batch
+
+
+class DecodeState:
+    """A live batch: the base model's cache, the value scorer's, the rows' parameters and records.
+
+    Rows join with :meth:`admit` (prefilled on their own, then merged), advance together with
+    :meth:`step` (or :meth:`distribution` + a custom chooser + :meth:`select` / :meth:`advance`,
+    as beam search does) and leave when they finish (or by :meth:`select`).
+
+    Args:
+        make_base: builds a fresh base stepper (``start``/``step``/``reorder``/``merge``).
+        make_scorer: builds a fresh value scorer, or None for pi_ref alone.
+        n_objectives: M, the width of the rows' weights.
+        eos_id: end-of-sequence id, or None.
+    """
+
+    def __init__(self, make_base: Callable[[], object], make_scorer: Callable[[], object] | None, n_objectives: int, eos_id: int | None):
+        self.make_base, self.make_scorer = make_base, make_scorer
+        self.n_objectives, self.eos_id = n_objectives, eos_id
+        self.base = self.scorer = self.logits = self.rows = self.lengths = None
+        self.specs: list[RowSpec] = []
+        self.records: list[DecodedRow] = []
+        self.keys: list = []
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @torch.no_grad()
+    def admit(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, specs: Sequence[RowSpec], keys: Sequence,
+              row_source: torch.Tensor | None = None) -> list[tuple[object, DecodedRow]]:
+        """Prefill prompts ([P, T] left-padded) and add one row per spec at the end of the batch.
+
+        Args:
+            row_source: [B] long, row r continues prompt ``row_source[r]`` (default: B = P, identity);
+                a prompt shared by several rows runs through the models once.
+            keys: one opaque key per row (returned when the row finishes).
+        Returns:
+            (key, record) of rows with nothing to generate (budget 0): they never join.
+        """
+        specs = [s.check(self.n_objectives) for s in specs]
+        if len(keys) != len(specs):
+            raise ValueError(f"got {len(keys)} keys for {len(specs)} rows")
+        n_rows = input_ids.shape[0] if row_source is None else int(row_source.shape[0])
+        if len(specs) != n_rows:
+            raise ValueError(f"got {len(specs)} row specs for {n_rows} rows")
+        empty = [(k, DecodedRow()) for k, s in zip(keys, specs) if s.max_tokens == 0]
+        keep = [i for i, s in enumerate(specs) if s.max_tokens > 0]
+        if not keep:
+            return empty
+        base = self.make_base()
+        logits = base.start(input_ids, attention_mask)
+        scorer = self.make_scorer() if self.make_scorer is not None else None
+        if scorer is not None:
+            scorer.start(input_ids, attention_mask)
+        source = torch.arange(input_ids.shape[0]) if row_source is None else row_source.cpu()
+        if row_source is not None or len(keep) < n_rows:
+            index = source[keep].to(logits.device)
+            base.reorder(index)
+            logits = logits.index_select(0, index)
+            if scorer is not None:
+                scorer.reorder(index)
+        specs, keys = [specs[i] for i in keep], [keys[i] for i in keep]
+        rows = RowTensors.pack(specs, self.n_objectives, logits.device)
+        lengths = torch.zeros(len(specs), dtype=torch.long, device=logits.device)
+        if self.base is None:
+            self.base, self.scorer, self.logits, self.rows, self.lengths = base, scorer, logits, rows, lengths
+        else:
+            self.base.merge(base)
+            if scorer is not None:
+                self.scorer.merge(scorer)
+            self.logits = torch.cat([self.logits, logits])
+            self.rows, self.lengths = self.rows.cat(rows), torch.cat([self.lengths, lengths])
+        self.specs += specs
+        self.keys += keys
+        self.records += [DecodedRow() for _ in specs]
+        return empty
+
+    def distribution(self) -> StepDistribution:
+        """pi_gen of every live row at the current step."""
+        banned = None
+        if self.eos_id is not None:
+            early = self.lengths < self.rows.min_new
+            if bool(early.any()):
+                banned = torch.zeros_like(self.logits, dtype=torch.bool)
+                banned[:, self.eos_id] = early
+        return step_distribution(self.logits, self.rows, scorer=self.scorer, banned=banned)
+
+    def select(self, index: Sequence[int] | torch.Tensor) -> None:
+        """Keep rows ``index`` in that order (repeats allowed: beam search)."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.logits.device)
+        il = idx.tolist()
+        if not il:
+            self.base = self.scorer = self.logits = self.rows = self.lengths = None
+            self.specs, self.keys, self.records = [], [], []
+            return
+        self.base.reorder(idx)
+        if self.scorer is not None:
+            self.scorer.reorder(idx)
+        self.logits, self.rows, self.lengths = self.logits.index_select(0, idx), self.rows.select(idx), self.lengths.index_select(0, idx)
+        self.specs, self.keys, self.records = [self.specs[i] for i in il], [self.keys[i] for i in il], [self.records[i] for i in il]
+
+    @torch.no_grad()
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Append one token per live row ([B]) to the models' state."""
+        self.logits = self.base.step(tokens)
+        if self.scorer is not None:
+            self.scorer.append(tokens)
+        self.lengths = self.lengths + 1
+
+    @torch.no_grad()
+    def step(self, on_step: Callable[[StepDistribution], None] | None = None) -> list[tuple[object, DecodedRow]]:
+        """One token for every live row (sampled, greedy or forced); finished rows leave.
+
+        Returns:
+            (key, record) of the rows that finished at this step.
+        """
+        dist = self.distribution()
+        if on_step is not None:
+            on_step(dist)
+        forced = [i for i, s in enumerate(self.specs) if s.forced is not None]
+        no_draw = self.rows.greedy
+        if forced:  # forced rows take their token: they draw nothing
+            no_draw = no_draw.clone()
+            no_draw[forced] = True
+        pos = sample_positions(dist.logp, no_draw, [s.generator for s in self.specs], dist.ids)
+        chosen = dist.token_ids(pos)
+        lp_gen = dist.logp.gather(-1, pos[:, None]).squeeze(-1)
+        if forced:
+            t = self.lengths.tolist()
+            idx = torch.tensor(forced, device=chosen.device)
+            want = torch.tensor([self.specs[i].forced[t[i]] for i in forced], device=chosen.device)
+            chosen = chosen.index_copy(0, idx, want)
+            if dist.ids is None:
+                pos = pos.index_copy(0, idx, want)
+                lp_gen = lp_gen.index_copy(0, idx, dist.logp.index_select(0, idx).gather(-1, want[:, None]).squeeze(-1))
+            else:
+                hit = dist.ids.index_select(0, idx) == want[:, None]
+                at = torch.argmax(hit.long(), dim=-1)
+                lp = dist.logp.index_select(0, idx).gather(-1, at[:, None]).squeeze(-1)
+                pos = pos.index_copy(0, idx, at)
+                lp_gen = lp_gen.index_copy(0, idx, torch.where(hit.any(-1), lp, torch.full_like(lp, NEG_INF)))
+        lp_ref = torch.log_softmax(self.logits.float(), dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
+        val = dist.values.gather(-1, pos[:, None]).squeeze(-1).tolist() if dist.values is not None else None
+        c_l, r_l, g_l = chosen.tolist(), lp_ref.tolist(), lp_gen.tolist()
+        keep, done = [], []
+        for i, (spec, rec) in enumerate(zip(self.specs, self.records)):
+            rec.token_ids.append(c_l[i])
+            rec.logprobs_ref.append(r_l[i])
+            rec.logprobs_gen.append(g_l[i])
+            if val is not None:
+                rec.values.append(val[i])
+            reason = finish_reason(rec.token_ids, spec, self.eos_id)
+            if reason is None:
+                keep.append(i)
+            else:
+                rec.finish_reason = reason
+                done.append((self.keys[i], rec))
+        if len(keep) < len(c_l):
+            self.select(keep)
+            chosen = chosen.index_select(0, torch.tensor(keep, dtype=torch.long, device=chosen.device))
+        if keep:
+            self.advance(chosen)
+        return done
 
 
 @torch.no_grad()
@@ -116,8 +451,8 @@ def decode_ids(
     config: SamplingConfig,
     *,
     eos_id: int | None,
-    pad_id: int,
     generator: torch.Generator | None = None,
+    generators: Sequence[torch.Generator] | None = None,
     scorer=None,
     weights: torch.Tensor | None = None,
     beta: torch.Tensor | None = None,
@@ -127,130 +462,54 @@ def decode_ids(
     row_source: torch.Tensor | None = None,
     max_new_tokens: Sequence[int] | None = None,
 ) -> list[DecodedRow]:
-    """Decode a left-padded batch.
-
-    Finished rows leave the batch (their KV-cache rows are dropped), so rows of unequal length
-    cost only what they use.
+    """Decode a left-padded batch to the end with one :class:`DecodeState`.
 
     Args:
-        base: a :class:`~mavis_align.decoding.steppers.CachedBase` or ``NaiveBase``.
+        base: a fresh :class:`~mavis_align.decoding.steppers.CachedBase` or ``NaiveBase``.
         input_ids, attention_mask: [P, T] prompts, left-padded.
         eos_id: end-of-sequence id, or None for none.
-        pad_id: padding id (kept for API symmetry; finished rows are removed, not padded).
-        generator: RNG, required when sampling.
-        scorer: value scorer (``start``/``append``/``score``/``reorder``), or None for plain pi_ref.
-        weights: [B, M] rows summing to 1; beta: [B] (defaults to ``config.beta``).
+        generators: one RNG per decode row; or ``generator``: one RNG from which every row's seed
+            is drawn. Required when sampling.
+        scorer: a fresh value scorer, or None for plain pi_ref.
+        weights: [B, M] rows summing to 1 (needed with a scorer); beta: [B] (default ``config.beta``).
         stop_check: called with a row's generated ids after each token; True ends the row.
         forced: per row, tokens to take instead of sampling (teacher forcing): the records then
             hold log pi_ref and log pi_gen of those tokens (-inf when outside the candidates).
-        on_step: called as ``on_step(t, distribution)`` at every step (inspection, tests); the
-            distribution's rows are the unfinished rows, in row order.
-        row_source: [B] long: decode row r continues prompt row ``row_source[r]`` (several rows
-            may share one prompt; it is run through the models once). Default: B = P, identity.
-        max_new_tokens: per-row token budgets (each <= ``config.max_new_tokens``); a row that
-            reaches its budget ends with ``"length"``.
+        on_step: called as ``on_step(t, distribution)`` at every step; rows are the live rows in order.
+        row_source: [B] long: decode row r continues prompt row ``row_source[r]``.
+        max_new_tokens: per-row token budgets (each <= ``config.max_new_tokens``).
     Returns:
         One :class:`DecodedRow` per decode row.
     """
-    n_prompts = input_ids.shape[0]
-    batch = n_prompts if row_source is None else int(row_source.shape[0])
-    if forced is None and not config.greedy and generator is None:
-        raise ValueError("sampling needs an explicit torch.Generator (or greedy=True)")
+    batch = input_ids.shape[0] if row_source is None else int(row_source.shape[0])
     if forced is not None and len(forced) != batch:
         raise ValueError(f"forced has {len(forced)} rows for a batch of {batch}")
-    budgets = [config.max_new_tokens] * batch if max_new_tokens is None else [int(n) for n in max_new_tokens]
-    if len(budgets) != batch or any(not 0 <= n <= config.max_new_tokens for n in budgets):
-        raise ValueError(f"max_new_tokens must give {batch} budgets in [0, {config.max_new_tokens}]")
-    if forced is not None:
-        budgets = [min(n, len(f)) for n, f in zip(budgets, forced)]
-    if scorer is not None:
-        if weights is None:
-            raise ValueError("decoding with value models needs objective weights")
-        beta = torch.full((batch,), float(config.beta)) if beta is None else torch.as_tensor(beta, dtype=torch.float32)
-    rows = [DecodedRow() for _ in range(batch)]
-    if max(budgets, default=0) == 0:
-        return rows
-    logits = base.start(input_ids, attention_mask)
-    device = logits.device
-    if scorer is not None:
-        scorer.start(input_ids, attention_mask)
-    if row_source is not None:
-        row_source = row_source.to(device)
-        base.reorder(row_source)
-        logits = logits.index_select(0, row_source)
-        if scorer is not None:
-            scorer.reorder(row_source)
-    if scorer is not None:
-        weights = weights.to(device)
-        beta = beta.to(device)
-    # live: decode-row index of each batch position
-    live = list(range(batch))
-    eos_ban = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
-    if eos_id is not None and config.min_new_tokens > 0:
-        eos_ban[eos_id] = True
-    if any(n == 0 for n in budgets):  # rows with nothing to generate leave before the first step
-        keep = [i for i, r in enumerate(live) if budgets[r] > 0]
-        live, logits, weights, beta = _compact(keep, live, logits, weights, beta, base, scorer, device)
-    t = 0
-    while live:
-        dist = step_distribution(
-            logits, config, scorer=scorer, weights=weights, beta=beta, banned=eos_ban if t < config.min_new_tokens else None
+    if max_new_tokens is not None and len(max_new_tokens) != batch:
+        raise ValueError(f"max_new_tokens gives {len(max_new_tokens)} budgets for a batch of {batch}")
+    if scorer is not None and weights is None:
+        raise ValueError("decoding with value models needs objective weights")
+    if generators is None and generator is not None and forced is None and not config.greedy:
+        seeds = torch.randint(0, 2**62, (batch,), generator=generator, device=generator.device).tolist()
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    if generators is not None and len(generators) != batch:
+        raise ValueError(f"got {len(generators)} generators for a batch of {batch}")
+    n_obj = 0 if weights is None else int(weights.shape[1])
+    specs = [
+        RowSpec(
+            config, weights=None if weights is None else weights[r], beta=None if beta is None else float(beta[r]),
+            generator=None if generators is None else generators[r],
+            budget=None if max_new_tokens is None else int(max_new_tokens[r]),
+            forced=None if forced is None else forced[r], stop_check=stop_check,
         )
-        if on_step is not None:
-            on_step(t, dist)
-        if forced is None:
-            pos = _choose(dist, config.greedy, generator)
-            chosen = dist.token_ids(pos)
-            lp_gen = dist.logp.gather(-1, pos[:, None]).squeeze(-1)
-        else:
-            chosen = torch.tensor([forced[r][t] for r in live], device=device)
-            if dist.ids is None:
-                lp_gen = dist.logp.gather(-1, chosen[:, None]).squeeze(-1)
-                pos = chosen
-            else:
-                hit = dist.ids == chosen[:, None]
-                pos = torch.argmax(hit.long(), dim=-1)
-                lp_gen = torch.where(hit.any(-1), dist.logp.gather(-1, pos[:, None]).squeeze(-1), torch.full(pos.shape, NEG_INF, device=device))
-        lp_ref = torch.log_softmax(logits, dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
-        val = dist.values.gather(-1, pos[:, None]).squeeze(-1) if dist.values is not None else None
-        c_l, r_l, g_l = chosen.tolist(), lp_ref.tolist(), lp_gen.tolist()
-        v_l = val.tolist() if val is not None else None
-        keep = []
-        for i, r in enumerate(live):
-            row = rows[r]
-            row.token_ids.append(c_l[i])
-            row.logprobs_ref.append(r_l[i])
-            row.logprobs_gen.append(g_l[i])
-            if v_l is not None:
-                row.values.append(v_l[i])
-            if eos_id is not None and c_l[i] == eos_id:
-                row.finish_reason = "eos"
-            elif stop_check is not None and stop_check(row.token_ids):
-                row.finish_reason = "stop"
-            elif len(row.token_ids) >= budgets[r]:
-                row.finish_reason = "forced" if forced is not None else "length"
-            else:
-                keep.append(i)
+        for r in range(batch)
+    ]
+    state = DecodeState(lambda: base, (lambda: scorer) if scorer is not None else None, n_obj, eos_id)
+    out: list[DecodedRow | None] = [None] * batch
+    for r, rec in state.admit(input_ids, attention_mask, specs, list(range(batch)), row_source):
+        out[r] = rec
+    t = 0
+    while len(state):
+        for r, rec in state.step(None if on_step is None else (lambda d, t=t: on_step(t, d))):
+            out[r] = rec
         t += 1
-        if not keep:
-            break
-        if len(keep) < len(live):
-            chosen = chosen.index_select(0, torch.tensor(keep, device=device))
-            live, _, weights, beta = _compact(keep, live, None, weights, beta, base, scorer, device)
-        logits = base.step(chosen)
-        if scorer is not None:
-            scorer.append(chosen)
-    return rows
-
-
-def _compact(keep, live, logits, weights, beta, base, scorer, device):
-    """Drop finished batch positions from the models' state; returns the new (live, logits, weights, beta)."""
-    idx = torch.tensor(keep, dtype=torch.long, device=device)
-    base.reorder(idx)
-    if scorer is not None:
-        scorer.reorder(idx)
-        weights = weights.index_select(0, idx)
-        beta = beta.index_select(0, idx)
-    if logits is not None:
-        logits = logits.index_select(0, idx)
-    return [live[i] for i in keep], logits, weights, beta
+    return out

@@ -4,8 +4,10 @@
                                 top_k=15, attention_mask=enc["attention_mask"])
     model.generate(**enc, logits_processor=[proc], do_sample=True, top_k=0, top_p=1.0, temperature=1.0)
 
-It returns log pi_MAVIS over the top-k candidates (-inf elsewhere), so ``generate`` samples from
-the same distribution as :class:`~mavis_align.decoding.decoder.MavisDecoder`. Leave ``generate``'s
+It returns log pi_MAVIS over the top-k candidates (-inf elsewhere), computed by the engine's one
+per-step function (:func:`~mavis_align.decoding.engine.step_distribution`), so ``generate`` samples
+from the same distribution as :class:`~mavis_align.decoding.decoder.MavisDecoder`; tokens that an
+earlier processor set to -inf (banned words, constraints) stay impossible and do not enter NORMALIZE. Leave ``generate``'s
 own temperature / top-k / top-p at 1 / 0 / 1 and set ``temperature`` here instead. The processor
 keeps its own KV caches for the value models; one instance serves one ``generate`` call at a time
 (it restarts by itself when a new call begins).
@@ -17,9 +19,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..generation import DEFAULT_TOP_K, SamplingConfig
 from ..values import ValueModel
+from .engine import RowSpec, RowTensors, step_distribution
 from .steppers import CachedValueScorer, bind_objectives
-from .tilt import combine_values, resolve_weights, tilted_logprobs, top_k_candidates
+from .tilt import resolve_weights
 
 
 class MavisLogitsProcessor:
@@ -44,7 +48,7 @@ class MavisLogitsProcessor:
         weights: Mapping[str, float] | Sequence[Mapping[str, float]] | None = None,
         *,
         beta: float = 1.0,
-        top_k: int = 15,
+        top_k: int = DEFAULT_TOP_K,
         normalize: bool = True,
         temperature: float = 1.0,
         names: Sequence[str | None] | None = None,
@@ -55,10 +59,7 @@ class MavisLogitsProcessor:
             raise ValueError("MavisLogitsProcessor needs at least one value model")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        if not beta >= 0 or beta == float("inf"):
-            raise ValueError(f"beta must be finite and >= 0, got {beta}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.config = SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, beta=beta, normalize=normalize)  # validates
         if attention_mask is None and pad_token_id is None:
             raise ValueError("give the prompt attention_mask (or pad_token_id to infer left padding)")
         self.models = [vm.eval() for vm in value_models]
@@ -66,7 +67,6 @@ class MavisLogitsProcessor:
         objectives = [b.name for b in self.bindings]
         self.weights = weights if weights is not None else {n: 1.0 for n in objectives}
         resolve_weights(objectives, self.weights, 1 if isinstance(self.weights, Mapping) else len(self.weights))  # validate now
-        self.beta, self.top_k, self.normalize, self.temperature = float(beta), int(top_k), normalize, float(temperature)
         self.attention_mask = attention_mask
         self.pad_token_id = pad_token_id
         self._seen = None
@@ -84,8 +84,9 @@ class MavisLogitsProcessor:
         b, length = input_ids.shape
         if self._seen is None or length <= self._seen or b != self._batch:
             objectives = [bd.name for bd in self.bindings]
-            self._w = resolve_weights(objectives, self.weights, b).to(scores.device)
-            used = (self._w > 0).any(0)
+            w = resolve_weights(objectives, self.weights, b)
+            self._rows = RowTensors.pack([RowSpec(self.config, weights=w[i]) for i in range(b)], len(objectives), scores.device)
+            used = (w > 0).any(0)
             active = sorted({bd.model for j, bd in enumerate(self.bindings) if bool(used[j])})
             self.scorer = CachedValueScorer(self.models, self.bindings, active)
             self.scorer.start(input_ids, self._prompt_mask(input_ids))
@@ -93,8 +94,5 @@ class MavisLogitsProcessor:
         for t in range(self._seen, length):
             self.scorer.append(input_ids[:, t])
         self._seen = length
-        ids, ref_logp = top_k_candidates(scores, self.top_k, self.temperature)
-        combined = combine_values(self.scorer.score(ids), self._w)
-        logp = tilted_logprobs(ref_logp, combined, self.beta, normalize=self.normalize)
-        out = torch.full_like(scores, float("-inf"), dtype=torch.float32)
-        return out.scatter(-1, ids, logp).to(scores.dtype)
+        dist = step_distribution(scores, self._rows, scorer=self.scorer)
+        return dist.full(scores.shape[-1]).to(scores.dtype)

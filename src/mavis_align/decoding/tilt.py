@@ -2,7 +2,8 @@
 
     pi_MAVIS(a | s, lambda) ∝ pi_ref(a | s) · exp(beta · NORMALIZE(sum_m lambda_m V_m(s ⊕ a)))
 
-restricted to the top-k tokens of pi_ref (after temperature); tokens outside the top-k get no
+restricted to the top-k tokens of pi_ref (after temperature; chosen per row by
+:func:`~mavis_align.decoding.engine.step_distribution`); tokens outside the top-k get no
 probability mass. Every function here is free of side effects: inputs are never modified.
 """
 
@@ -12,28 +13,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..generation import check_beta
+
 NEG_INF = float("-inf")
-
-
-def top_k_candidates(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k most likely tokens of softmax(logits / temperature).
-
-    Args:
-        logits: [B, V] next-token logits of pi_ref (rows that must not emit a token should
-            already carry -inf there, e.g. EOS before ``min_new_tokens``).
-        k: number of candidates (clipped to V).
-        temperature: > 0.
-    Returns:
-        ids: [B, k'] long, candidate token ids, most likely first (k' = min(k, V)).
-        logp: [B, k'] float32, log pi_ref^T(a | s) over the full vocabulary at ``temperature``.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    logp_full = torch.log_softmax(logits.float() / temperature, dim=-1)
-    logp, ids = torch.topk(logp_full, min(k, logits.shape[-1]), dim=-1)
-    return ids, logp
 
 
 def combine_values(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -87,7 +69,7 @@ def tilted_logprobs(
     values: torch.Tensor,
     beta: float | torch.Tensor,
     *,
-    normalize: bool = True,
+    normalize: bool | torch.Tensor = True,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """log pi_MAVIS over the candidates: log_softmax(log pi_ref(a) + beta · v(a)).
@@ -97,17 +79,20 @@ def tilted_logprobs(
         values: [B, k] combined values v (before normalisation).
         beta: scalar or [B] tilt strength (>= 0); beta = 1/eta with ``normalize=False`` gives the
             exact soft-optimal tilt when ``values`` are the optimal soft values.
-        normalize: apply :func:`normalize_values` first (the paper's default).
+        normalize: apply :func:`normalize_values` first (the paper's default); or [B] bool, per row.
         valid: [B, k] bool mask of usable candidates (others get -inf).
     Returns:
         [B, k] float32 log-probabilities that sum (in prob space) to 1 over valid candidates.
     """
+    if not isinstance(beta, torch.Tensor):
+        check_beta(beta)  # tensors come from validated rows (RowTensors)
     beta_t = torch.as_tensor(beta, dtype=torch.float32, device=values.device)
-    if bool((beta_t < 0).any()):
-        raise ValueError(f"beta must be >= 0, got {beta}")
     if beta_t.dim() == 1:
         beta_t = beta_t[:, None]
-    v = normalize_values(values, valid) if normalize else values.float()
+    if isinstance(normalize, torch.Tensor):
+        v = torch.where(normalize[:, None], normalize_values(values, valid), values.float())
+    else:
+        v = normalize_values(values, valid) if normalize else values.float()
     scores = ref_logp.float() + beta_t * v
     if valid is not None:
         scores = scores.masked_fill(~valid, NEG_INF)

@@ -58,7 +58,8 @@ def evaluate_policy(policy, prompts: Sequence[str], rewards, ref_model, ref_toke
     n_tok = sum(len(g.token_ids) for g in gens)
     out = {
         "method": policy.name,
-        "rewards": {r.name: summarize(r([g.prompt for g in gens], texts)) for r in rewards},
+        # per response, in order, next to the summary: paired comparisons between methods on the same prompts
+        "rewards": {r.name: (lambda v: {**summarize(v), "values": v})([float(x) for x in r([g.prompt for g in gens], texts)]) for r in rewards},
         "kl": summarize(kls),
         "fluency_ppl_ref": perplexity(ref_lp),
         "distinct_1": distinct_n(texts, 1),
@@ -69,7 +70,7 @@ def evaluate_policy(policy, prompts: Sequence[str], rewards, ref_model, ref_toke
         "prompts": len(prompts),
         "samples": samples,
         "seed": seed,
-        "examples": [{"prompt": g.prompt, "response": g.text} for g in gens[:keep_examples]],
+        "examples": [{"prompt": g.prompt, "response": g.text, "kl": kl} for g, kl in zip(gens[:keep_examples], kls)],
     }
     if hasattr(policy, "kl_bound"):
         out["kl_best_of_n_bound"] = policy.kl_bound

@@ -34,6 +34,7 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from ..generation import DEFAULT_TOP_K
 from .metrics import hypervolume, pareto_front
 
 SWEEP_METHODS = {"mavis", "mavis-beam", "rsoup", "mod", "bon-rsoup", "bon-mod"}
@@ -57,7 +58,7 @@ class SweepSpec:
     prompts: int = 16
     samples: int = 3
     max_new_tokens: int = 40
-    top_k: int = 15
+    top_k: int = DEFAULT_TOP_K
     seed: int = 0
     chat: bool = True
 

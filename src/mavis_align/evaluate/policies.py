@@ -55,9 +55,9 @@ class ModelPolicy:
     chat: bool | None = None
 
     def generate(self, prompts: Sequence[str], seed: int = 0) -> list[Generation]:
-        from ..generation import generate
+        from ..decoding.decoder import MavisDecoder
 
-        return generate(self.model, self.tokenizer, list(prompts), self.config, seed=seed, batch_size=self.batch_size, chat=self.chat)
+        return MavisDecoder(self.model, self.tokenizer).generate(list(prompts), config=self.config, seed=seed, batch_size=self.batch_size, chat=self.chat)
 
 
 class CombinedBase:
@@ -99,7 +99,7 @@ class MODPolicy:
     chat: bool | None = None
 
     def generate(self, prompts: Sequence[str], seed: int = 0) -> list[Generation]:
-        from ..decoding.engine import decode_ids
+        from ..decoding.engine import decode_ids, row_generator
         from ..models import format_prompts
 
         total = sum(self.weights)
@@ -107,14 +107,13 @@ class MODPolicy:
             raise ValueError(f"MOD weights must be >= 0 and not all 0, got {list(self.weights)}")
         w = [x / total for x in self.weights]
         device = next(self.models[0].parameters()).device
-        gen = torch.Generator(device=device).manual_seed(seed)
         formatted = format_prompts(self.tokenizer, list(prompts), chat=self.chat)
         tok = self.tokenizer
         out = []
         for s in range(0, len(prompts), self.batch_size):
             ids, mask = encode_batch(tok, formatted[s : s + self.batch_size], device)
             rows = decode_ids(CombinedBase(self.models, w), ids, mask, self.config, eos_id=tok.eos_token_id,
-                              pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, generator=gen,
+                              generators=[row_generator(seed, i) for i in range(s, min(s + self.batch_size, len(prompts)))],
                               stop_check=stop_checker(tok, self.config.stop_strings))
             out.extend(rows_to_generations(tok, list(prompts[s : s + self.batch_size]), rows, self.config.stop_strings))
         return out

@@ -5,8 +5,10 @@
     GET  /v1/models, /v1/objectives, /health, /   (the playground page)
 
 Extra body fields (OpenAI clients: ``extra_body``): ``objective_weights`` ({name: weight >= 0};
-omitted = plain sampling from pi_ref), ``beta`` (>= 0), ``top_k`` (candidates, >= 1),
-``return_rewards`` (score the result with the reward functions of the same names). Responses
+omitted = plain sampling from pi_ref), ``beta`` (>= 0), ``top_k`` (candidates, >= 1; default 15 with
+objective weights, else the whole vocabulary), ``min_tokens`` (no EOS before), ``normalize`` (min-max
+normalise the combined values, default true), ``return_rewards`` (score the result with the reward
+functions of the same names). ``temperature`` 0 is greedy decoding. Responses
 carry a ``mavis`` object with the KL estimate (eq. 7), the weights and beta used, and the rewards.
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 """
@@ -25,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..generation import DEFAULT_TOP_K, SamplingConfig
 from .scheduler import GenRequest, Scheduler
 
 PAGE = "playground.html"
@@ -107,10 +110,11 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
         if number(body, "n", 1, 1, 1, True) != 1:
             raise APIError(400, "`n` must be 1", param="n")
         temperature = number(body, "temperature", 1.0, 0.0, 10.0)
-        if temperature == 0:
-            temperature = 1e-4  # greedy-like
+        min_tokens = number(body, "min_tokens", 0, 0, max_tokens, True)
         beta = number(body, "beta", 1.0, 0.0, 1e6)
-        top_k = number(body, "top_k", 15, 1, 1000, True)
+        normalize = body.get("normalize", True)
+        if not isinstance(normalize, bool):
+            raise APIError(400, "`normalize` must be true or false", param="normalize")
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise APIError(400, "`seed` must be an integer", param="seed")
@@ -134,6 +138,9 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
                 weights = resolve_weights(objectives, raw_w, 1)[0]
             except ValueError as err:
                 raise APIError(400, str(err), param="objective_weights", code="invalid_objective") from err
+        top_k = number(body, "top_k", DEFAULT_TOP_K if weights is not None else 0, 1 if weights is not None or "top_k" in body else 0, 1000, True)
+        config = SamplingConfig(max_new_tokens=max_tokens, min_new_tokens=min_tokens, temperature=temperature or 1.0, greedy=temperature == 0,
+                                top_k=top_k, stop_strings=tuple(stop), beta=beta, normalize=normalize)
         ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
@@ -141,14 +148,13 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
             raise APIError(400, f"the prompt has {len(ids)} tokens; this server allows at most {max_prompt_tokens}", param="prompt",
                            code="context_length_exceeded")
         want_rewards = bool(body.get("return_rewards", False))
-        req = GenRequest(ids, max_tokens, emit=lambda e: None, weights=weights, beta=beta, top_k=top_k, temperature=temperature,
-                         stop=tuple(stop), seed=seed, id=f"cmpl-{uuid.uuid4().hex[:24]}")
+        req = GenRequest(ids, config, emit=lambda e: None, weights=weights, beta=beta, seed=seed, id=f"cmpl-{uuid.uuid4().hex[:24]}")
         return req, {"return_rewards": want_rewards, "objective_weights": raw_w}
 
     def mavis_info(req: GenRequest, done: dict) -> dict:
         info = {"kl": float(sum(g - r for g, r in zip(req.logprobs_gen, req.logprobs_ref))), "beta": req.beta if req.weights is not None else None,
                 "objective_weights": dict(zip(objectives, req.weights.tolist())) if req.weights is not None else None,
-                "top_k": req.top_k if req.weights is not None else None}
+                "top_k": req.config.top_k if req.weights is not None else None}
         if req.reward_names:
             info["rewards"] = done.get("rewards", {})
         return info

@@ -1,11 +1,13 @@
-"""Continuous batching across requests for the HTTP server.
+"""Continuous batching across requests for the HTTP server, on the one decode engine.
 
-One background thread owns the models. Concurrent requests, each with its own objective weights
-lambda, beta, candidate count, temperature, length and seed, share decode steps: lambda and beta
-only enter after the value forward, so one base forward and one forward per value model serve the
+One background thread owns the models and one :class:`~mavis_align.decoding.engine.DecodeState`.
+Concurrent requests, each with its own objective weights lambda, beta, candidate count,
+temperature (0 = greedy), min/max length, stop strings and seed, share decode steps: lambda and beta
+only enter after the value forward, so one base forward and one forward per value trunk serve the
 whole batch. New requests are prefilled on their own and merged into the running batch between
-steps (their KV caches are left-padded to the batch's width); finished or abandoned requests
-leave it (their cache rows are dropped).
+steps; finished or abandoned requests leave it. Sampler, stop rule and finish reasons are the
+engine's, so a request gives the same text here as through ``MavisDecoder.generate`` with the
+same seed, alone or beside other requests.
 """
 
 from __future__ import annotations
@@ -19,57 +21,47 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..decoding.engine import DecodedRow, DecodeState, RowSpec, row_generator
 from ..decoding.steppers import CachedBase, CachedValueScorer
-from ..decoding.tilt import combine_values, tilted_logprobs
-
-NEG_INF = float("-inf")
-
-
-def sample_index(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """One draw from ``probs`` ([n], sums to 1) by inverting the CDF with a single uniform.
-
-    Unlike ``torch.multinomial`` it consumes exactly one random number however long ``probs`` is,
-    so a request samples the same tokens whether it is decoded alone or next to requests with
-    more candidates (zero-probability padding does not change the draw).
-    """
-    u = torch.rand((), generator=generator, device=probs.device, dtype=torch.float64)
-    cdf = torch.cumsum(probs.double(), dim=0)
-    idx = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
-    idx = min(idx, probs.shape[0] - 1)
-    while probs[idx] <= 0 and idx > 0:  # never land on a zero-probability entry at the top edge
-        idx -= 1
-    return idx
+from ..generation import SamplingConfig, cut_at_stop, stop_checker
 
 
 @dataclass
 class GenRequest:
     """One generation request and its live state.
 
-    ``weights`` is None for plain sampling from pi_ref (full vocabulary); otherwise an [M] tensor
-    summing to 1 and the token is drawn from pi_MAVIS over the top ``top_k`` candidates.
-    ``emit(event)`` is called from the engine thread with {"type": "token", "text": delta, ...}
-    and finally {"type": "done", ...}.
+    ``weights`` is None for plain sampling from pi_ref (top ``config.top_k``, 0 = full vocabulary);
+    otherwise an [M] tensor summing to 1 and the token is drawn from pi_MAVIS over the top-k
+    candidates. ``emit(event)`` is called from the engine thread with {"type": "token", "text":
+    delta} and finally {"type": "done", ...}.
     """
 
     prompt_ids: list[int]
-    max_tokens: int
+    config: SamplingConfig
     emit: Callable[[dict], None]
     weights: torch.Tensor | None = None
     beta: float = 1.0
-    top_k: int = 15
-    temperature: float = 1.0
-    stop: tuple[str, ...] = ()
     seed: int | None = None
     id: str = ""
     reward_names: tuple[str, ...] = ()
     reward_prompt: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event)
-    tokens: list[int] = field(default_factory=list)
-    logprobs_ref: list[float] = field(default_factory=list)
-    logprobs_gen: list[float] = field(default_factory=list)
+    record: DecodedRow = field(default_factory=DecodedRow)
     text: str = ""
     finish_reason: str | None = None
     created: float = field(default_factory=time.time)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.record.token_ids
+
+    @property
+    def logprobs_ref(self) -> list[float]:
+        return self.record.logprobs_ref
+
+    @property
+    def logprobs_gen(self) -> list[float]:
+        return self.record.logprobs_gen
 
 
 class Scheduler:
@@ -79,22 +71,18 @@ class Scheduler:
         model, tokenizer: pi_ref.
         value_models, bindings: from a :class:`~mavis_align.decoding.decoder.MavisDecoder`.
         max_batch: most requests decoded together; others wait in the queue.
-        normalize: min-max normalise combined values (paper eq. 14).
+        rewards: {name: reward function} for requests that ask for their rewards.
     """
 
-    def __init__(self, model, tokenizer, value_models: Sequence = (), bindings: Sequence = (), *, max_batch: int = 16, normalize: bool = True,
+    def __init__(self, model, tokenizer, value_models: Sequence = (), bindings: Sequence = (), *, max_batch: int = 16,
                  rewards: dict | None = None, start_thread: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.value_models, self.bindings = list(value_models), list(bindings)
-        self.max_batch, self.normalize = max_batch, normalize
+        self.max_batch = max_batch
         self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
         self.inbox: queue.Queue[GenRequest] = queue.Queue()
-        self.active: list[GenRequest] = []
-        self.generators: list[torch.Generator] = []
-        self.base: CachedBase | None = None
-        self.scorer: CachedValueScorer | None = None
-        self.logits: torch.Tensor | None = None
-        self.steps = 0
+        self.state: DecodeState | None = None
         self.stats = {"steps": 0, "tokens": 0, "requests": 0, "max_batch_seen": 0}
         self._seed_counter = itertools.count(1)
         self.rewards = dict(rewards or {})
@@ -104,6 +92,10 @@ class Scheduler:
         if start_thread:
             self.thread = threading.Thread(target=self.run, name="mavis-scheduler", daemon=True)
             self.thread.start()
+
+    @property
+    def active(self) -> list[GenRequest]:
+        return [] if self.state is None else list(self.state.keys)
 
     # ------------------------------------------------------------------ API
 
@@ -135,7 +127,7 @@ class Scheduler:
                 for req in self.active + self._drain():
                     req.finish_reason = "error"
                     req.emit({"type": "error", "message": f"{type(err).__name__}: {err}"})
-                self.active, self.generators, self.base, self.scorer, self.logits = [], [], None, None, None
+                self.state = None
 
     def _drain(self) -> list[GenRequest]:
         out = []
@@ -144,6 +136,11 @@ class Scheduler:
                 out.append(self.inbox.get_nowait())
             except queue.Empty:
                 return out
+
+    def _spec(self, req: GenRequest) -> RowSpec:
+        seed = req.seed if req.seed is not None else next(self._seed_counter) * 7919
+        return RowSpec(req.config, weights=req.weights, beta=req.beta, generator=row_generator(seed),
+                       stop_check=stop_checker(self.tokenizer, req.config.stop_strings))
 
     @torch.no_grad()
     def _admit(self) -> None:
@@ -162,102 +159,55 @@ class Scheduler:
             return
         device = next(self.model.parameters()).device
         width = max(len(r.prompt_ids) for r in new)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.eos_id or 0)
-        ids = torch.full((len(new), width), pad, dtype=torch.long)
+        ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, r in enumerate(new):
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids):] = 1
-        base = CachedBase(self.model)
-        logits = base.start(ids.to(device), mask.to(device))
-        scorer = None
-        if self.value_models:
-            scorer = CachedValueScorer(self.value_models, self.bindings)
-            scorer.start(ids.to(device), mask.to(device))
-        if self.base is None:
-            self.base, self.scorer, self.logits = base, scorer, logits
-        else:
-            self.base.merge(base)
-            if scorer is not None:
-                self.scorer.merge(scorer)
-            self.logits = torch.cat([self.logits, logits])
-        for r in new:
-            seed = r.seed if r.seed is not None else next(self._seed_counter) * 7919
-            self.generators.append(torch.Generator(device=device).manual_seed(seed))
-        self.active += new
+        if self.state is None:
+            make_scorer = (lambda: CachedValueScorer(self.value_models, self.bindings)) if self.value_models else None
+            self.state = DecodeState(lambda: CachedBase(self.model), make_scorer, len(self.bindings), self.eos_id)
+        n0 = len(self.state)
+        self.state.admit(ids.to(device), mask.to(device), [self._spec(r) for r in new], new)
+        for r, rec in zip(self.state.keys[n0:], self.state.records[n0:]):
+            r.record = rec
         self.stats["requests"] += len(new)
-        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(self.active))
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(self.state))
+
+    def _publish(self, req: GenRequest) -> None:
+        """Emit the text that is new since the last step (cut before any stop string)."""
+        text, _ = cut_at_stop(self.tokenizer.decode(req.tokens, skip_special_tokens=True), req.config.stop_strings)
+        delta = text[len(req.text):] if text.startswith(req.text) else ""
+        req.text = text
+        if delta:
+            req.emit({"type": "token", "text": delta})
+
+    def _finish(self, req: GenRequest, reason: str) -> None:
+        req.finish_reason = reason
+        scores = {}
+        for name in req.reward_names:
+            if name in self.rewards:  # scored here: torch work stays on the engine thread
+                scores[name] = float(self.rewards[name]([req.reward_prompt], [req.text.strip()])[0])
+        req.emit({"type": "done", "rewards": scores})
 
     @torch.no_grad()
     def _step(self) -> None:
-        reqs, logits = self.active, self.logits
-        b = len(reqs)
-        device = logits.device
-        logp_ref_full = torch.log_softmax(logits, dim=-1)
-        temps = torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=device)[:, None]
-        tilted = [i for i, r in enumerate(reqs) if r.weights is not None]
-        choice = [0] * b
-        lp_gen = [0.0] * b
-        gen_logp = torch.log_softmax(logits / temps, dim=-1)
-        if tilted and self.scorer is not None:
-            k_max = max(reqs[i].top_k for i in tilted)
-            cand_logp, cand_ids = torch.topk(gen_logp, min(k_max, logits.shape[-1]), dim=-1)
-            valid = torch.arange(cand_ids.shape[1], device=device)[None, :] < torch.tensor([r.top_k for r in reqs], device=device)[:, None]
-            weights = torch.stack([r.weights if r.weights is not None else torch.zeros(len(self.bindings)) for r in reqs]).to(device)
-            combined = combine_values(self.scorer.score(cand_ids), weights)
-            betas = torch.tensor([r.beta for r in reqs], dtype=torch.float32, device=device)
-            tlp = tilted_logprobs(cand_logp, combined, betas, normalize=self.normalize, valid=valid)
-            for i in tilted:
-                pos = sample_index(tlp[i].exp(), self.generators[i])
-                choice[i], lp_gen[i] = int(cand_ids[i, pos]), float(tlp[i, pos])
-        for i, r in enumerate(reqs):
-            if r.weights is None or self.scorer is None:
-                tok = sample_index(gen_logp[i].exp(), self.generators[i])
-                choice[i], lp_gen[i] = tok, float(gen_logp[i, tok])
-        chosen = torch.tensor(choice, device=device)
-        lp_ref = logp_ref_full.gather(-1, chosen[:, None]).squeeze(-1).tolist()
-        keep = []
-        for i, r in enumerate(reqs):
-            r.tokens.append(choice[i])
-            r.logprobs_ref.append(lp_ref[i])
-            r.logprobs_gen.append(lp_gen[i])
-            text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
-            cut = min((text.find(s) for s in r.stop if s and s in text), default=-1)
-            if cut >= 0:
-                text = text[:cut]
-            delta = text[len(r.text):] if text.startswith(r.text) else ""
-            r.text = text
-            if choice[i] == self.eos_id:
-                r.finish_reason = "stop"
-            elif cut >= 0:
-                r.finish_reason = "stop"
-            elif len(r.tokens) >= r.max_tokens:
-                r.finish_reason = "length"
-            elif r.cancelled.is_set():
-                r.finish_reason = "cancelled"
-            if delta:
-                r.emit({"type": "token", "text": delta})
-            if r.finish_reason is None:
-                keep.append(i)
-            else:
-                scores = {}
-                for name in r.reward_names:
-                    if name in self.rewards:  # scored here: torch work stays on the engine thread
-                        scores[name] = float(self.rewards[name]([r.reward_prompt], [r.text.strip()])[0])
-                r.emit({"type": "done", "rewards": scores})
+        state = self.state
+        gone = [r for r in state.keys if r.cancelled.is_set()]
+        if gone:
+            state.select([i for i, r in enumerate(state.keys) if not r.cancelled.is_set()])
+            for r in gone:
+                self._finish(r, "cancelled")
+            if not len(state):
+                self.state = None
+                return
+        live = list(state.keys)
+        done = state.step()
         self.stats["steps"] += 1
-        self.stats["tokens"] += b
-        if not keep:
-            self.active, self.generators, self.base, self.scorer, self.logits = [], [], None, None, None
-            return
-        if len(keep) < b:
-            idx = torch.tensor(keep, device=device)
-            self.base.reorder(idx)
-            if self.scorer is not None:
-                self.scorer.reorder(idx)
-            chosen = chosen.index_select(0, idx)
-            self.active = [reqs[i] for i in keep]
-            self.generators = [self.generators[i] for i in keep]
-        self.logits = self.base.step(chosen)
-        if self.scorer is not None:
-            self.scorer.append(chosen)
+        self.stats["tokens"] += len(live)
+        for r in live:
+            self._publish(r)
+        for r, rec in done:
+            self._finish(r, rec.finish_reason)
+        if not len(state):
+            self.state = None

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from ..generation import DEFAULT_TOP_K
 from ..collect import CollectSpec, TreeConfig, collect
 from .quality import format_concordance, format_r2
 from .regression import TrainConfig, train_value_model
@@ -66,7 +67,7 @@ class Recipe:
     value_head: dict = field(default_factory=dict)  # {"pool": last|mean|mean+last, "hidden": 0 (linear) or MLP width}
     train: dict = field(default_factory=dict)
     iterations: list[dict] = field(default_factory=list)  # rounds i >= 1
-    eval: dict = field(default_factory=lambda: {"beta": 2.0, "top_k": 15, "max_new_tokens": 48, "samples": 1})
+    eval: dict = field(default_factory=lambda: {"beta": 2.0, "top_k": DEFAULT_TOP_K, "max_new_tokens": 48, "samples": 1})
     seed: int = 0
     group_size: int = 4
     val_fraction: float = 0.1
@@ -144,7 +145,7 @@ def _eval_config(recipe: Recipe):
     from ..generation import SamplingConfig
 
     e = recipe.eval
-    return SamplingConfig(max_new_tokens=int(e.get("max_new_tokens", 48)), top_k=int(e.get("top_k", 15)),
+    return SamplingConfig(max_new_tokens=int(e.get("max_new_tokens", 48)), top_k=int(e.get("top_k", DEFAULT_TOP_K)),
                           temperature=float(e.get("temperature", 1.0)), beta=float(e.get("beta", 2.0)))
 
 
@@ -155,7 +156,7 @@ def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, st
         stop_after_stage: return after this many stages did work in this call (tests / time boxes).
     """
     from ..decoding.decoder import MavisDecoder
-    from ..evaluate import evaluate_decoder
+    from ..evaluate import DecoderPolicy, evaluate_policy
     from ..models import load_causal_lm
     from ..provenance import write_run_record
     from ..rewards import get_rewards
@@ -189,7 +190,7 @@ def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, st
     def collect_into(path: Path, values: list[str], weights, beta: float, rewards: list[str], seed: int) -> None:
         if path.exists():
             return
-        tc = TreeConfig(**{**asdict(tree_cfg), **({"beta": beta, "top_k": int(recipe.eval.get("top_k", 15))} if values else {})})
+        tc = TreeConfig(**{**asdict(tree_cfg), **({"beta": beta, "top_k": int(recipe.eval.get("top_k", DEFAULT_TOP_K))} if values else {})})
         spec = CollectSpec(model=recipe.model, values=values, weights=weights, rewards=rewards, dataset=recipe.dataset, split="train",
                            limit=recipe.train_prompts, data_seed=recipe.data_seed, prompt_field=recipe.prompt_field, chat=recipe.chat, tree=tc, seed=seed,
                            group_size=recipe.group_size, val_fraction=recipe.val_fraction)
@@ -235,7 +236,8 @@ def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, st
 
             m_, t_ = base()
             plain = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-            res = evaluate_decoder(MavisDecoder(m_, t_), eval_prompts, rewards, config=plain, samples=samples, seed=recipe.seed, chat=recipe.chat)
+            res = evaluate_policy(DecoderPolicy("ref", MavisDecoder(m_, t_), plain, chat=recipe.chat), eval_prompts, rewards, m_, t_,
+                                  samples=samples, seed=recipe.seed, chat=recipe.chat)
             ref_path.write_text(json.dumps(res, indent=2) + "\n")
         ref = json.loads(ref_path.read_text())
         row = {"iteration": i, "objectives": {}}
@@ -245,7 +247,8 @@ def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, st
             if not epath.exists():
                 m_, t_ = base()
                 dec = MavisDecoder(m_, t_, [ValueModel.load(vpath / "best")])
-                res = evaluate_decoder(dec, eval_prompts, rewards, weights={m: 1.0}, config=cfg, samples=samples, seed=recipe.seed, chat=recipe.chat)
+                res = evaluate_policy(DecoderPolicy(f"mavis-{m}", dec, cfg, weights={m: 1.0}, chat=recipe.chat), eval_prompts, rewards, m_, t_,
+                                      samples=samples, seed=recipe.seed, chat=recipe.chat)
                 epath.write_text(json.dumps(res, indent=2) + "\n")
             res = json.loads(epath.read_text())
             tr = json.loads((vpath / "result.json").read_text())

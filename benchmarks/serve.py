@@ -1,11 +1,12 @@
 """Serving throughput on the embedded default: 8 concurrent clients, each with its own objective
 weights, beta and prompt, against the same 8 requests sent one at a time, in one run.
 
-The server (`mavis_align.serve`) runs in this process on 127.0.0.1 with three default-size
-("tiny", untrained: speed does not depend on their weights) value models; requests go through
-HTTP with the `openai` client. Throughput = generated tokens / wall time; latencies per request.
+The server (`mavis_align.serve`) runs in this process on 127.0.0.1 with three value models of
+``--backbone`` (default: the default value backbone; untrained: speed does not depend on their
+weights); requests go through HTTP with the `openai` client. Throughput = generated tokens / wall
+time; latencies per request.
 
-    python benchmarks/serve.py [--clients 8] [--max-tokens 48]
+    python benchmarks/serve.py [--clients 8] [--max-tokens 48] [--backbone tiny --out results/serve-tiny.json]
 
 Writes ``benchmarks/results/serve.json``.
 """
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
+    ap.add_argument("--backbone", default=None, help="value-model backbone (default: the package default)")
     args = ap.parse_args()
 
     import uvicorn
@@ -39,10 +41,11 @@ def main() -> None:
     from mavis_align.models import load_causal_lm
     from mavis_align.provenance import run_record
     from mavis_align.serve import create_app
-    from mavis_align.values import build_value_model
+    from mavis_align.values import DEFAULT_VALUE_BACKBONE, build_value_model
 
     model, tok = load_causal_lm()
-    dec = MavisDecoder(model, tok, [build_value_model([o], seed=i) for i, o in enumerate(OBJECTIVES)])
+    args.backbone = args.backbone or DEFAULT_VALUE_BACKBONE
+    dec = MavisDecoder(model, tok, [build_value_model([o], backbone=args.backbone, seed=i) for i, o in enumerate(OBJECTIVES)])
     # as `mavis-align serve` does: HTTP in a thread, the decode loop in this (the loading) thread
     app = create_app(dec, model_name="smollm2-135m-instruct", max_batch=16, scheduler_thread=False)
     with socket.socket() as s:
@@ -88,7 +91,7 @@ def main() -> None:
         return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
     res = {
-        "clients": args.clients, "max_tokens": args.max_tokens,
+        "clients": args.clients, "max_tokens": args.max_tokens, "backbone": args.backbone,
         "sequential": {"tokens": sum(n for _, n in seq), "wall_s": seq_wall, "tokens_per_s": sum(n for _, n in seq) / seq_wall,
                        "latency_p50_s": statistics.median(t for t, _ in seq), "latency_p95_s": pct([t for t, _ in seq], 0.95)},
         "concurrent": {"tokens": sum(n for _, n in conc), "wall_s": conc_wall, "tokens_per_s": sum(n for _, n in conc) / conc_wall,

@@ -332,7 +332,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"warning: serving on {args.host} without --api-key", file=sys.stderr)
     print(f"serving {args.model} with objectives {decoder.objectives or '(none: plain sampling)'} on http://{args.host}:{args.port}/ (playground at /)")
     serve(decoder, host=args.host, port=args.port, model_name=args.model_name or args.model, api_key=args.api_key,
-          max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens, max_batch=args.max_batch, rewards=rewards)
+          max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens, max_batch=args.max_batch, max_queue=args.max_queue, rewards=rewards)
     return 0
 
 
@@ -543,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
     p.add_argument("--model-name", default=None, help="model id reported by the API (default: --model)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get HTTP 429")
     p.add_argument("--max-tokens-limit", type=int, default=512)
     p.add_argument("--max-prompt-tokens", type=int, default=2048)
     p.add_argument("--reward", action="append", default=None, help="rewards for return_rewards (default: offline rewards named like the objectives)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import queue
 import time
 import uuid
 from importlib import resources
@@ -39,9 +40,18 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
 
+SEED_RANGE = (-(2**63), 2**63 - 1)
+MIN_TEMPERATURE = 1e-2  # below it (but above 0, which is greedy) softmax(logits / T) over/underflows
+MAX_WEIGHT = 1e6
+
+
 def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None, max_tokens_limit: int = 512,
-               max_prompt_tokens: int = 2048, max_batch: int = 16, rewards=None, scheduler_thread: bool = True):
+               max_prompt_tokens: int = 2048, max_batch: int = 16, max_queue: int = 64, max_body_bytes: int = 1 << 20,
+               rewards=None, scheduler_thread: bool = True):
     """Build the FastAPI app around a :class:`~mavis_align.decoding.decoder.MavisDecoder`.
+
+    Every field is checked before a request reaches the decode loop (4xx with OpenAI's error shape);
+    at most ``max_queue`` requests wait (429 beyond), bodies over ``max_body_bytes`` get 413.
 
     With ``scheduler_thread=False`` the decode loop does not start; call
     ``app.state.scheduler.run()`` from the thread that loaded the models (what :func:`serve` does).
@@ -49,8 +59,8 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
     tok = decoder.tokenizer
     objectives = decoder.objectives
     reward_fns = {r.name: r for r in (rewards or [])}
-    scheduler = Scheduler(decoder.model, tok, decoder.value_models, decoder.bindings, max_batch=max_batch, rewards=reward_fns,
-                          start_thread=scheduler_thread)
+    scheduler = Scheduler(decoder.model, tok, decoder.value_models, decoder.bindings, max_batch=max_batch, max_queue=max_queue,
+                          rewards=reward_fns, start_thread=scheduler_thread)
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
@@ -76,6 +86,10 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
     async def _http(_, exc: StarletteHTTPException):
         return error(exc.status_code, str(exc.detail), kind="not_found_error" if exc.status_code == 404 else "invalid_request_error")
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_, exc: Exception):  # never a plain-text 500
+        return error(500, f"internal error: {type(exc).__name__}", kind="server_error")
+
     def check_key(request: Request) -> None:
         if api_key is None:
             return
@@ -85,39 +99,79 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
 
     async def body_of(request: Request) -> dict:
         check_key(request)
+        raw = await request.body()
+        if len(raw) > max_body_bytes:
+            raise APIError(413, f"request body is {len(raw)} bytes; this server accepts at most {max_body_bytes}", code="body_too_large")
         try:
-            body = json.loads(await request.body() or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise APIError(400, f"request body is not valid JSON: {err}") from err
+            body = json.loads(raw or b"{}")
+        except ValueError as err:  # invalid JSON or UTF-8, or an integer literal of over 4300 digits
+            raise APIError(400, f"request body is not valid JSON: {str(err)[:200]}") from None
+        except RecursionError:
+            raise APIError(400, "request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object")
         return body
 
-    def number(body: dict, key: str, default, lo=None, hi=None, integer=False):
+    def short(val) -> str:
+        text = repr(val)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    def number(body: dict, key: str, default, lo=None, hi=None, integer=False, where: str | None = None):
+        """A finite number in [lo, hi] (ints compared exactly: huge literals never overflow)."""
+        val = body.get(key, default)
+        name = where or key
+        if val is None:
+            return default
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or (integer and isinstance(val, float) and not val.is_integer()):
+            raise APIError(400, f"`{name}` must be {'an integer' if integer else 'a number'}, got {short(val)}", param=name)
+        if (isinstance(val, float) and not math.isfinite(val)) or (lo is not None and val < lo) or (hi is not None and val > hi):
+            raise APIError(400, f"`{name}` must be in [{lo}, {hi}], got {short(val)}", param=name)
+        return int(val) if integer else float(val)
+
+    def flag(body: dict, key: str, default: bool) -> bool:
         val = body.get(key, default)
         if val is None:
             return default
-        if isinstance(val, bool) or not isinstance(val, (int, float)) or (integer and not float(val).is_integer()):
-            raise APIError(400, f"`{key}` must be {'an integer' if integer else 'a number'}, got {val!r}", param=key)
-        if not math.isfinite(val) or (lo is not None and val < lo) or (hi is not None and val > hi):
-            raise APIError(400, f"`{key}` must be in [{lo}, {hi}], got {val!r}", param=key)
-        return int(val) if integer else float(val)
+        if not isinstance(val, bool):
+            raise APIError(400, f"`{key}` must be true or false, got {short(val)}", param=key)
+        return val
+
+    def unsupported(body: dict) -> None:
+        """Fields of OpenAI's API this server does not implement: refused unless neutral."""
+        model = body.get("model")
+        if model is not None and model != model_name:
+            raise APIError(404, f"model {short(model)} is not served here; this server serves {model_name!r}", param="model", code="model_not_found",
+                           kind="not_found_error")
+        neutral = {"top_p": (1, 1.0), "logprobs": (False, 0), "top_logprobs": (0,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
+                   "logit_bias": ({},), "echo": (False,), "best_of": (1,), "suffix": ("",)}
+        for key, ok in neutral.items():
+            val = body.get(key)
+            if val is not None and not (type(val) in (type(o) for o in ok) and val in ok):
+                raise APIError(400, f"`{key}` is not supported by this server (got {short(val)})", param=key, code="unsupported_parameter")
+
+    def encode(text: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise APIError(400, f"the prompt is not valid Unicode text ({err.reason} at position {err.start})", param="prompt") from None
+        return tok(text, add_special_tokens=False)["input_ids"]
 
     def parse(body: dict, prompt_text: str) -> tuple[GenRequest, dict]:
+        unsupported(body)
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None:
+            body = {**body, "max_tokens": body["max_completion_tokens"]}  # the newer name of the same field
         max_tokens = number(body, "max_tokens", min(64, max_tokens_limit), 1, None, True)
         if max_tokens > max_tokens_limit:
             raise APIError(400, f"`max_tokens` is {max_tokens}; this server allows at most {max_tokens_limit}", param="max_tokens")
         if number(body, "n", 1, 1, 1, True) != 1:
             raise APIError(400, "`n` must be 1", param="n")
         temperature = number(body, "temperature", 1.0, 0.0, 10.0)
+        if 0 < temperature < MIN_TEMPERATURE:
+            raise APIError(400, f"`temperature` must be 0 (greedy) or in [{MIN_TEMPERATURE}, 10], got {temperature!r}", param="temperature")
         min_tokens = number(body, "min_tokens", 0, 0, max_tokens, True)
         beta = number(body, "beta", 1.0, 0.0, 1e6)
-        normalize = body.get("normalize", True)
-        if not isinstance(normalize, bool):
-            raise APIError(400, "`normalize` must be true or false", param="normalize")
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise APIError(400, "`seed` must be an integer", param="seed")
+        normalize = flag(body, "normalize", True)
+        seed = number(body, "seed", None, SEED_RANGE[0], SEED_RANGE[1], True)
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
@@ -132,8 +186,9 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
             from ..decoding.tilt import resolve_weights
 
             for k, v in raw_w.items():
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise APIError(400, f"objective weight for {k!r} must be a number", param="objective_weights")
+                if v is None:
+                    raise APIError(400, f"objective weight for {short(k)} must be a number", param="objective_weights")
+                number(raw_w, k, None, 0, MAX_WEIGHT, where=f"objective_weights.{k}")
             try:
                 weights = resolve_weights(objectives, raw_w, 1)[0]
             except ValueError as err:
@@ -141,15 +196,15 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
         top_k = number(body, "top_k", DEFAULT_TOP_K if weights is not None else 0, 1 if weights is not None or "top_k" in body else 0, 1000, True)
         config = SamplingConfig(max_new_tokens=max_tokens, min_new_tokens=min_tokens, temperature=temperature or 1.0, greedy=temperature == 0,
                                 top_k=top_k, stop_strings=tuple(stop), beta=beta, normalize=normalize)
-        ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
+        ids = encode(prompt_text)
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
         if len(ids) > max_prompt_tokens:
             raise APIError(400, f"the prompt has {len(ids)} tokens; this server allows at most {max_prompt_tokens}", param="prompt",
                            code="context_length_exceeded")
-        want_rewards = bool(body.get("return_rewards", False))
+        want_rewards = flag(body, "return_rewards", False)
         req = GenRequest(ids, config, emit=lambda e: None, weights=weights, beta=beta, seed=seed, id=f"cmpl-{uuid.uuid4().hex[:24]}")
-        return req, {"return_rewards": want_rewards, "objective_weights": raw_w}
+        return req, {"return_rewards": want_rewards, "objective_weights": raw_w, "stream": flag(body, "stream", False)}
 
     def mavis_info(req: GenRequest, done: dict) -> dict:
         info = {"kl": float(sum(g - r for g, r in zip(req.logprobs_gen, req.logprobs_ref))), "beta": req.beta if req.weights is not None else None,
@@ -166,7 +221,11 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         req.emit = lambda e: loop.call_soon_threadsafe(q.put_nowait, e)
-        scheduler.submit(req)
+        try:
+            scheduler.submit(req)
+        except queue.Full:
+            raise APIError(429, f"the server is busy ({scheduler.inbox.maxsize} requests waiting); retry later", code="queue_full",
+                           kind="rate_limit_error") from None
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
 
@@ -178,7 +237,13 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
 
         if not stream_of(extra):
             while True:
-                ev = await q.get()
+                try:
+                    ev = await asyncio.wait_for(q.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():  # the client left: free its slot
+                        req.cancelled.set()
+                        raise APIError(499, "client closed the request") from None
+                    continue
                 if ev["type"] == "error":
                     raise APIError(500, ev["message"], kind="server_error")
                 if ev["type"] == "done":
@@ -237,8 +302,7 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise APIError(400, "`prompt` must be a string (or a list of one string)", param="prompt")
-        req, extra = parse(body, prompt)
-        extra["stream"] = bool(body.get("stream", False))
+        req, extra = await asyncio.to_thread(parse, body, prompt)  # tokenisation off the event loop
         return await run(request, req, prompt, extra, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -250,8 +314,7 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
         if not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        req, extra = parse(body, text)
-        extra["stream"] = bool(body.get("stream", False))
+        req, extra = await asyncio.to_thread(parse, body, text)  # tokenisation off the event loop
         user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
         return await run(request, req, user, extra, chat=True)
 

@@ -71,17 +71,18 @@ class Scheduler:
         model, tokenizer: pi_ref.
         value_models, bindings: from a :class:`~mavis_align.decoding.decoder.MavisDecoder`.
         max_batch: most requests decoded together; others wait in the queue.
+        max_queue: most requests waiting; :meth:`submit` raises ``queue.Full`` beyond (HTTP 429).
         rewards: {name: reward function} for requests that ask for their rewards.
     """
 
     def __init__(self, model, tokenizer, value_models: Sequence = (), bindings: Sequence = (), *, max_batch: int = 16,
-                 rewards: dict | None = None, start_thread: bool = True):
+                 max_queue: int = 64, rewards: dict | None = None, start_thread: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.value_models, self.bindings = list(value_models), list(bindings)
         self.max_batch = max_batch
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
-        self.inbox: queue.Queue[GenRequest] = queue.Queue()
+        self.inbox: queue.Queue[GenRequest] = queue.Queue(maxsize=max_queue)
         self.state: DecodeState | None = None
         self.stats = {"steps": 0, "tokens": 0, "requests": 0, "max_batch_seen": 0}
         self._seed_counter = itertools.count(1)
@@ -100,7 +101,8 @@ class Scheduler:
     # ------------------------------------------------------------------ API
 
     def submit(self, req: GenRequest) -> None:
-        self.inbox.put(req)
+        """Queue a request; raises ``queue.Full`` when ``max_queue`` requests already wait."""
+        self.inbox.put_nowait(req)
         self._wake.set()
 
     def shutdown(self) -> None:
@@ -168,11 +170,24 @@ class Scheduler:
             make_scorer = (lambda: CachedValueScorer(self.value_models, self.bindings)) if self.value_models else None
             self.state = DecodeState(lambda: CachedBase(self.model), make_scorer, len(self.bindings), self.eos_id)
         n0 = len(self.state)
-        self.state.admit(ids.to(device), mask.to(device), [self._spec(r) for r in new], new)
+        try:
+            self.state.admit(ids.to(device), mask.to(device), [self._spec(r) for r in new], new)
+        except Exception:
+            for r in new:  # find the culprit: admit one by one, fail only the requests that cannot start
+                self._admit_alone(r, device)
         for r, rec in zip(self.state.keys[n0:], self.state.records[n0:]):
             r.record = rec
         self.stats["requests"] += len(new)
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(self.state))
+
+    def _admit_alone(self, req: GenRequest, device) -> None:
+        """Admit one request; if it cannot start, it alone gets the error (its neighbours go on)."""
+        ids = torch.tensor([req.prompt_ids], device=device)
+        try:
+            self.state.admit(ids, torch.ones_like(ids), [self._spec(req)], [req])
+        except Exception as err:
+            req.finish_reason = "error"
+            req.emit({"type": "error", "message": f"{type(err).__name__}: {err}"})
 
     def _publish(self, req: GenRequest) -> None:
         """Emit the text that is new since the last step (cut before any stop string)."""

@@ -370,3 +370,16 @@ def test_fifty_seeded_requests_same_text_alone_and_batched(client):
         together = list(ex.map(lambda r: client.completions.create(model="tiny", **r).choices[0].text, reqs))
     assert together == alone
     assert len(set(alone)) > 10
+
+
+def test_serve_refuses_a_busy_or_invalid_port_with_one_line(capsys):
+    from mavis_align.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+    assert main(["serve", "--port", "99999"]) == 2
+    assert "port must be in 1..65535" in capsys.readouterr().err

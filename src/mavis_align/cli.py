@@ -324,7 +324,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .decoding.decoder import MavisDecoder
     from .rewards import REWARDS, get_rewards
     from .serve import serve
+    from .serve.app import check_listen
 
+    check_listen(args.host, args.port)  # a busy or invalid port: one line, before the models load
     decoder = MavisDecoder.load(args.model, args.value)
     names = args.reward if args.reward is not None else [o for o in decoder.objectives if o in REWARDS and REWARDS[o].offline]
     rewards = get_rewards(names)
@@ -576,9 +578,11 @@ def main(argv: list[str] | None = None) -> int:
         args.reward = list(DEFAULT_OBJECTIVES)
     from .paths import MissingWheelError
 
+    import yaml
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError, MissingWheelError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, MissingWheelError, yaml.YAMLError) as err:
         # Anticipated user errors (unknown names, missing wheels, bad files): one clear line.
         print(f"mavis-align {args.command}: error: {err}", file=sys.stderr)
         return 2

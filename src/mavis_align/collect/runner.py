@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .builder import GenPolicy, TreeConfig, build_trees
-from .store import LabelledTrees, read_trees, write_trees
+from .store import LabelledTrees, TreeFileError, read_trees, write_trees
 from .tree import Tree, label_tree
 
 
@@ -194,6 +194,13 @@ def collect(
 
     groups = [list(enumerate(prompts))[s : s + spec.group_size] for s in range(0, len(prompts), spec.group_size)]
     done = {g for g in range(len(groups)) if _part_path(parts, g).exists()}
+    for g in sorted(done):  # a part only counts as done when it reads back whole (checksums included)
+        try:
+            read_trees(_part_path(parts, g))
+        except TreeFileError as err:
+            print(f"collect: part {g} is corrupt and will be collected again ({err})", flush=True)
+            _part_path(parts, g).unlink()
+            done.discard(g)
     todo = [g for g in range(len(groups)) if g not in done]
     if max_groups is not None:
         todo = todo[:max_groups]

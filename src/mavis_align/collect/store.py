@@ -1,6 +1,6 @@
 """HDF5 store of rollout trees (h5py; no pickle anywhere).
 
-Layout (schema ``mavis-align-trees``, version 1)::
+Layout (schema ``mavis-align-trees``, version 2 = version 1 + ``digests``)::
 
     /  attrs: schema, schema_version, objectives (JSON list), config (JSON), seed, git (JSON),
               versions (JSON), created
@@ -20,11 +20,16 @@ Layout (schema ``mavis-align-trees``, version 1)::
     /tokens/ids          int32 [S]; /tokens/logp_gen, /tokens/logp_ref float32 [S]
 
 Token sequences live apart from the tree structure (paper App. C). Files are written whole to a
-temporary sibling and renamed into place, so a reader never sees a half-written file.
+temporary sibling and renamed into place, so a reader never sees a half-written file. Integrity: the
+root attribute ``digests`` holds the SHA-256 of every dataset's contents (dtype, shape, values) and of
+the other attributes; :func:`read_trees` verifies them, so a changed bit is a one-line
+:class:`TreeFileError`, never silently different data. (Files written before the digests existed are
+version 1, without digests, are still read, unchecked.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -36,7 +41,8 @@ import numpy as np
 from .tree import Node, Tree
 
 SCHEMA = "mavis-align-trees"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: before the digests
 _COMPRESS = {"compression": "gzip", "compression_opts": 4}
 
 
@@ -66,6 +72,27 @@ class LabelledTrees:
             out.splits += p.splits
             out.texts += p.texts
         return out
+
+
+def _digest(arr) -> str:
+    """SHA-256 of an array's dtype kind, shape and values (strings as length-prefixed UTF-8)."""
+    a = np.asarray(arr)
+    h = hashlib.sha256()
+    if a.dtype == object or a.dtype.kind in "SU":
+        h.update(f"str{a.shape}".encode())
+        for x in a.reshape(-1):
+            b = x if isinstance(x, bytes) else str(x).encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(8, "little") + b)
+    else:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _attrs_digest(attrs: dict) -> str:
+    items = sorted((k, v.decode() if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v) for k, v in attrs.items() if k != "digests")
+    return hashlib.sha256(json.dumps(items, default=str).encode()).hexdigest()
 
 
 def _str_dtype():
@@ -155,6 +182,9 @@ def _write(dest, data: LabelledTrees, objectives: Sequence[str], attrs: dict) ->
         g.create_dataset("ids", data=np.array(tokens, dtype=np.int32), **_COMPRESS)
         g.create_dataset("logp_gen", data=np.array(lg, dtype=np.float32), **_COMPRESS)
         g.create_dataset("logp_ref", data=np.array(lr, dtype=np.float32), **_COMPRESS)
+        digests = {k: _digest(f[k][()]) for k in _REQUIRED}
+        digests["attrs"] = _attrs_digest(dict(f.attrs))
+        f.attrs["digests"] = json.dumps(digests, sort_keys=True)
 
 
 _REQUIRED = [
@@ -174,23 +204,41 @@ def read_trees(source) -> tuple[LabelledTrees, list[str], dict]:
         raise TreeFileError(f"tree file {name!r} does not exist")
     try:
         f = h5py.File(source, "r")
-    except OSError as err:
-        raise TreeFileError(f"{name} is not a readable HDF5 file (corrupt or truncated?): {err}") from err
-    with f:
-        if f.attrs.get("schema") != SCHEMA:
-            raise TreeFileError(f"{name} is not a mavis-align tree file (schema {f.attrs.get('schema')!r}, expected {SCHEMA!r})")
-        version = int(f.attrs.get("schema_version", -1))
-        if version != SCHEMA_VERSION:
-            raise TreeFileError(f"{name} has tree schema version {version}; this mavis-align reads version {SCHEMA_VERSION}")
-        missing = [k for k in _REQUIRED if k not in f]
-        if missing:
-            raise TreeFileError(f"{name} lacks datasets {missing}")
-        try:
-            objectives = json.loads(f.attrs["objectives"])
-            attrs = {k: _decode_attr(v) for k, v in f.attrs.items() if k not in ("schema", "schema_version", "objectives")}
-            a = {k: f[k][()] for k in _REQUIRED}
-        except (OSError, KeyError, ValueError) as err:
-            raise TreeFileError(f"{name} could not be read (corrupt?): {err}") from err
+    except Exception as err:  # h5py raises OSError, but corrupt metadata can surface as others
+        raise TreeFileError(f"{name} is not a readable HDF5 file (corrupt or truncated?): {err}") from None
+    try:
+        with f:
+            return _read_open(f, name)
+    except TreeFileError:
+        raise
+    except Exception as err:  # a flipped bit in structure or data: one clear line, never a traceback
+        raise TreeFileError(f"{name} is corrupt ({type(err).__name__}: {str(err)[:200]}); collect it again or restore it") from None
+
+
+def _read_open(f, name: str) -> tuple[LabelledTrees, list[str], dict]:
+    if f.attrs.get("schema") != SCHEMA:
+        raise TreeFileError(f"{name} is not a mavis-align tree file (schema {f.attrs.get('schema')!r}, expected {SCHEMA!r})")
+    version = int(f.attrs.get("schema_version", -1))
+    if version not in READABLE_VERSIONS:
+        raise TreeFileError(f"{name} has tree schema version {version}; this mavis-align reads versions {list(READABLE_VERSIONS)}")
+    if version >= 2 and "digests" not in f.attrs:
+        raise TreeFileError(f"{name} is corrupt: its checksums are missing; collect it again or restore it")
+    missing = [k for k in _REQUIRED if k not in f]
+    if missing:
+        raise TreeFileError(f"{name} lacks datasets {missing}")
+    try:
+        objectives = json.loads(f.attrs["objectives"])
+        attrs = {k: _decode_attr(v) for k, v in f.attrs.items() if k not in ("schema", "schema_version", "objectives", "digests")}
+        a = {k: f[k][()] for k in _REQUIRED}
+    except (OSError, KeyError, ValueError) as err:
+        raise TreeFileError(f"{name} could not be read (corrupt?): {err}") from err
+    if "digests" in f.attrs:
+        want = json.loads(f.attrs["digests"])
+        if want.get("attrs") != _attrs_digest(dict(f.attrs)):
+            raise TreeFileError(f"{name} is corrupt: its attributes fail their checksum; collect it again or restore it")
+        for k in _REQUIRED:
+            if want.get(k) != _digest(a[k]):
+                raise TreeFileError(f"{name} is corrupt: dataset {k!r} fails its checksum; collect it again or restore it")
     trees, values, lprs, texts = [], [], [], []
     text_p = [t.decode() if isinstance(t, bytes) else t for t in a["prompts/text"]]
     text_n = [t.decode() if isinstance(t, bytes) else t for t in a["nodes/text"]]

@@ -343,6 +343,21 @@ def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+def check_listen(host: str, port: int) -> None:
+    """Raise ValueError (one line) unless ``host:port`` can be listened on now: a busy or invalid
+    port fails before any model loads, instead of in uvicorn's thread while the decode loop waits."""
+    import socket
+
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"port must be in 1..65535, got {port}")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as err:
+        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
 def serve(decoder, *, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
     """Run the app (blocking): HTTP in a uvicorn thread, the decode loop in this thread, the one
     that loaded the models (see :meth:`Scheduler.run` for why)."""
@@ -350,6 +365,7 @@ def serve(decoder, *, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> No
 
     import uvicorn
 
+    check_listen(host, port)
     app = create_app(decoder, scheduler_thread=False, **kwargs)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
     web = threading.Thread(target=server.run, name="mavis-http", daemon=True)

@@ -308,6 +308,7 @@ def test_bit_flips_in_a_tree_file_are_harmless_or_one_clear_error(policy, tmp_pa
             continue
         assert got == want, f"bit {pos} changed the data silently"
         outcomes["same"] += 1
+    print("bit flips:", outcomes)
     assert outcomes["error"] > 0
 
 

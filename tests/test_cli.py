@@ -149,3 +149,14 @@ def test_evaluate_and_pareto_cli(tmp_path, tiny_lm, tiny_tokenizer, capsys):
     bad.write_text("objectives: [a, b]\nmethodz: [ref]\n")
     assert main(["pareto", "--config", str(bad), "--out", str(tmp_path / "sw2")]) == 2
     assert "unknown keys ['methodz']" in capsys.readouterr().err
+
+
+def test_empty_prompt_and_collect_weights_without_values_are_one_line_errors(capsys, tmp_path):
+    assert main(["generate", "--prompt", "  ", "--reward", "concise"]) == 2
+    assert "--prompt must not be empty" in capsys.readouterr().err
+    assert main(["collect", "--out", str(tmp_path / "t.h5"), "--weights", "helpful=1", "--reward", "concise"]) == 2
+    assert "--weights needs value models" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    assert main(["iterate", "--recipe", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "error" in capsys.readouterr().err

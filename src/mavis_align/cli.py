@@ -51,6 +51,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     weights = parse_weights(args.weights) if args.weights else None
     if weights and not specs:
         raise ValueError("--weights needs value models (--value NAME=PATH)")
+    if args.prompt is not None and any(not p.strip() for p in args.prompt):
+        raise ValueError("--prompt must not be empty")
     if args.beam and not specs:
         raise ValueError("--beam ranks candidates by value: it needs value models (--value NAME=PATH)")
     top_k = args.top_k if args.top_k is not None else (DEFAULT_TOP_K if specs else 0)
@@ -136,6 +138,8 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     get_rewards(args.reward)  # unknown reward names fail before anything loads
     for v in args.value:
         parse_value_spec(v)
+    if args.weights and not args.value:
+        raise ValueError("--weights needs value models (--value NAME=PATH): collection without them samples pi_ref")
     tree = TreeConfig(
         num_layers=args.layers, k_root=args.k_root, k=args.k, max_new_tokens=args.max_new_tokens,
         two_layer_rule=args.two_layer_rule, extra_children=args.extra_children, max_rows=args.max_rows,

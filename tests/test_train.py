@@ -82,6 +82,24 @@ def test_resume_continues_the_same_curve(trees, tmp_path):
     assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
 
 
+def test_resume_after_a_kill_between_the_checkpoint_renames(trees, tmp_path):
+    """Killed after the old checkpoint was moved aside and before the new one took its place: the
+    previous checkpoint is used (it was restarting from step 0 silently)."""
+    cfg = TrainConfig(lr=3e-3, epochs=0.5, batch_size=8, eval_every=4, warmup_steps=3, lora_rank=None)
+    out = train_value_model(new_value_model(), [trees], tmp_path / "b", cfg, progress=False, stop_after=6)
+    assert out["stopped"]
+    ckpt = tmp_path / "b" / "checkpoint"
+    step = json.loads((ckpt / "trainer.json").read_text())["state"]["step"]
+    ckpt.rename(tmp_path / "b" / "checkpoint.old")  # the state such a kill leaves
+    losses_before = _losses(tmp_path / "b")
+    res = train_value_model(new_value_model(), [trees], tmp_path / "b", cfg, progress=False, resume=True)
+    assert step > 0 and res["steps_this_run"] == res["steps"] - step  # continued, not restarted
+    assert _losses(tmp_path / "b")[:len(losses_before)] == losses_before
+    assert not (tmp_path / "b" / "checkpoint.old").exists()
+    train_value_model(new_value_model(), [trees], tmp_path / "a", cfg, progress=False)
+    assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), rel=1e-5, abs=1e-7)
+
+
 def test_zeta_enters_the_target(trees, tmp_path):
     from mavis_align.collect.dataset import collate, node_examples
 

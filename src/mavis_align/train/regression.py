@@ -316,8 +316,19 @@ def held_out_quality(model: ValueModel, trees: Sequence[str | Path], *, zeta: fl
     return report
 
 
+def recover_dir(target: Path) -> None:
+    """Finish a swap of :func:`_atomic_dir` that a kill interrupted between its two renames: then
+    ``target`` is missing and ``target.old`` holds its last complete version, which goes back."""
+    old = target.with_name(target.name + ".old")
+    if not target.exists() and old.is_dir():
+        os.replace(old, target)
+
+
 def _atomic_dir(target: Path, write) -> None:
+    """Replace the directory ``target`` by what ``write(tmp)`` writes, so that at every instant either
+    ``target`` or ``target.old`` is a complete version (see :func:`recover_dir`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         write(tmp)
@@ -513,6 +524,8 @@ def train_value_model(
     ckpt = out / "checkpoint"
     state = {"step": 0, "best_val": None, "best_step": None}
     cfg_dict = {**asdict(config), "objectives": objectives}
+    for d in (ckpt, out / "best", out / "final"):
+        recover_dir(d)  # a kill between the two renames of a swap leaves the previous version in .old
     if resume and ckpt.exists():
         saved = json.loads((ckpt / "trainer.json").read_text())
         if saved["config"] != cfg_dict:
@@ -621,7 +634,7 @@ def train_value_model(
         best = ValueModel.load(out / "best", device=device)
         quality = value_quality(best, val, pad_id, zeta=config.zeta, kl_target=config.kl_target, features=val_feats)
     result = {
-        "objectives": objectives, "steps": state["step"], "train_examples": len(train), "val_examples": len(val),
+        "objectives": objectives, "steps": state["step"], "steps_this_run": done_here, "train_examples": len(train), "val_examples": len(val),
         "best_val_mse": state["best_val"], "best_step": state["best_step"], "seconds_this_run": round(time.perf_counter() - t0 + feature_seconds, 2),
         "feature_seconds": round(feature_seconds, 2) if frozen else None,
         "final_val": final_val, "quality": quality,

@@ -92,6 +92,17 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (input_ids, attention_mask) [B, T], padded on the left (decoding's layout)."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[i, width - len(x):] = 1
+    return ids.to(device), mask.to(device)
+
+
 def encode_batch(tokenizer, formatted: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize model-input texts into a left-padded batch -> (input_ids, attention_mask) [B, T]."""
     enc = tokenizer(formatted, return_tensors="pt", padding=True, add_special_tokens=False)

@@ -16,7 +16,7 @@ import torch
 from ..decoding.engine import decode_ids
 from ..decoding.steppers import CachedBase, CachedValueScorer, bind_objectives
 from ..decoding.tilt import resolve_weights
-from ..generation import SamplingConfig
+from ..generation import SamplingConfig, left_pad
 from ..values import ValueModel, check_tokenizer
 from .tree import Tree, sample_chunk_length
 
@@ -93,13 +93,7 @@ class GenPolicy:
     @torch.no_grad()
     def extend(self, prefixes: list[list[int]], row_source: list[int], budgets: list[int], config: TreeConfig, generator: torch.Generator):
         """Continue ``prefixes[row_source[r]]`` by up to ``budgets[r]`` tokens for every row r."""
-        device = next(self.model.parameters()).device
-        width = max(len(p) for p in prefixes)
-        ids = torch.full((len(prefixes), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prefixes), width), dtype=torch.long)
-        for i, p in enumerate(prefixes):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        ids, mask = left_pad(prefixes, self.pad_id, next(self.model.parameters()).device)
         sampling = SamplingConfig(
             max_new_tokens=max(budgets), temperature=config.temperature, top_k=config.top_k, beta=config.beta, normalize=config.normalize
         )
@@ -111,7 +105,7 @@ class GenPolicy:
             w = self.weights.expand(len(row_source), -1)
             b = torch.full((len(row_source),), float(config.beta))
         return decode_ids(
-            CachedBase(self.model), ids.to(device), mask.to(device), sampling, eos_id=self.eos_id,
+            CachedBase(self.model), ids, mask, sampling, eos_id=self.eos_id,
             generator=generator, scorer=scorer, weights=w, beta=b,
             row_source=torch.tensor(row_source, dtype=torch.long), max_new_tokens=budgets,
         )

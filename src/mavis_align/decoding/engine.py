@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation import SamplingConfig
+from ..generation import SamplingConfig, check_beta
 from .tilt import combine_values, tilted_logprobs
 
 NEG_INF = float("-inf")
@@ -81,8 +81,6 @@ class RowSpec:
     stop_check: Callable[[list[int]], bool] | None = None
 
     def check(self, n_objectives: int) -> "RowSpec":
-        from ..generation import check_beta
-
         if self.weights is not None and tuple(self.weights.shape) != (n_objectives,):
             raise ValueError(f"row weights must have shape [{n_objectives}], got {list(self.weights.shape)}")
         if self.beta is not None:

@@ -23,7 +23,7 @@ import torch
 
 from ..decoding.engine import DecodedRow, DecodeState, RowSpec, row_generator
 from ..decoding.steppers import CachedBase, CachedValueScorer
-from ..generation import SamplingConfig, cut_at_stop, stop_checker
+from ..generation import SamplingConfig, cut_at_stop, left_pad, stop_checker
 
 
 @dataclass
@@ -160,18 +160,13 @@ class Scheduler:
         if not new:
             return
         device = next(self.model.parameters()).device
-        width = max(len(r.prompt_ids) for r in new)
-        ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(new):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
+        ids, mask = left_pad([r.prompt_ids for r in new], self.pad_id, device)
         if self.state is None:
             make_scorer = (lambda: CachedValueScorer(self.value_models, self.bindings)) if self.value_models else None
             self.state = DecodeState(lambda: CachedBase(self.model), make_scorer, len(self.bindings), self.eos_id)
         n0 = len(self.state)
         try:
-            self.state.admit(ids.to(device), mask.to(device), [self._spec(r) for r in new], new)
+            self.state.admit(ids, mask, [self._spec(r) for r in new], new)
         except Exception:
             for r in new:  # find the culprit: admit one by one, fail only the requests that cannot start
                 self._admit_alone(r, device)
@@ -182,9 +177,8 @@ class Scheduler:
 
     def _admit_alone(self, req: GenRequest, device) -> None:
         """Admit one request; if it cannot start, it alone gets the error (its neighbours go on)."""
-        ids = torch.tensor([req.prompt_ids], device=device)
         try:
-            self.state.admit(ids, torch.ones_like(ids), [self._spec(req)], [req])
+            self.state.admit(*left_pad([req.prompt_ids], self.pad_id, device), [self._spec(req)], [req])
         except Exception as err:
             req.finish_reason = "error"
             req.emit({"type": "error", "message": f"{type(err).__name__}: {err}"})

@@ -114,6 +114,10 @@ def test_collect_label_train_distill_cli(tmp_path, tiny_lm, tiny_tokenizer, caps
     assert "sibling concordance" in capsys.readouterr().out
     assert main(["train", "--trees", str(tmp_path / "nope.h5"), "--objective", "concise", "--out", str(tmp_path / "w")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--trees", str(trees), "--objective", "concise", "--out", str(tmp_path / "nb"), "--backbone", "nosuch",
+                 "--base-model", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mavis-align train: error: could not load model 'nosuch'") and "\n" not in err
     assert main(["distill", "--teacher", str(out / "best"), "--trees", str(trees), "--out", str(tmp_path / "d"),
                  "--backbone", str(tmp_path / "m"), "--base-model", str(tmp_path / "m"), "--epochs", "1"]) == 0
     assert (tmp_path / "d" / "student" / "meta.json").exists()
@@ -148,7 +152,7 @@ def test_evaluate_and_pareto_cli(tmp_path, tiny_lm, tiny_tokenizer, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("objectives: [a, b]\nmethodz: [ref]\n")
     assert main(["pareto", "--config", str(bad), "--out", str(tmp_path / "sw2")]) == 2
-    assert "unknown keys ['methodz']" in capsys.readouterr().err
+    assert "methodz: unknown key" in capsys.readouterr().err
 
 
 def test_empty_prompt_and_collect_weights_without_values_are_one_line_errors(capsys, tmp_path):

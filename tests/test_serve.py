@@ -383,3 +383,56 @@ def test_serve_refuses_a_busy_or_invalid_port_with_one_line(capsys):
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
     assert main(["serve", "--port", "99999"]) == 2
     assert "port must be in 1..65535" in capsys.readouterr().err
+
+
+def test_abandoned_non_streaming_requests_free_their_slots(tiny_lm, tiny_tokenizer):
+    """Non-streaming clients that give up (a client timeout closes the connection) get their requests
+    cancelled, running or still queued; the decode loop empties and a new request is answered."""
+    import httpx
+    import uvicorn
+
+    from mavis_align.decoding.decoder import MavisDecoder
+    from mavis_align.serve import create_app
+
+    app = create_app(MavisDecoder(tiny_lm, tiny_tokenizer), model_name="tiny", max_tokens_limit=100_000, max_batch=2)
+    sched = app.state.scheduler
+    slow_step = sched._step
+
+    def step():  # ~20 steps/s: an abandoned 50k-token request would decode for ~40 minutes
+        time.sleep(0.05)
+        slow_step()
+
+    sched._step = step
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    try:
+        def give_up(i):
+            try:
+                httpx.post(url, json={"prompt": "hello", "max_tokens": 50_000, "min_tokens": 50_000, "seed": i}, timeout=0.7)
+            except httpx.TimeoutException:
+                return "gave up"
+            return "answered"
+
+        with ThreadPoolExecutor(6) as ex:
+            outcomes = list(ex.map(give_up, range(6)))
+        assert outcomes == ["gave up"] * 6
+        assert sched.stats["requests"] >= 2 or sched.active  # some were running when their clients left
+        deadline = time.time() + 15
+        while time.time() < deadline and (sched.active or sched.inbox.qsize()):
+            time.sleep(0.1)
+        assert not sched.active and sched.inbox.qsize() == 0, (len(sched.active), sched.inbox.qsize())
+        steps = sched.stats["steps"]
+        time.sleep(0.5)
+        assert sched.stats["steps"] == steps  # nothing decodes any more
+        r = httpx.post(url, json={"prompt": "hello", "max_tokens": 3, "min_tokens": 3}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        sched.shutdown()

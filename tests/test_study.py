@@ -33,7 +33,7 @@ def test_packaged_study_recipes_load_and_check():
 
 
 def test_study_recipe_errors_are_precise(tmp_path):
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="sweep.bogus: unknown key"):
         StudySpec(name="x", mavis={}, sweep={"bogus": 1})
     with pytest.raises(ValueError, match="`pair` must name two"):
         StudySpec(name="x", mavis={}, pair=["helpful", "concise"])
@@ -43,7 +43,7 @@ def test_study_recipe_errors_are_precise(tmp_path):
         StudySpec(name="x", mavis={}, sweep={"methods": ["mavis", "ppo"]})
     bad = tmp_path / "s.yaml"
     bad.write_text("name: x\nmavis: {modle: foo}\n")
-    with pytest.raises(ValueError, match="unknown `mavis` keys"):
+    with pytest.raises(ValueError, match="mavis.modle: unknown key"):
         load_study(bad)
     with pytest.raises(FileNotFoundError):
         load_study("no-such-study")

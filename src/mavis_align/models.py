@@ -132,12 +132,14 @@ def resolve_model(name: str) -> ResolvedModel:
     return ResolvedModel(name)
 
 
-def _hub_error(name: str, err: Exception) -> ModelNotFoundError:
+def model_load_error(name: str, err: Exception) -> ModelNotFoundError:
+    """A one-line error for a model name that did not load (the cause's first line kept)."""
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    cause = (str(err).strip().splitlines() or [""])[0]
     return ModelNotFoundError(
         f"could not load model {name!r}: it is not an embedded model "
         f"({', '.join(EMBEDDED_MODELS)}), not a local folder or .gguf file, and loading it as a hub id "
-        f"failed{' (HF_HUB_OFFLINE=1 is set)' if offline else ''}: {type(err).__name__}: {err}"
+        f"failed{' (HF_HUB_OFFLINE=1 is set)' if offline else ''}: {type(err).__name__}: {cause}"
     )
 
 
@@ -150,7 +152,7 @@ def load_tokenizer(name: str, padding_side: str = "left", *, resolved: ResolvedM
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.source, **kwargs)
     except (OSError, ValueError) as err:
-        raise _hub_error(name, err) from err
+        raise model_load_error(name, err) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
@@ -178,7 +180,7 @@ def load_causal_lm(
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved.source, dtype=dtype, **kwargs)
     except (OSError, ValueError) as err:
-        raise _hub_error(name, err) from err
+        raise model_load_error(name, err) from err
     model.to(device)
     model.eval()
     tokenizer = load_tokenizer(name, resolved=resolved)

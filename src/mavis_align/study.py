@@ -23,10 +23,9 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import yaml
-
 from .generation import DEFAULT_TOP_K
 from .provenance import write_json
+from .schema import Shape, check, read_yaml_mapping, shape_of
 from .study_layout import final_value_dir, load_points, point_name
 from .train.iterate import Recipe, add_cost, extends_recipe, recipe_prompts
 
@@ -50,13 +49,9 @@ class StudySpec:
         from .baselines import RLConfig
         from .evaluate.pareto import SINGLE_METHODS, SWEEP_METHODS
 
+        check(self.to_dict(), study_shape())  # keys and types, with the key path in the error
         self.recipe = Recipe(**self.mavis)
-        _check_keys("baselines", self.baselines, {"prompts", "rl", "morlhf"})
         self.rl_config = RLConfig(**self.baselines.get("rl", {}))
-        _check_keys("evaluation", self.evaluation, {"split", "prompts", "samples", "max_new_tokens", "top_k", "seed", "dataset"})
-        _check_keys("single", self.single, {"betas"})
-        _check_keys("sweep", self.sweep, {"grid_step", "beta", "extra_betas", "n", "methods", "betas"})
-        _check_keys("distill", self.distill, {"backbone", "epochs", "beta", "lr", "batch_size"})
         if len(self.pair) != 2 or any(o not in self.recipe.objectives for o in self.pair):
             raise ValueError(f"`pair` must name two of the objectives {self.recipe.objectives}, got {self.pair}")
         betas = self.single.get("betas") or []
@@ -81,10 +76,19 @@ class StudySpec:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _check_keys(section: str, got: dict, known: set[str]) -> None:
-    bad = sorted(set(got) - known)
-    if bad:
-        raise ValueError(f"study `{section}`: unknown keys {bad}; known: {sorted(known)}")
+def study_shape() -> Shape:
+    """The schema of a study recipe: :class:`StudySpec`'s fields with their nested settings."""
+    from .baselines import RLConfig
+    from .train.iterate import recipe_shape
+
+    return shape_of(
+        StudySpec, mavis=recipe_shape(),
+        baselines=Shape({"prompts": int, "rl": shape_of(RLConfig), "morlhf": list[str | float]}, "baselines"),
+        evaluation=Shape({"split": str, "prompts": int, "samples": int, "max_new_tokens": int, "top_k": int, "seed": int, "dataset": str}, "evaluation"),
+        single=Shape({"betas": list[float]}, "single"),
+        sweep=Shape({"grid_step": float, "beta": float | str, "extra_betas": list[float], "n": int, "methods": list[str], "betas": dict}, "sweep"),
+        distill=Shape({"backbone": str, "epochs": float, "beta": float, "lr": float, "batch_size": int}, "distill"),
+    )
 
 
 def load_study(path_or_name: str | Path) -> StudySpec:
@@ -97,15 +101,12 @@ def load_study(path_or_name: str | Path) -> StudySpec:
         if not packaged.is_file():
             raise FileNotFoundError(f"study recipe {path_or_name!r} is neither a file nor a packaged recipe")
         path = packaged
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"study recipe {path} must be a YAML mapping")
-    _check_keys(f"recipe {path}", raw, {f.name for f in fields(StudySpec)})
-    mavis = raw.get("mavis") or {}
-    bad = sorted(set(mavis) - {f.name for f in fields(Recipe)})
-    if bad:
-        raise ValueError(f"study recipe {path}: unknown `mavis` keys {bad}")
-    return StudySpec(**raw)
+    raw = read_yaml_mapping(path, "study recipe")
+    try:
+        check(raw, study_shape())
+        return StudySpec(**raw)
+    except ValueError as err:
+        raise ValueError(f"study recipe {path}: {err}") from None
 
 
 def check_study(spec: StudySpec) -> list[str]:

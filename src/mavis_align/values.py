@@ -541,9 +541,14 @@ def build_value_model(
     else:
         from transformers import AutoModel
 
+        from .models import model_load_error
+
         resolved = resolve_model(backbone)
         kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
-        net = AutoModel.from_pretrained(resolved.source, dtype=torch.float32, **kwargs)
+        try:
+            net = AutoModel.from_pretrained(resolved.source, dtype=torch.float32, **kwargs)
+        except (OSError, ValueError) as err:
+            raise model_load_error(backbone, err) from err
         if resolved.gguf_file:
             net.hf_quantizer = None
             net.config.quantization_config = None

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..generation import DEFAULT_TOP_K
@@ -81,14 +81,14 @@ class SweepSpec:
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
-    import yaml
+    from ..schema import check, read_yaml_mapping, shape_of
 
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    known = {f.name for f in fields(SweepSpec)}
-    bad = sorted(set(raw) - known)
-    if bad:
-        raise ValueError(f"sweep file {path}: unknown keys {bad}; known: {sorted(known)}")
-    return SweepSpec(**raw)
+    raw = read_yaml_mapping(path, "sweep file")
+    try:
+        check(raw, shape_of(SweepSpec))
+        return SweepSpec(**raw)
+    except ValueError as err:
+        raise ValueError(f"sweep file {path}: {err}") from None
 
 
 def weight_grid(n_objectives: int, step: float) -> list[tuple[float, ...]]:

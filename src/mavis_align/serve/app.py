@@ -236,13 +236,19 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
             return {"cancelled": "stop", None: "stop"}.get(req.finish_reason, req.finish_reason)
 
         if not stream_of(extra):
+            checked = loop.time()
             while True:
                 try:
-                    ev = await asyncio.wait_for(q.get(), timeout=1.0)
+                    ev = await asyncio.wait_for(q.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    ev = None
+                # token events arrive every step, so look for a departed client on a clock, not on a lull
+                if loop.time() - checked >= 0.5:
+                    checked = loop.time()
                     if await request.is_disconnected():  # the client left: free its slot
                         req.cancelled.set()
-                        raise APIError(499, "client closed the request") from None
+                        raise APIError(499, "client closed the request")
+                if ev is None:
                     continue
                 if ev["type"] == "error":
                     raise APIError(500, ev["message"], kind="server_error")

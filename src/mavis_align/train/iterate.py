@@ -31,10 +31,9 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import yaml
-
 from ..generation import DEFAULT_TOP_K
 from ..collect import CollectSpec, TreeConfig, collect
+from ..schema import ListOf, Shape, check, read_yaml_mapping, shape_of
 from .quality import format_concordance, format_r2
 from .regression import TrainConfig, train_value_model
 
@@ -75,37 +74,38 @@ class Recipe:
     workers: int = 2
 
     def __post_init__(self) -> None:
-        TreeConfig(**self.tree)
+        check(self.to_dict(), recipe_shape())  # keys and types, with the key path in the error
+        TreeConfig(**self.tree)  # ranges
         TrainConfig(**self.train)
-        bad = set(self.value_head) - {"pool", "hidden"}
-        if bad:
-            raise ValueError(f"recipe value_head: unknown keys {sorted(bad)} (known: pool, hidden)")
         self.rounds = [IterationSpec(**it) for it in self.iterations]
-        unknown = set(self.eval) - {"beta", "top_k", "max_new_tokens", "samples", "temperature"}
-        if unknown:
-            raise ValueError(f"recipe eval: unknown keys {sorted(unknown)}")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def recipe_shape() -> Shape:
+    """The schema of a recipe: :class:`Recipe`'s fields with their nested settings."""
+    train = shape_of(TrainConfig)
+    return shape_of(
+        Recipe, tree=shape_of(TreeConfig), train=train,
+        iterations=ListOf(shape_of(IterationSpec, train=train)),
+        value_head=Shape({"pool": str, "hidden": int}, "value_head"),
+        eval=Shape({"beta": float, "top_k": int, "max_new_tokens": int, "samples": int, "temperature": float}, "eval"),
+    )
+
+
 def load_recipe(path: str | Path) -> Recipe:
-    """Read a YAML recipe; unknown keys are errors (typos must not pass silently)."""
+    """Read a YAML recipe, validated against :func:`recipe_shape` (unknown keys and wrong types are
+    errors with their key path: typos must not pass silently)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"recipe {path} must be a YAML mapping")
-    known = {f.name for f in fields(Recipe)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"recipe {path}: unknown keys {unknown}; known: {sorted(known)}")
-    for it in raw.get("iterations", []) or []:
-        bad = sorted(set(it) - {f.name for f in fields(IterationSpec)})
-        if bad:
-            raise ValueError(f"recipe {path}: unknown iteration keys {bad}")
-    return Recipe(**raw)
+    raw = read_yaml_mapping(path, "recipe")
+    try:
+        check(raw, recipe_shape())
+        return Recipe(**raw)
+    except ValueError as err:
+        raise ValueError(f"recipe {path}: {err}") from None
 
 
 def value_model_options(recipe: Recipe) -> dict:

@@ -210,10 +210,21 @@ def test_resume_after_partial_run_and_after_kill_9(tiny_model_dir, tmp_path):
     assert len(list((tmp_path / "part.h5.parts").glob("part-*.h5"))) == 2
     with pytest.raises(FileExistsError, match="--resume"):
         collect(_spec(tiny_model_dir), part, PROMPTS, progress=False)
-    with pytest.raises(ValueError, match="settings differ"):
+    with pytest.raises(ValueError, match="settings differ .* in seed;"):
         collect(_spec(tiny_model_dir, seed=8), part, PROMPTS, progress=False, resume=True)
     collect(_spec(tiny_model_dir), part, PROMPTS, progress=False, resume=True)
     _same_trees(full, part)
+
+
+def test_resume_from_another_working_directory(tiny_model_dir, tmp_path, monkeypatch):
+    """The same model named by a relative path from one directory and an absolute one from another
+    is the same setting (resuming a study from elsewhere was refused as 'settings differ')."""
+    monkeypatch.chdir(tiny_model_dir.parent)
+    part = tmp_path / "rel.h5"
+    assert collect(_spec(tiny_model_dir.name), part, PROMPTS, progress=False, max_groups=1) is None
+    monkeypatch.chdir(tmp_path)
+    collect(_spec(tiny_model_dir.resolve()), part, PROMPTS, progress=False, resume=True)
+    assert len(read_trees(part)[0]) == len(PROMPTS)
     # killed with SIGKILL in the middle of a CLI run, then resumed
     killed = tmp_path / "killed.h5"
     prompt_file = tmp_path / "p.jsonl"

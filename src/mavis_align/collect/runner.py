@@ -145,6 +145,25 @@ def _write_part(parts: Path, group: int, payload: bytes) -> None:
     tmp.replace(path)
 
 
+def _comparable_spec(spec: dict) -> dict:
+    """A spec.json with local paths made absolute, so a run resumes from another working directory
+    (``runs/x`` and ``/home/me/runs/x`` name the same value model)."""
+    def absolute(path: str) -> str:
+        p = Path(path).expanduser()
+        return str(p.resolve()) if p.exists() else path
+
+    out = dict(spec)
+    values = []
+    for v in spec.get("values", []):
+        name, sep, path = v.partition("=") if "=" in v else ("", "", v)
+        values.append(f"{name}{sep}{absolute(path)}")
+    out["values"] = values
+    for key in ("model", "dataset"):
+        if isinstance(out.get(key), str):
+            out[key] = absolute(out[key])
+    return out
+
+
 def collect(
     spec: CollectSpec,
     out: str | Path,
@@ -175,7 +194,7 @@ def collect(
 
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
-    spec_json = json.dumps(spec.to_dict(), sort_keys=True)
+    spec_json = json.dumps(_comparable_spec(spec.to_dict()), sort_keys=True)
     if overwrite:
         shutil.rmtree(parts, ignore_errors=True)
         out.unlink(missing_ok=True)
@@ -185,8 +204,12 @@ def collect(
         saved = (parts / "spec.json").read_text() if (parts / "spec.json").exists() else None
         if not resume:
             raise FileExistsError(f"an unfinished collection is in {parts}: pass --resume to continue it or --overwrite to start over")
-        if saved is not None and json.loads(saved) != json.loads(spec_json):
-            raise ValueError(f"--resume: the settings differ from the unfinished run in {parts} (its spec.json); use the same settings or --overwrite")
+        if saved is not None:
+            old, new = _comparable_spec(json.loads(saved)), json.loads(spec_json)
+            if old != new:
+                changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+                raise ValueError(f"--resume: the settings differ from the unfinished run in {parts} (its spec.json) in {', '.join(changed)}; "
+                                 "use the same settings or --overwrite")
     parts.mkdir(parents=True, exist_ok=True)
     (parts / "spec.json").write_text(spec_json + "\n")
     for stale in parts.glob("*.tmp"):

@@ -38,6 +38,14 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_placement(spec, args: argparse.Namespace):
+    """A recipe/sweep with the command line's --device/--dtype/--device-map over its own."""
+    for key in ("device", "dtype", "device_map"):
+        if getattr(args, key, None) is not None and hasattr(spec, key):
+            setattr(spec, key, getattr(args, key))
+    return spec
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .data import load_prompts
     from .decoding.decoder import DEFAULT_TOP_K, MavisDecoder, parse_value_spec, parse_weights
@@ -130,6 +138,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_collect(args: argparse.Namespace) -> int:
     from .collect import CollectSpec, TreeConfig, collect
+    from .train.iterate import placement_names
     from .data import load_prompts
     from .decoding.decoder import parse_value_spec, parse_weights
     from .models import load_tokenizer
@@ -150,7 +159,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         model=args.model, values=list(args.value), weights=parse_weights(args.weights) if args.weights else None,
         rewards=list(args.reward), dataset=args.dataset, split=args.split, limit=args.limit, data_seed=args.data_seed,
         prompt_field=args.prompt_field, chat=not args.no_chat, tree=tree, seed=args.seed, group_size=args.group_size,
-        val_fraction=args.val_fraction,
+        val_fraction=args.val_fraction, **placement_names(),
     )
     tokenizer = load_tokenizer(args.model)
     prompts = [p.text for p in load_prompts(args.dataset, args.split, seed=args.data_seed, tokenizer=tokenizer, limit=args.limit, field=args.prompt_field)]
@@ -191,6 +200,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         keep_leaf_fraction=args.keep_leaf_fraction, val_drop_leaves=args.val_drop_leaves, eval_every=args.eval_every,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, seed=args.seed,
         sibling_weight=args.sibling_weight, solver=args.solver, objectives=list(args.objective),
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     for t in args.trees:
         if not Path(t).is_file():
@@ -202,14 +212,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         vm = build_value_model(args.objective, backbone=args.backbone, base_model=args.base_model, seed=args.seed, pool=args.pool, head_hidden=args.head_hidden)
     res = train_value_model(vm, args.trees, args.out, cfg, resume=args.resume)
-    print(json.dumps(res, indent=2))
+    if "rank" not in res:  # under `accelerate launch`, process 0 reports
+        print(json.dumps(res, indent=2))
     return 0
 
 
 def _cmd_iterate(args: argparse.Namespace) -> int:
     from .train import load_recipe, run_iterations
 
-    summary = run_iterations(load_recipe(args.recipe), args.out)
+    summary = run_iterations(_with_placement(load_recipe(args.recipe), args), args.out)
     print((Path(args.out) / "summary.md").read_text() if summary["iterations"] else "stopped early")
     return 0
 
@@ -218,6 +229,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .study import check_study, load_study, run_study
 
     spec = load_study(args.recipe)
+    _with_placement(spec.recipe, args)
+    for key in ("device", "dtype", "device_map"):
+        if getattr(args, key) is not None:
+            spec.mavis[key] = getattr(args, key)
     if args.check:
         print("\n".join(check_study(spec)))
         return 0
@@ -301,7 +316,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_pareto(args: argparse.Namespace) -> int:
     from .evaluate import load_sweep, run_sweep
 
-    run_sweep(load_sweep(args.config), args.out)
+    run_sweep(_with_placement(load_sweep(args.config), args), args.out)
     print((Path(args.out) / "fronts.md").read_text())
     return 0
 
@@ -442,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zeta", type=float, default=0.0, help="KL penalty multiplier (eq. 6)")
     p.add_argument("--kl-target", default="future", choices=["future", "response"], help="log-ratio charged: tokens after s (default) or the whole response")
     p.add_argument("--solver", default="sgd", choices=["sgd", "ridge"], help="ridge: closed-form heads on a frozen trunk, penalty by cross-validation over train trees")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute backbone activations in the backward pass (large trained backbones)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sibling-weight", type=float, default=0.0, help="weight of the added sibling-difference loss (within-state order)")
     p.add_argument("--weight-decay", type=float, default=0.002)
@@ -559,7 +575,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: the package's reward weights folder)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_train_probes)
+    for name, p in sub.choices.items():
+        if name != "ls":
+            _add_placement(p, recipe=name in ("iterate", "reproduce", "pareto"))
     return parser
+
+
+def _add_placement(p: argparse.ArgumentParser, *, recipe: bool) -> None:
+    from .placement import DEVICE_MAPS, DTYPE_CHOICES
+
+    over = " (overrides the recipe's)" if recipe else ""
+    g = p.add_argument_group("placement (see mavis_align.placement)")
+    g.add_argument("--device", default=None, help=f"cpu, cuda, cuda:N, mps or auto (default: auto = CUDA when present){over}")
+    g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                   help=f"model parameters' dtype (default: auto = bf16 on a GPU that has it, else fp16; fp32 on the CPU){over}; "
+                        "the decoding math and the value heads stay fp32")
+    g.add_argument("--device-map", default=None, choices=DEVICE_MAPS,
+                   help=f"shard the base model over the visible GPUs with accelerate (for a model larger than one GPU){over}")
 
 
 def _terminate(signum, frame) -> None:
@@ -584,8 +616,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import yaml
 
+    from .placement import using
+
     try:
-        return int(args.func(args) or 0)
+        with using(getattr(args, "device", None), getattr(args, "dtype", None), getattr(args, "device_map", None)):
+            return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError, MissingWheelError, yaml.YAMLError) as err:
         # Anticipated user errors (unknown names, missing wheels, bad files): one clear line.
         print(f"mavis-align {args.command}: error: {err}", file=sys.stderr)

@@ -69,6 +69,7 @@ def materialize_embedded(name: str) -> Path:
 
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # fp32 on purpose: the cache is the de-quantised master copy; loaders cast it to the placement's dtype
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model carries a quantizer that refuses save_pretrained; the weights are
     # already de-quantised to fp32, so dropping it is safe.
@@ -162,26 +163,36 @@ def load_tokenizer(name: str, padding_side: str = "left", *, resolved: ResolvedM
 def load_causal_lm(
     name: str = DEFAULT_BASE_MODEL,
     *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | None = None,
 ):
     """Load ``(model, tokenizer)`` in eval mode; the tokenizer pads on the left for generation.
 
     Args:
         name: embedded alias (``smollm2-135m-instruct``), path to a ``.gguf`` file, local folder
             saved by ``save_pretrained``, or a hub id (needs a hub unless it is cached).
-        dtype: parameter dtype.
-        device: where to put the model.
+        dtype, device: parameter dtype and device (None: the current placement, see
+            :mod:`mavis_align.placement`; ``auto`` there = bf16 on a GPU, fp32 on the CPU).
+        device_map: accelerate's map ("auto": shard over the visible GPUs) for a model larger
+            than one GPU; None: the current placement's (default: the whole model on ``device``).
     """
     from transformers import AutoModelForCausalLM
 
+    from .placement import placement_of
+
+    place = placement_of(device, dtype)
+    device_map = device_map if device_map is not None else place.device_map
     resolved = resolve_model(name)
     kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved.source, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(resolved.source, dtype=place.dtype, **kwargs)
     except (OSError, ValueError) as err:
         raise model_load_error(name, err) from err
-    model.to(device)
+    if device_map is None:
+        model.to(place.device)
     model.eval()
     tokenizer = load_tokenizer(name, resolved=resolved)
     if model.config.pad_token_id is None:

@@ -42,7 +42,15 @@ def run_record(config: dict, seed: int | None) -> dict:
         "seed": seed,
         "versions": package_versions(),
         "git": git_commit(),
+        "placement": _placement(),
     }
+
+
+def _placement() -> str:
+    """The device and dtype the models of this run load with (see :mod:`mavis_align.placement`)."""
+    from .placement import current
+
+    return current().describe()
 
 
 def write_json(path: str | Path, obj) -> Path:

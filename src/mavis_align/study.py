@@ -172,7 +172,16 @@ def matched_beta(single_points: dict[str, dict], objectives: list[str], iteratio
 
 
 def run_study(spec: StudySpec, out: str | Path, *, stages: list[str] | None = None, progress: bool = True, report: str | Path | None = None) -> Path:
-    """Run (or resume) the study into ``out``; returns the path of the written report."""
+    """Run (or resume) the study into ``out``; returns the path of the written report. Every model
+    loads on the recipe's (``mavis.device``/``dtype``/``device_map``) placement, else the caller's."""
+    from .placement import using
+
+    r = spec.recipe
+    with using(r.device, r.dtype, r.device_map):
+        return _run_study(spec, out, stages=stages, progress=progress, report=report)
+
+
+def _run_study(spec: StudySpec, out: str | Path, *, stages: list[str] | None, progress: bool, report: str | Path | None) -> Path:
     from .provenance import write_run_record
 
     out = Path(out)

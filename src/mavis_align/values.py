@@ -176,6 +176,17 @@ class ValueModel(nn.Module):
         self.meta["frozen_backbone"] = True
         self.meta["trunk_fingerprint"] = weights_fingerprint(self.backbone)
 
+    def place(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "ValueModel":
+        """Move to a placement (None: the current one, see :mod:`mavis_align.placement`): the
+        backbone in ``dtype``, the heads in float32 (they are tiny, and their values feed
+        NORMALIZE, the regression targets and the ridge solve). Returns self."""
+        from .placement import placement_of
+
+        place = placement_of(device, dtype)
+        self.backbone.to(device=place.device, dtype=place.dtype)
+        self.head.to(device=place.device, dtype=torch.float32)
+        return self
+
     def values_from_hidden(self, hidden: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
         """Heads applied to backbone states -> values [..., M] (float32).
 
@@ -317,8 +328,11 @@ class ValueModel(nn.Module):
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, *, device: str | torch.device = "cpu") -> "ValueModel":
-        """Load a folder written by :meth:`save`, with precise errors for anything wrong."""
+    def load(cls, folder: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "ValueModel":
+        """Load a folder written by :meth:`save`, with precise errors for anything wrong.
+
+        ``device``/``dtype``: where the model goes (None: the current placement, see
+        :mod:`mavis_align.placement`); the weights are checked in the dtype they were saved in."""
         from transformers import AutoModel
 
         folder = Path(folder).expanduser()
@@ -350,7 +364,7 @@ class ValueModel(nn.Module):
         except Exception as err:  # safetensors raises its own error types for corrupt files
             raise ValueModelError(f"{heads_path} could not be read ({type(err).__name__}: {err})") from err
         try:
-            backbone = AutoModel.from_pretrained(str(folder / "backbone"), dtype=torch.float32)
+            backbone = AutoModel.from_pretrained(str(folder / "backbone"), dtype="auto")  # as saved: the fingerprint is of those bytes
         except Exception as err:
             raise ValueModelError(f"{folder / 'backbone'} could not be loaded ({type(err).__name__}: {err})") from err
         m, h = len(meta["objectives"]), int(meta["hidden_size"])
@@ -378,7 +392,7 @@ class ValueModel(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
         model = cls(backbone, meta["objectives"], meta["tokenizer_fingerprint"], extra, tokenizer, head_hidden=d, pool=pool)
         model.head.load_state_dict(heads)
-        return model.to(device).eval()
+        return model.place(device, dtype).eval()
 
 
 def running_mean(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -506,6 +520,8 @@ def build_value_model(
     seed: int = 0,
     head_hidden: int = 0,
     pool: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> ValueModel:
     """Create an untrained value model for ``objectives`` that reads the base model's tokenizer.
 
@@ -517,7 +533,12 @@ def build_value_model(
         head_hidden: 0 for linear heads, d > 0 for two-layer MLP heads of width d.
         pool: what the heads read: "last" (the paper), "mean" or "mean+last" (see :data:`POOLS`);
             None: :func:`default_pool` of the backbone.
+        device, dtype: where the model goes (None: the current placement); the backbone takes
+            ``dtype``, the heads stay float32 (:meth:`ValueModel.place`).
     """
+    from .placement import placement_of
+
+    place = placement_of(device, dtype)
     pool = pool or default_pool(backbone)
     from .models import DEFAULT_BASE_MODEL, load_causal_lm, load_tokenizer, resolve_model
 
@@ -525,7 +546,8 @@ def build_value_model(
     tokenizer = load_tokenizer(base_model)
     frozen = backbone.startswith("trunk:")
     if backbone in ("tiny", "tiny-256") or backbone.startswith(("truncate:", "trunk:")):
-        lm, _ = load_causal_lm(base_model)
+        # on the CPU: only the first layers (or a PCA of the embeddings, in fp32) are kept, then placed
+        lm, _ = load_causal_lm(base_model, device="cpu", dtype=torch.float32 if backbone in ("tiny", "tiny-256") else place.dtype)
         if backbone.startswith(("truncate:", "trunk:")):
             kind, _, num = backbone.partition(":")
             try:
@@ -546,7 +568,7 @@ def build_value_model(
         resolved = resolve_model(backbone)
         kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
         try:
-            net = AutoModel.from_pretrained(resolved.source, dtype=torch.float32, **kwargs)
+            net = AutoModel.from_pretrained(resolved.source, dtype=place.dtype, **kwargs)
         except (OSError, ValueError) as err:
             raise model_load_error(backbone, err) from err
         if resolved.gguf_file:
@@ -561,6 +583,7 @@ def build_value_model(
         torch.manual_seed(seed)
         meta = {"backbone": backbone, "base_model": base_model, "seed": seed}
         model = ValueModel(net, objectives, tokenizer_fingerprint(tokenizer), meta, tokenizer, head_hidden=head_hidden, pool=pool)
+    model.place(place.device, place.dtype)
     if frozen:
         model.freeze_backbone()
     return model

@@ -76,14 +76,21 @@ def train_rl_policy(base: str, prompts: list[str], weights: dict[str, float], ou
     out = Path(out)
     if (out / "mavis_policy.json").exists():
         return out
+    from ..placement import current
+
+    place = current()
     model, tok = load_causal_lm(base)
     rewards = get_rewards(list(weights))
+    on_gpu = place.device.type == "cuda"
     data = Dataset.from_dict({"prompt": format_prompts(tok, prompts, chat=chat), "raw_prompt": list(prompts)})
     per_step = config.prompts_per_step * config.num_generations
     args = GRPOConfig(
         output_dir=str(out / "trainer"), per_device_train_batch_size=per_step, num_generations=config.num_generations,
         max_completion_length=config.max_completion_length, learning_rate=config.learning_rate, beta=config.kl_beta,
-        max_steps=config.steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+        max_steps=config.steps, logging_steps=1, save_strategy="no", report_to=[],
+        # the Trainer's device and mixed precision follow the placement (--device/--dtype): on a GPU
+        # the frozen base runs in bf16/fp16 autocast, the LoRA weights train in fp32
+        use_cpu=place.device.type == "cpu", bf16=on_gpu and place.dtype == torch.bfloat16, fp16=on_gpu and place.dtype == torch.float16,
         temperature=config.temperature, top_k=0, top_p=1.0, seed=config.seed, disable_tqdm=not progress,
         gradient_accumulation_steps=1, dataloader_num_workers=0, remove_unused_columns=False, log_completions=False,
     )
@@ -98,6 +105,7 @@ def train_rl_policy(base: str, prompts: list[str], weights: dict[str, float], ou
     history = [h for h in trainer.state.log_history if "reward" in h or "kl" in h]
     (out / "log_history.json").write_text(json.dumps(history, indent=2) + "\n")
     meta = {"base": base, "weights": weights, "config": asdict(config), "chat": chat, "train_seconds": round(seconds, 1),
+            "placement": place.describe(),
             "prompts": len(prompts), "run": run_record({"base": base, "weights": weights, **asdict(config)}, config.seed)}
     (out / "mavis_policy.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return out

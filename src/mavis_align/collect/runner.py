@@ -47,10 +47,17 @@ class CollectSpec:
     seed: int = 0
     group_size: int = 4
     val_fraction: float = 0.1
+    device: str = "auto"  # where the workers' models run (see mavis_align.placement); one GPU per Ray worker
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        from ..placement import resolve_dtype
+
         if isinstance(self.tree, dict):
             self.tree = TreeConfig(**self.tree)
+        self.device, self.dtype = str(self.device), str(self.dtype)
+        if self.dtype != "auto":
+            resolve_dtype(self.dtype)  # a bad name fails here, not in a worker
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if not 0 <= self.val_fraction < 1:
@@ -105,13 +112,16 @@ class GroupWorker:
         from ..rewards import get_rewards
         from ..values import ValueModel
 
+        from ..placement import resolve
+
         if threads:
             torch.set_num_threads(threads)
         self.spec = CollectSpec(**spec)
-        self.rewards = get_rewards(self.spec.rewards)
+        self.place = resolve(self.spec.device, self.spec.dtype)
+        self.rewards = get_rewards(self.spec.rewards, device=self.place.device, dtype=self.place.dtype)
         pairs = [parse_value_spec(v) for v in self.spec.values]
-        vms = [ValueModel.load(Path(p)) for _, p in pairs]
-        model, tokenizer = load_causal_lm(self.spec.model)
+        vms = [ValueModel.load(Path(p), device=self.place.device, dtype=self.place.dtype) for _, p in pairs]
+        model, tokenizer = load_causal_lm(self.spec.model, device=self.place.device, dtype=self.place.dtype)
         self.tokenizer = tokenizer
         self.policy = GenPolicy(model, tokenizer, vms, [n for n, _ in pairs] if pairs else None, self.spec.weights)
 
@@ -152,7 +162,7 @@ def _comparable_spec(spec: dict) -> dict:
         p = Path(path).expanduser()
         return str(p.resolve()) if p.exists() else path
 
-    out = dict(spec)
+    out = {k: v for k, v in spec.items() if k not in ("device", "dtype")}  # where it runs: may change on resume
     values = []
     for v in spec.get("values", []):
         name, sep, path = v.partition("=") if "=" in v else ("", "", v)
@@ -279,7 +289,11 @@ def _run_ray(spec: CollectSpec, groups, todo, workers: int, address: str | None,
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         started = True
     try:
-        remote_cls = ray.remote(num_cpus=1)(GroupWorker)
+        from ..placement import resolve_device
+
+        # one GPU per worker when the spec's models run on CUDA (Ray sets each actor's visible GPU)
+        gpus = 1 if resolve_device(spec.device).type == "cuda" else 0
+        remote_cls = ray.remote(num_cpus=1, num_gpus=gpus)(GroupWorker)
         actors = [remote_cls.remote(spec.to_dict(), 1) for _ in range(min(workers, max(len(todo), 1)))]
         queue = list(todo)
         pending = {}

@@ -63,13 +63,15 @@ class MavisDecoder:
         self.bindings = bind_objectives(self.value_models, names)
 
     @classmethod
-    def load(cls, base: str, values: Sequence[str] = (), *, device: str = "cpu") -> "MavisDecoder":
-        """Load the base model by name/path and value models from ``[NAME=]PATH`` specs."""
+    def load(cls, base: str, values: Sequence[str] = (), *, device: str | torch.device | None = None,
+             dtype: str | torch.dtype | None = None) -> "MavisDecoder":
+        """Load the base model by name/path and value models from ``[NAME=]PATH`` specs, all on
+        ``device`` in ``dtype`` (None: the current placement, see :mod:`mavis_align.placement`)."""
         from ..models import load_causal_lm
 
         specs = [parse_value_spec(v) for v in values]
-        vms = [ValueModel.load(Path(p), device=device) for _, p in specs]  # fail fast before the base loads
-        model, tokenizer = load_causal_lm(base, device=device)
+        vms = [ValueModel.load(Path(p), device=device, dtype=dtype) for _, p in specs]  # fail fast before the base loads
+        model, tokenizer = load_causal_lm(base, device=device, dtype=dtype)
         return cls(model, tokenizer, vms, [n for n, _ in specs])
 
     @property

@@ -61,6 +61,8 @@ class SweepSpec:
     top_k: int = DEFAULT_TOP_K
     seed: int = 0
     chat: bool = True
+    device: str | None = None  # where the models run (None: the command's; see mavis_align.placement)
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.objectives) not in (2, 3):
@@ -120,6 +122,7 @@ def morlhf_key(lam) -> str:
 
 
 MAVIS_ONLY_FIELDS = ("beta", "betas", "values")  # sweep settings that change the MAVIS points only
+PLACEMENT_FIELDS = ("device", "dtype")  # where the points are computed: changing them keeps the points
 
 
 def drop_stale_points(out: str | Path, spec: SweepSpec) -> None:
@@ -133,7 +136,7 @@ def drop_stale_points(out: str | Path, spec: SweepSpec) -> None:
     saved = out / "sweep.json"
     if saved.exists():
         old = json.loads(saved.read_text())
-        changed = {k for k in new if old.get(k) != new[k]}
+        changed = {k for k in new if k not in PLACEMENT_FIELDS and old.get(k) != new[k]}
         for f in (out / "points").glob("*.json") if changed else []:
             if changed - set(MAVIS_ONLY_FIELDS) or f.name.startswith("mavis"):
                 f.unlink()
@@ -142,7 +145,15 @@ def drop_stale_points(out: str | Path, spec: SweepSpec) -> None:
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool = True) -> dict:
-    """Evaluate every (method, lambda) point not done yet, then write fronts, tables and plots."""
+    """Evaluate every (method, lambda) point not done yet, then write fronts, tables and plots
+    (models on the spec's device and dtype, else the caller's placement)."""
+    from ..placement import using
+
+    with using(spec.device, spec.dtype):
+        return _run_sweep(spec, out, progress=progress)
+
+
+def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
     from ..data import load_prompts
     from ..decoding.decoder import MavisDecoder, parse_value_spec
     from ..generation import SamplingConfig

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from dataclasses import dataclass, field
 
+from ..placement import Placement, current, placement_of, using
 from .base import Reward, RewardFn
 
 __all__ = ["Reward", "RewardFn", "RewardEntry", "REWARDS", "DEFAULT_OBJECTIVES", "register_reward", "get_reward", "get_rewards", "list_rewards", "score_all", "weighted_reward"]
@@ -27,15 +29,30 @@ class RewardEntry:
     offline: bool = True  # False: needs a hub (or a local copy) of the model
     kind: str = "scorer"  # "scorer": target is the batched scoring fn; "factory": target(**kwargs) -> Reward
 
-    def build(self) -> Reward:
+    def build(self, place: Placement | None = None) -> Reward:
+        """The reward, its models on ``place`` (None: the current placement)."""
+        place = place or current()
         module, _, attr = self.target.partition(":")
         obj = getattr(importlib.import_module(module), attr)
         if self.kind == "scorer":
-            return Reward(self.name, self.description, self.value_range, self.higher_is_better, obj)
-        reward = obj(**self.kwargs)
+            return Reward(self.name, self.description, self.value_range, self.higher_is_better, _placed(obj, place))
+        params = inspect.signature(obj).parameters
+        extra = {k: v for k, v in (("device", place.device), ("dtype", place.dtype)) if k in params}
+        reward = obj(**self.kwargs, **extra)
         if not isinstance(reward, Reward):
             raise TypeError(f"factory {self.target} returned {type(reward).__name__}, not a Reward")
         return reward
+
+
+def _placed(fn: RewardFn, place: Placement) -> RewardFn:
+    """``fn`` run with ``place`` current, so the models it loads lazily (the shipped encoder) go
+    there, whichever thread scores."""
+    @functools.wraps(fn)
+    def scored(prompts: list[str], responses: list[str]) -> list[float]:
+        with using(place.device, place.dtype):
+            return fn(prompts, responses)
+
+    return scored
 
 
 REWARDS: dict[str, RewardEntry] = {}
@@ -92,23 +109,24 @@ def _parse_hf_spec(spec: str) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _build(spec: str) -> Reward:
+def _build(spec: str, place: Placement) -> Reward:
     if spec.startswith("hf:"):
         from .hf import make_hf_classifier_reward
 
-        return make_hf_classifier_reward(**_parse_hf_spec(spec))
+        return make_hf_classifier_reward(**_parse_hf_spec(spec), device=place.device, dtype=place.dtype)
     if spec not in REWARDS:
         raise ValueError(f"unknown reward {spec!r}. Registered: {', '.join(REWARDS)}; or hf:NAME_OR_PATH[#INDEX][@FORMAT]")
-    return REWARDS[spec].build()
+    return REWARDS[spec].build(place)
 
 
-def get_reward(spec: str) -> Reward:
-    """The reward for a registry name or ``hf:`` spec (built once per process)."""
-    return _build(spec)
+def get_reward(spec: str, *, device=None, dtype=None) -> Reward:
+    """The reward for a registry name or ``hf:`` spec (built once per process and placement;
+    ``device``/``dtype`` None: the current placement, see :mod:`mavis_align.placement`)."""
+    return _build(spec, placement_of(device, dtype))
 
 
-def get_rewards(specs) -> list[Reward]:
-    return [get_reward(s) for s in specs]
+def get_rewards(specs, *, device=None, dtype=None) -> list[Reward]:
+    return [get_reward(s, device=device, dtype=dtype) for s in specs]
 
 
 def list_rewards() -> list[RewardEntry]:

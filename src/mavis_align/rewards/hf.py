@@ -53,7 +53,8 @@ def make_hf_classifier_reward(
     description: str | None = None,
     max_length: int = 512,
     batch_size: int = 16,
-    device: str = "cpu",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> Reward:
     """A :class:`Reward` reading logit ``output_index`` of a sequence-classification model.
 
@@ -61,11 +62,14 @@ def make_hf_classifier_reward(
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from ..placement import placement_of
+
     if input_format not in INPUT_FORMATS:
         raise ValueError(f"unknown input_format {input_format!r}; choose one of {', '.join(INPUT_FORMATS)}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
-        clf = AutoModelForSequenceClassification.from_pretrained(model, dtype=torch.float32).to(device).eval()
+        place = placement_of(device, dtype)
+        clf = AutoModelForSequenceClassification.from_pretrained(model, dtype=place.dtype).to(place.device).eval()
     except OSError as err:
         raise ValueError(f"could not load reward model {model!r} (hub id or local folder): {err}") from err
     n_labels = int(clf.config.num_labels)
@@ -79,7 +83,7 @@ def make_hf_classifier_reward(
 
     @torch.no_grad()
     def score(prompts: list[str], responses: list[str]) -> list[float]:
-        enc = build_inputs(tokenizer, prompts, responses, input_format, max_length).to(device)
+        enc = build_inputs(tokenizer, prompts, responses, input_format, max_length).to(place.device)
         return clf(**enc).logits[:, output_index].float().tolist()
 
     return Reward(

@@ -92,6 +92,7 @@ def distill(
     out.mkdir(parents=True, exist_ok=True)
     train = completion_sequences(tree_files, "train") or completion_sequences(tree_files, None)
     val = completion_sequences(tree_files, "val")
+    device = next(student.parameters()).device  # teachers and student on one placement (mavis_align.placement)
     pad = student.tokenizer.pad_token_id if student.tokenizer is not None and student.tokenizer.pad_token_id is not None else 0
     steps = max(1, math.ceil(len(train) / config.batch_size * config.epochs))
     opt = Adafactor([p for p in student.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay,
@@ -112,7 +113,7 @@ def distill(
         epoch, pos = divmod(step, per_epoch)
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 31 + epoch)).tolist()
         chunk = [train[i] for i in order[pos * config.batch_size : (pos + 1) * config.batch_size]]
-        ids, mask, resp = _batch(chunk, pad)
+        ids, mask, resp = (t.to(device) for t in _batch(chunk, pad))
         target = _teacher_values(teachers, ids, mask)
         pred = student(ids, attention_mask=mask).values
         loss = ((pred - target) ** 2)[resp].mean()
@@ -133,9 +134,9 @@ def distill(
         sq, n = torch.zeros(len(names)), 0
         with torch.no_grad():
             for s in range(0, len(val), 16):
-                ids, mask, resp = _batch(val[s : s + 16], pad)
+                ids, mask, resp = (t.to(device) for t in _batch(val[s : s + 16], pad))
                 d = (student(ids, attention_mask=mask).values - _teacher_values(teachers, ids, mask)) ** 2
-                sq += d[resp].sum(0)
+                sq += d[resp].sum(0).cpu()
                 n += int(resp.sum())
         val_mse = dict(zip(names, (sq / max(n, 1)).tolist()))
     student.meta["distilled_from"] = names

@@ -72,9 +72,18 @@ class Recipe:
     val_fraction: float = 0.1
     backend: str = "local"
     workers: int = 2
+    device: str | None = None  # where every model runs, in which precision (None: the command's; see mavis_align.placement)
+    dtype: str | None = None
+    device_map: str | None = None  # "auto": shard the base model over the visible GPUs
 
     def __post_init__(self) -> None:
         check(self.to_dict(), recipe_shape())  # keys and types, with the key path in the error
+        from ..placement import DEVICE_MAPS, resolve_dtype
+
+        if self.dtype not in (None, "auto"):
+            resolve_dtype(self.dtype)
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            raise ValueError(f"device_map must be one of {', '.join(DEVICE_MAPS)} or null, got {self.device_map!r}")
         TreeConfig(**self.tree)  # ranges
         TrainConfig(**self.train)
         self.rounds = [IterationSpec(**it) for it in self.iterations]
@@ -126,8 +135,8 @@ def recipe_prompts(recipe: Recipe, split: str, n: int) -> list[str]:
 def extends_recipe(old: dict, new: dict) -> bool:
     """True when recipe ``new`` (a ``to_dict``) continues the run of ``old``: the same but for its
     name, evaluation settings and policy-iteration rounds appended after the old ones."""
-    def strip(d: dict) -> dict:
-        return {k: v for k, v in d.items() if k not in ("iterations", "eval", "name")}
+    def strip(d: dict) -> dict:  # where a run executes is not what it is: device and dtype may change on resume
+        return {k: v for k, v in d.items() if k not in ("iterations", "eval", "name", "device", "dtype", "device_map")}
 
     its_old, its_new = old.get("iterations", []), new.get("iterations", [])
     return strip(old) == strip(new) and its_new[: len(its_old)] == its_old
@@ -152,9 +161,26 @@ def _eval_config(recipe: Recipe):
 def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_after_stage: int | None = None) -> dict:
     """Run (or resume) every stage of ``recipe`` into ``out``; returns the summary.
 
+    Every model loads on the recipe's ``device`` in its ``dtype`` (:mod:`mavis_align.placement`).
+
     Args:
         stop_after_stage: return after this many stages did work in this call (tests / time boxes).
     """
+    from ..placement import using
+
+    with using(recipe.device, recipe.dtype, recipe.device_map):  # None: the caller's placement
+        return _run_iterations(recipe, out, progress=progress, stop_after_stage=stop_after_stage)
+
+
+def placement_names() -> dict[str, str]:
+    """The current placement as CollectSpec fields (collection workers may be other processes)."""
+    from ..placement import current, name_of
+
+    place = current()
+    return {"device": str(place.device), "dtype": name_of(place.dtype)}
+
+
+def _run_iterations(recipe: Recipe, out: str | Path, *, progress: bool, stop_after_stage: int | None) -> dict:
     from ..decoding.decoder import MavisDecoder
     from ..evaluate import DecoderPolicy, evaluate_policy
     from ..models import load_causal_lm
@@ -193,7 +219,7 @@ def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, st
         tc = TreeConfig(**{**asdict(tree_cfg), **({"beta": beta, "top_k": int(recipe.eval.get("top_k", DEFAULT_TOP_K))} if values else {})})
         spec = CollectSpec(model=recipe.model, values=values, weights=weights, rewards=rewards, dataset=recipe.dataset, split="train",
                            limit=recipe.train_prompts, data_seed=recipe.data_seed, prompt_field=recipe.prompt_field, chat=recipe.chat, tree=tc, seed=seed,
-                           group_size=recipe.group_size, val_fraction=recipe.val_fraction)
+                           group_size=recipe.group_size, val_fraction=recipe.val_fraction, **placement_names())
         t0 = time.perf_counter()
         try:
             collect(spec, path, train_prompts, resume=True, backend=recipe.backend, workers=recipe.workers, progress=progress)

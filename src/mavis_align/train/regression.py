@@ -67,6 +67,8 @@ class TrainConfig:
         solver: "sgd" (Adafactor steps, any model) or "ridge": for a frozen trunk with linear heads,
             the heads in closed form (ridge regression on standardised features), the penalty of each
             head chosen by 5-fold cross-validation over train trees (held-out trees are not used).
+        gradient_checkpointing: recompute the backbone's activations in the backward pass instead
+            of storing them (large trained backbones; no effect on a frozen trunk).
         lora_rank: add LoRA adapters of this rank (None: train all weights); lora_alpha, lora_dropout.
         seed: data order, leaf subsampling, dropout.
     """
@@ -86,6 +88,7 @@ class TrainConfig:
     sibling_weight: float = 0.0
     sibling_pairs: int = 64
     solver: str = "sgd"
+    gradient_checkpointing: bool = False
     lora_rank: int | None = None
     lora_alpha: float = 256.0
     lora_dropout: float = 0.2
@@ -465,6 +468,13 @@ def _load_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def enable_checkpointing(model: ValueModel) -> None:
+    """Gradient (activation) checkpointing of the value model's transformer backbone."""
+    net = model.backbone.get_base_model() if hasattr(model.backbone, "get_base_model") else model.backbone
+    enable = getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def train_value_model(
     model: ValueModel,
     trees: Sequence[str | Path | LabelledTrees],
@@ -491,8 +501,12 @@ def train_value_model(
     from transformers.optimization import Adafactor, get_linear_schedule_with_warmup
 
     from ..provenance import write_run_record
+    from .parallel import DataParallel
 
     out = Path(out)
+    dp = DataParallel.from_env()  # several processes under `accelerate launch`; see train.parallel
+    if config.solver == "ridge" and not dp.is_main:
+        return {"rank": dp.rank, "skipped": "the ridge solve runs on process 0 only"}
     objectives = list(config.objectives or model.objectives)
     if objectives != list(model.objectives):
         raise ValueError(f"config.objectives {objectives} must equal the model's heads {model.objectives}")
@@ -504,6 +518,8 @@ def train_value_model(
     if config.lora_rank and not model.is_lora:
         model.add_lora(config.lora_rank, config.lora_alpha, config.lora_dropout)
     device = next(model.parameters()).device
+    if config.gradient_checkpointing and not model.frozen_backbone:
+        enable_checkpointing(model)
     # A frozen trunk never changes: its features are computed once and only the heads train.
     frozen = model.frozen_backbone
     t_feat = time.perf_counter()
@@ -519,6 +535,7 @@ def train_value_model(
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
+    dp.sync_parameters(params)
     opt = Adafactor(params, lr=config.lr, weight_decay=config.weight_decay, scale_parameter=False, relative_step=False, warmup_init=False)
     sched = get_linear_schedule_with_warmup(opt, min(config.warmup_steps, total - 1) if total > 1 else 0, total)
     ckpt = out / "checkpoint"
@@ -528,7 +545,7 @@ def train_value_model(
         recover_dir(d)  # a kill between the two renames of a swap leaves the previous version in .old
     if resume and ckpt.exists():
         saved = json.loads((ckpt / "trainer.json").read_text())
-        if saved["config"] != cfg_dict:
+        if {**asdict(TrainConfig()), **saved["config"]} != cfg_dict:  # keys added since take their defaults
             raise ValueError(f"--resume: training settings differ from the checkpoint in {ckpt}")
         _load_trainable(model, load_file(str(ckpt / "model.safetensors")))
         _load_optimizer(opt, ckpt)
@@ -539,12 +556,18 @@ def train_value_model(
         raise FileExistsError(f"{out} already holds a trained model (use resume=True or another folder)")
     else:
         torch.manual_seed(config.seed)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").write_text("")
-    write_run_record(out, {"train": cfg_dict, "train_examples": len(train), "val_examples": len(val), "total_steps": total,
-                           "model": model.meta, "trees": [str(t) for t in trees if not isinstance(t, LabelledTrees)]}, config.seed)
+        if dp.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.jsonl").write_text("")
+    if dp.is_main:
+        write_run_record(out, {"train": cfg_dict, "train_examples": len(train), "val_examples": len(val), "total_steps": total,
+                               "processes": dp.world, "model": model.meta, "trees": [str(t) for t in trees if not isinstance(t, LabelledTrees)]},
+                         config.seed)
 
     def checkpoint() -> None:
+        if not dp.is_main:
+            return
+
         def write(d: Path) -> None:
             save_file(_trainable_state(model), str(d / "model.safetensors"))
             _save_optimizer(opt, d)
@@ -554,11 +577,13 @@ def train_value_model(
         _atomic_dir(ckpt, write)
 
     def log(rec: dict) -> None:
+        if not dp.is_main:
+            return
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(rec) + "\n")
 
     def validate() -> None:
-        if not val:
+        if not val or not dp.is_main:
             return
         res = evaluate_mse(model, val, pad_id, config.zeta, kl_target=config.kl_target, features=val_feats)
         log({"step": state["step"], **res})
@@ -580,7 +605,7 @@ def train_value_model(
     train_pairs = sibling_pairs([(e.tree, e.parent) for e in train]) if config.sibling_weight else []
 
     bar = None
-    if progress:
+    if progress and dp.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=state["step"], desc=f"train {'+'.join(objectives)}", unit="step")
@@ -591,20 +616,25 @@ def train_value_model(
         epoch, pos = divmod(state["step"], steps_per_epoch)
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 7919 + epoch)).tolist()
         chunk = order[pos * per_step : (pos + 1) * per_step]
+        local = dp.shard(chunk)  # every example of the step once, over all processes
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for a in range(0, len(chunk), config.batch_size):
-            pred, target = predict_rows(chunk[a : a + config.batch_size])
+        for a in range(0, len(local), config.batch_size):
+            pred, target = predict_rows(local[a : a + config.batch_size])
             loss = ((pred - target) ** 2).mean()
             (loss * (len(target) / len(chunk))).backward()
             loss_sum += float(loss.detach()) * len(target)
         if config.sibling_weight and train_pairs:
             pick = torch.randint(len(train_pairs), (config.sibling_pairs,), generator=torch.Generator().manual_seed(config.seed * 104729 + state["step"]))
-            first, second = zip(*(train_pairs[i] for i in pick.tolist()))
-            pred, target = predict_rows(list(first) + list(second))
-            n = len(first)
-            sib = (((pred[:n] - pred[n:]) - (target[:n] - target[n:])) ** 2).mean()
-            (config.sibling_weight * sib).backward()
+            mine = dp.shard([train_pairs[i] for i in pick.tolist()])
+            if mine:
+                first, second = zip(*mine)
+                pred, target = predict_rows(list(first) + list(second))
+                n = len(first)
+                sib = (((pred[:n] - pred[n:]) - (target[:n] - target[n:])) ** 2).mean()
+                (config.sibling_weight * sib * (n / config.sibling_pairs)).backward()
+        dp.sum_gradients(params)
+        loss_sum = dp.sum(loss_sum)
         opt.step()
         sched.step()
         state["step"] += 1
@@ -620,9 +650,13 @@ def train_value_model(
             checkpoint()
             if bar is not None:
                 bar.close()
+            dp.barrier()
             return {"stopped": True, "step": state["step"]}
     if bar is not None:
         bar.close()
+    if not dp.is_main:
+        dp.barrier()  # process 0 validates and writes the models
+        return {"rank": dp.rank, "steps": state["step"], "steps_this_run": done_here}
     validate()
     if not val:  # nothing to select on: the final model is the best one
         _atomic_dir(out / "best", lambda d: model.save(d))
@@ -631,7 +665,7 @@ def train_value_model(
     final_val = evaluate_mse(model, val, pad_id, config.zeta, kl_target=config.kl_target, features=val_feats) if val else None
     quality = None
     if val:  # of the model that is used: best/
-        best = ValueModel.load(out / "best", device=device)
+        best = ValueModel.load(out / "best", device=device, dtype=next(model.backbone.parameters()).dtype)
         quality = value_quality(best, val, pad_id, zeta=config.zeta, kl_target=config.kl_target, features=val_feats)
     result = {
         "objectives": objectives, "steps": state["step"], "steps_this_run": done_here, "train_examples": len(train), "val_examples": len(val),
@@ -644,4 +678,5 @@ def train_value_model(
 
         print(format_quality(quality))
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    dp.barrier()
     return result

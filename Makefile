@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: an unpinned torch would pull several GB of CUDA wheels.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,ray,baselines,eval,server]'
+	$(PIP) install -q -e '.[dev,ray,baselines,eval,server,hub,track]'
 	$(PIP) install -q --no-deps $(DEFAULT_WHEELS)
 	touch $(STAMP)
 

@@ -9,6 +9,8 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# trackio reads its folder once at import: tests log to a throwaway one, never to ~/.cache
+os.environ["TRACKIO_DIR"] = __import__("tempfile").mkdtemp(prefix="mavis-test-trackio-")
 
 import pytest
 import torch

@@ -39,8 +39,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _with_placement(spec, args: argparse.Namespace):
-    """A recipe/sweep with the command line's --device/--dtype/--device-map over its own."""
-    for key in ("device", "dtype", "device_map"):
+    """A recipe/sweep with the command line's --device/--dtype/--device-map (and --report-to) over its own."""
+    for key in ("device", "dtype", "device_map", "report_to"):
         if getattr(args, key, None) is not None and hasattr(spec, key):
             setattr(spec, key, getattr(args, key))
     return spec
@@ -211,7 +211,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(f"--init model has heads {vm.objectives}, not {list(args.objective)}")
     else:
         vm = build_value_model(args.objective, backbone=args.backbone, base_model=args.base_model, seed=args.seed, pool=args.pool, head_hidden=args.head_hidden)
-    res = train_value_model(vm, args.trees, args.out, cfg, resume=args.resume)
+    from .tracking import make_tracker
+
+    tracker = make_tracker(args.report_to, project=args.project, run=args.run_name or Path(args.out).name, config=vars(cfg) | {"trees": args.trees}, out=args.out)
+    try:
+        res = train_value_model(vm, args.trees, args.out, cfg, resume=args.resume, tracker=tracker)
+    finally:
+        tracker.finish()
     if "rank" not in res:  # under `accelerate launch`, process 0 reports
         print(json.dumps(res, indent=2))
     return 0
@@ -230,8 +236,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
     spec = load_study(args.recipe)
     _with_placement(spec.recipe, args)
-    for key in ("device", "dtype", "device_map"):
-        if getattr(args, key) is not None:
+    for key in ("device", "dtype", "device_map", "report_to"):
+        if getattr(args, key, None) is not None:
             spec.mavis[key] = getattr(args, key)
     if args.check:
         print("\n".join(check_study(spec)))
@@ -258,7 +264,14 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         teachers.append(vm)
     names = [o for t in teachers for o in t.objectives]
     student = build_value_model(names, backbone=args.backbone, base_model=args.base_model, seed=args.seed, pool=args.pool, head_hidden=args.head_hidden)
-    res = distill(teachers, student, args.trees, args.out, DistillConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed))
+    from .tracking import make_tracker
+
+    cfg = DistillConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    tracker = make_tracker(args.report_to, project=args.project, run=args.run_name or Path(args.out).name, config=vars(cfg), out=args.out)
+    try:
+        res = distill(teachers, student, args.trees, args.out, cfg, tracker=tracker)
+    finally:
+        tracker.finish()
     print(json.dumps(res, indent=2))
     return 0
 
@@ -334,7 +347,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     prompts = [p.text for p in load_prompts(args.dataset, "train", seed=args.data_seed, tokenizer=tok, limit=args.limit)]
     cfg = RLConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
                    max_completion_length=args.max_new_tokens, learning_rate=args.lr, lora_rank=args.lora_rank, kl_beta=args.kl_beta, seed=args.seed)
-    out = train_rl_policy(args.model, prompts, weights, args.out, cfg, chat=not args.no_chat)
+    out = train_rl_policy(args.model, prompts, weights, args.out, cfg, chat=not args.no_chat, report_to=args.report_to)
     print(f"policy in {out}: " + (Path(out) / "mavis_policy.json").read_text())
     return 0
 
@@ -362,6 +375,46 @@ def _cmd_train_probes(args: argparse.Namespace) -> int:
     from .rewards.train_probes import train_all
 
     train_all(Path(args.out) if args.out else WEIGHTS_DIR, seed=args.seed)
+    return 0
+
+
+def _cmd_card(args: argparse.Namespace) -> int:
+    from .hub import write_model_card
+
+    print(f"wrote {write_model_card(args.value, repo_id=args.repo_id)}")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_to_hub
+
+    repo = push_to_hub(args.value, args.repo_id, private=args.private, token=args.token)
+    print(f"pushed {args.value} to {repo} (load it with --value NAME={repo})")
+    return 0
+
+
+def _cmd_export_trees(args: argparse.Namespace) -> int:
+    from .collect.hfdata import export_trees
+
+    out = export_trees(args.trees, args.out)
+    if args.push:
+        from .collect.hfdata import trees_to_dataset
+
+        trees_to_dataset(args.trees).push_to_hub(args.push, private=args.private)
+        print(f"pushed to the data set {args.push}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_import_trees(args: argparse.Namespace) -> int:
+    from .collect import read_trees
+    from .collect.hfdata import import_trees
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
+    out = import_trees(args.source, args.out)
+    data, objectives, _ = read_trees(out)
+    print(f"wrote {out}: {len(data)} trees, objectives {objectives}")
     return 0
 
 
@@ -575,10 +628,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: the package's reward weights folder)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_train_probes)
+
+    p = sub.add_parser("card", help="write the model card (README.md) of a value model folder")
+    p.add_argument("value", help="value model folder (e.g. .../value/best)")
+    p.add_argument("--repo-id", help="hub id the card's usage examples name")
+    p.set_defaults(func=_cmd_card)
+
+    p = sub.add_parser("push", help="upload a value model folder with a generated model card to a hub repo")
+    p.add_argument("value", help="value model folder")
+    p.add_argument("repo_id", help="OWNER/NAME")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--token", default=None, help="hub token (default: the logged-in one)")
+    p.set_defaults(func=_cmd_push)
+
+    p = sub.add_parser("export-trees", help="a tree file as a Hugging Face data set (Parquet file or save_to_disk folder)")
+    p.add_argument("trees", help="tree file (.h5)")
+    p.add_argument("out", help="OUT.parquet, or a folder")
+    p.add_argument("--push", metavar="OWNER/NAME", help="also push the data set to this hub repo")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=_cmd_export_trees)
+
+    p = sub.add_parser("import-trees", help="a tree data set (Parquet, folder or hub id) back into a checksummed tree file")
+    p.add_argument("source")
+    p.add_argument("out", help="tree file to write (.h5)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_import_trees)
     for name, p in sub.choices.items():
-        if name != "ls":
+        if name not in ("ls", "card", "push", "export-trees", "import-trees"):  # these load no model to place
             _add_placement(p, recipe=name in ("iterate", "reproduce", "pareto"))
+        if name in ("train", "distill", "finetune", "iterate", "reproduce"):
+            _add_report_to(p, recipe=name in ("iterate", "reproduce"))
     return parser
+
+
+def _add_report_to(p: argparse.ArgumentParser, *, recipe: bool) -> None:
+    from .tracking import REPORT_TO
+
+    g = p.add_argument_group("experiment logging (metrics.jsonl is always written)")
+    g.add_argument("--report-to", default=None if recipe else "none", choices=REPORT_TO,
+                   help="mirror training metrics to trackio (local, offline), wandb or tensorboard" + (" (overrides the recipe's)" if recipe else ""))
+    if not recipe:
+        g.add_argument("--project", default="mavis-align", help="tracker project (default: mavis-align)")
+        g.add_argument("--run-name", default=None, help="tracker run name (default: the --out folder's name)")
 
 
 def _add_placement(p: argparse.ArgumentParser, *, recipe: bool) -> None:

@@ -398,7 +398,13 @@ def _stage_distill(spec: StudySpec, out: Path, progress: bool) -> None:
         opts = {**value_model_options(r), "backbone": str(d.get("backbone", r.backbone))}
         student = build_value_model(objs, **opts, seed=r.seed + 11)
         cfg = DistillConfig(epochs=float(d.get("epochs", 2.0)), **{k: d[k] for k in ("lr", "batch_size") if k in d})
-        distill(teachers, student, [out / "mavis" / "iter0" / "trees.h5"], folder, cfg)
+        from .tracking import make_tracker
+
+        tracker = make_tracker(r.report_to, project=f"mavis-align-{r.name}", run="distill", config=asdict(cfg), out=folder)
+        try:
+            distill(teachers, student, [out / "mavis" / "iter0" / "trees.h5"], folder, cfg, tracker=tracker)
+        finally:
+            tracker.finish()
     ev = _Evaluation(spec)
     beta = float(d.get("beta", 5.0))
     separate = MavisDecoder(ev.model, ev.tok, [ValueModel.load(teachers_dirs[m][1]) for m in objs])

@@ -329,13 +329,16 @@ class ValueModel(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "ValueModel":
-        """Load a folder written by :meth:`save`, with precise errors for anything wrong.
+        """Load a folder written by :meth:`save` (or a hub id holding one, see
+        :func:`mavis_align.hub.push_to_hub`), with precise errors for anything wrong.
 
         ``device``/``dtype``: where the model goes (None: the current placement, see
         :mod:`mavis_align.placement`); the weights are checked in the dtype they were saved in."""
         from transformers import AutoModel
 
-        folder = Path(folder).expanduser()
+        from .hub import resolve_value_source
+
+        folder = resolve_value_source(folder)  # a local folder, or a hub id fetched to one: then one code path
         if not folder.is_dir():
             raise ValueModelError(f"value model folder {str(folder)!r} does not exist")
         meta_path = folder / "meta.json"

@@ -60,8 +60,10 @@ def weighted_reward_fn(rewards, weights: dict[str, float]):
 
 
 def train_rl_policy(base: str, prompts: list[str], weights: dict[str, float], out: str | Path, config: RLConfig = RLConfig(),
-                    *, chat: bool = True, progress: bool = True) -> Path:
+                    *, chat: bool = True, progress: bool = True, report_to: str = "none") -> Path:
     """Fine-tune ``base`` with LoRA on the lambda-weighted reward; returns the adapter folder.
+
+    ``report_to``: none, trackio, wandb or tensorboard, handed to TRL's ``report_to``.
 
     Skips the work when ``out/mavis_policy.json`` exists (a finished run).
     """
@@ -87,7 +89,7 @@ def train_rl_policy(base: str, prompts: list[str], weights: dict[str, float], ou
     args = GRPOConfig(
         output_dir=str(out / "trainer"), per_device_train_batch_size=per_step, num_generations=config.num_generations,
         max_completion_length=config.max_completion_length, learning_rate=config.learning_rate, beta=config.kl_beta,
-        max_steps=config.steps, logging_steps=1, save_strategy="no", report_to=[],
+        max_steps=config.steps, logging_steps=1, save_strategy="no", report_to=[] if report_to == "none" else [report_to],
         # the Trainer's device and mixed precision follow the placement (--device/--dtype): on a GPU
         # the frozen base runs in bf16/fp16 autocast, the LoRA weights train in fp32
         use_cpu=place.device.type == "cpu", bf16=on_gpu and place.dtype == torch.bfloat16, fp16=on_gpu and place.dtype == torch.float16,

@@ -1,4 +1,4 @@
-"""Metrics as pure functions: distinct-n, perplexity, Pareto fronts and hypervolume."""
+"""Metrics as pure functions: distinct-n, perplexity, Pareto fronts and hypervolume (the last two from moocore)."""
 
 from __future__ import annotations
 
@@ -21,31 +21,28 @@ def perplexity(logprobs: Sequence[Sequence[float]]) -> float:
 
 
 def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
-    """Indices of the points no other point dominates (all objectives maximised)."""
-    out = []
-    for i, p in enumerate(points):
-        dominated = any(all(q[k] >= p[k] for k in range(len(p))) and any(q[k] > p[k] for k in range(len(p))) for j, q in enumerate(points) if j != i)
-        if not dominated:
-            out.append(i)
-    return out
+    """Indices of the points no other point dominates (all objectives maximised; duplicates of a
+    non-dominated point are all kept). Computed by moocore."""
+    import moocore
+    import numpy as np
+
+    if len(points) == 0:
+        return []
+    keep = moocore.is_nondominated(np.asarray(points, dtype=float), maximise=True, keep_weakly=True)
+    return [int(i) for i in np.flatnonzero(keep)]
 
 
 def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
     """Volume dominated by ``points`` and bounded below by ``reference`` (all objectives maximised).
 
-    Exact, by recursive slicing along the last objective; points not above the reference in every
-    objective contribute nothing.
+    Exact, by moocore (dimension-sweep algorithms, polynomial in the number of points for 2 and 3
+    objectives); points not above the reference in every objective contribute nothing.
     """
+    import moocore
+    import numpy as np
+
     d = len(reference)
     pts = [tuple(p) for p in points if len(p) == d and all(p[k] > reference[k] for k in range(d))]
     if not pts:
         return 0.0
-    if d == 1:
-        return max(p[0] for p in pts) - reference[0]
-    levels = sorted({p[-1] for p in pts}, reverse=True)
-    volume = 0.0
-    for i, z in enumerate(levels):
-        below = levels[i + 1] if i + 1 < len(levels) else reference[-1]
-        slab = [p[:-1] for p in pts if p[-1] >= z]
-        volume += hypervolume(slab, reference[:-1]) * (z - below)
-    return volume
+    return float(moocore.hypervolume(np.asarray(pts, dtype=float), ref=np.asarray(reference, dtype=float), maximise=True))

@@ -75,8 +75,11 @@ def distill(
     config: DistillConfig = DistillConfig(),
     *,
     progress: bool = True,
+    tracker=None,
 ) -> dict:
-    """Train ``student`` (heads = the teachers' objectives, in order) and save it to ``out/student``."""
+    """Train ``student`` (heads = the teachers' objectives, in order) and save it to ``out/student``.
+
+    ``tracker``: a :class:`mavis_align.tracking.Tracker` mirroring metrics.jsonl (``--report-to``)."""
     from transformers.optimization import Adafactor, get_linear_schedule_with_warmup
 
     from ..provenance import write_run_record
@@ -122,6 +125,8 @@ def distill(
         opt.step()
         sched.step()
         log.write(json.dumps({"step": step + 1, "loss": float(loss.detach())}) + "\n")
+        if tracker is not None:
+            tracker.log({"loss": float(loss.detach())}, step=step + 1)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
@@ -156,4 +161,6 @@ def distill(
 
         print("student:\n" + format_quality(quality))
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    if tracker is not None:
+        tracker.log({"quality": quality["per_objective"], "val_mse_vs_teachers": val_mse or {}}, step=steps)
     return result

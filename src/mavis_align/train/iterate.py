@@ -75,6 +75,7 @@ class Recipe:
     device: str | None = None  # where every model runs, in which precision (None: the command's; see mavis_align.placement)
     dtype: str | None = None
     device_map: str | None = None  # "auto": shard the base model over the visible GPUs
+    report_to: str = "none"  # experiment logging of every training (mavis_align.tracking): none, trackio, wandb, tensorboard
 
     def __post_init__(self) -> None:
         check(self.to_dict(), recipe_shape())  # keys and types, with the key path in the error
@@ -84,6 +85,9 @@ class Recipe:
             resolve_dtype(self.dtype)
         if self.device_map is not None and self.device_map not in DEVICE_MAPS:
             raise ValueError(f"device_map must be one of {', '.join(DEVICE_MAPS)} or null, got {self.device_map!r}")
+        from ..tracking import check_report_to
+
+        check_report_to(self.report_to)
         TreeConfig(**self.tree)  # ranges
         TrainConfig(**self.train)
         self.rounds = [IterationSpec(**it) for it in self.iterations]
@@ -136,7 +140,7 @@ def extends_recipe(old: dict, new: dict) -> bool:
     """True when recipe ``new`` (a ``to_dict``) continues the run of ``old``: the same but for its
     name, evaluation settings and policy-iteration rounds appended after the old ones."""
     def strip(d: dict) -> dict:  # where a run executes is not what it is: device and dtype may change on resume
-        return {k: v for k, v in d.items() if k not in ("iterations", "eval", "name", "device", "dtype", "device_map")}
+        return {k: v for k, v in d.items() if k not in ("iterations", "eval", "name", "device", "dtype", "device_map", "report_to")}
 
     its_old, its_new = old.get("iterations", []), new.get("iterations", [])
     return strip(old) == strip(new) and its_new[: len(its_old)] == its_old
@@ -236,10 +240,15 @@ def _run_iterations(recipe: Recipe, out: str | Path, *, progress: bool, stop_aft
             overrides.setdefault("warmup_steps", 0)
         cfg = TrainConfig(**{**overrides, "seed": seed, "objectives": [objective]})
         vm = ValueModel.load(init) if init is not None else build_value_model([objective], **value_model_options(recipe), seed=seed)
+        from ..tracking import make_tracker
+
+        tracker = make_tracker(recipe.report_to, project=f"mavis-align-{recipe.name}", run=str(folder.relative_to(out)),
+                               config={"recipe": recipe.name, **asdict(cfg)}, out=folder)
         t0 = time.perf_counter()
         try:
-            train_value_model(vm, [trees], folder, cfg, resume=(folder / "checkpoint").exists(), progress=progress)
+            train_value_model(vm, [trees], folder, cfg, resume=(folder / "checkpoint").exists(), progress=progress, tracker=tracker)
         finally:
+            tracker.finish()
             add_cost(out, f"train:{folder.relative_to(out)}", time.perf_counter() - t0)
 
     summary: dict = {"recipe": recipe.name, "iterations": []}

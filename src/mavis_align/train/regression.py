@@ -392,7 +392,7 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, groups: Sequence[int], alphas: S
 
 
 def _train_ridge(model: ValueModel, train, val, train_feats, val_feats, train_targets, out: Path, config: TrainConfig, pad_id: int,
-                 feature_seconds: float, progress: bool) -> dict:
+                 feature_seconds: float, progress: bool, tree_files: list[str], tracker=None) -> dict:
     """The heads of a frozen-trunk linear value model in closed form (see :func:`fit_ridge`)."""
     from ..provenance import write_run_record
 
@@ -402,7 +402,8 @@ def _train_ridge(model: ValueModel, train, val, train_feats, val_feats, train_ta
         raise FileExistsError(f"{out} already holds a trained model (use another folder)")
     out.mkdir(parents=True, exist_ok=True)
     cfg_dict = {**asdict(config), "objectives": list(model.objectives)}
-    write_run_record(out, {"train": cfg_dict, "train_examples": len(train), "val_examples": len(val), "model": model.meta}, config.seed)
+    write_run_record(out, {"train": cfg_dict, "train_examples": len(train), "val_examples": len(val), "model": model.meta, "trees": tree_files},
+                     config.seed)
     t0 = time.perf_counter()
     x = model.head_input(train_feats[:, 0], train_feats[:, 1]).cpu()
     weight, bias, alphas, cv = fit_ridge(x, train_targets.cpu(), [e.tree for e in train], seed=config.seed)
@@ -417,6 +418,8 @@ def _train_ridge(model: ValueModel, train, val, train_feats, val_feats, train_ta
     with (out / "metrics.jsonl").open("w") as f:
         for alpha, row in zip(RIDGE_ALPHAS, cv):
             f.write(json.dumps({"ridge_alpha": alpha, "cv_mse_per_objective": dict(zip(model.objectives, row))}) + "\n")
+            if tracker is not None:
+                tracker.log({"ridge_alpha": alpha, "cv_mse": dict(zip(model.objectives, row))})
     result = {
         "objectives": list(model.objectives), "solver": "ridge", "steps": 0, "train_examples": len(train), "val_examples": len(val),
         "ridge_alpha": model.meta["ridge_alpha"], "best_val_mse": final_val["val_mse"] if final_val else None, "best_step": 0,
@@ -424,6 +427,8 @@ def _train_ridge(model: ValueModel, train, val, train_feats, val_feats, train_ta
         "final_val": final_val, "quality": quality,
     }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    if tracker is not None:
+        tracker.log({"quality": (quality or {}).get("per_objective", {}), "val_mse": result["best_val_mse"]})
     if progress and quality:
         from .quality import format_quality
 
@@ -487,6 +492,7 @@ def train_value_model(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    tracker=None,
 ) -> dict:
     """Fit ``model``'s heads (by objective name) to the trees' targets; see the module docstring.
 
@@ -498,6 +504,8 @@ def train_value_model(
         resume: continue from ``out/checkpoint`` (same config and data).
         stop_after: stop (with a checkpoint) after this many optimizer steps in this call, as if
             interrupted (tests, time-boxed sessions).
+        tracker: a :class:`mavis_align.tracking.Tracker` mirroring metrics.jsonl and the final
+            quality (``--report-to``); None: metrics.jsonl only.
     Returns:
         The summary also written to ``out/result.json``.
     """
@@ -531,7 +539,8 @@ def train_value_model(
     feature_seconds = time.perf_counter() - t_feat
     train_targets = example_targets(train, config.zeta, config.kl_target).to(device)
     if config.solver == "ridge":
-        return _train_ridge(model, train, val, train_feats, val_feats, train_targets, out, config, pad_id, feature_seconds, progress)
+        return _train_ridge(model, train, val, train_feats, val_feats, train_targets, out, config, pad_id, feature_seconds, progress,
+                            [str(t) for t in trees if not isinstance(t, LabelledTrees)], tracker)
     per_step = config.batch_size * config.grad_accum
     steps_per_epoch = max(1, math.ceil(len(train) / per_step))
     total = max(1, math.ceil(steps_per_epoch * config.epochs))
@@ -584,6 +593,8 @@ def train_value_model(
             return
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(rec) + "\n")
+        if tracker is not None:
+            tracker.log({k: v for k, v in rec.items() if k != "step"}, step=rec.get("step"))
 
     def validate() -> None:
         if not val or not dp.is_main:
@@ -681,5 +692,7 @@ def train_value_model(
 
         print(format_quality(quality))
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    if tracker is not None:
+        tracker.log({"quality": (quality or {}).get("per_objective", {}), "best_val_mse": state["best_val"]}, step=state["step"])
     dp.barrier()
     return result

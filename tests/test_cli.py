@@ -164,3 +164,21 @@ def test_empty_prompt_and_collect_weights_without_values_are_one_line_errors(cap
     bad.write_text("name: [unclosed\n")
     assert main(["iterate", "--recipe", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_collect_with_value_models_defaults_top_k(tmp_path, tiny_lm, tiny_tokenizer):
+    """`collect --value ...` without --top-k takes the MAVIS default k (it raised NameError)."""
+    from mavis_align.collect import read_trees
+    from mavis_align.generation import DEFAULT_TOP_K
+    from test_decoding import make_value_model
+
+    tiny_lm.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    make_value_model(tiny_tokenizer, ["concise"], 1).save(tmp_path / "v")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["hello world", "the cat sat", "why", "a mat"]))
+    out = tmp_path / "t.h5"
+    assert main(["collect", "--out", str(out), "--model", str(tmp_path / "m"), "--dataset", str(prompts), "--split", "train", "--no-chat",
+                 "--reward", "concise", "--value", f"concise={tmp_path / 'v'}", "--layers", "2", "--k-root", "2", "--k", "2", "--max-new-tokens", "3"]) == 0
+    spec = read_trees(out)[2]["config"]
+    assert spec["tree"]["top_k"] == DEFAULT_TOP_K and spec["values"] == [f"concise={tmp_path / 'v'}"]

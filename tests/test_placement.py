@@ -21,7 +21,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_lm, make_tiny_tokenizer, save_tiny_model
+from conftest import make_tiny_lm, save_tiny_model
 from mavis_align import placement
 from mavis_align.decoding import SamplingConfig, bind_objectives
 from mavis_align.decoding.decoder import MavisDecoder

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_tokenizer, save_tiny_model
+from conftest import save_tiny_model
 from mavis_align.cli import main
 from mavis_align.collect.store import read_trees, write_trees
 from mavis_align.values import ValueModel, ValueModelError
@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("trained")
     trees = d / "iter0" / "trees.h5"
-    write_trees(trees, build_cat_trees(), ["cat"], {"spec": {"model": "tiny", "values": [], "limit": 16, "dataset": "cats", "tree": {"beta": 1.0}}})
+    write_trees(trees, build_cat_trees(), ["cat"], {"config": {"model": "tiny", "values": [], "limit": 16, "dataset": "cats", "tree": {"beta": 1.0}}})
     vm = new_value_model()
     vm.meta.update({"backbone": "tiny-test", "base_model": "tiny-base"})
     train_value_model(vm, [trees], d / "iter0" / "cat" / "value", TrainConfig(lr=3e-3, epochs=2, batch_size=16, eval_every=0, zeta=0.03), progress=False)

@@ -138,6 +138,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_collect(args: argparse.Namespace) -> int:
     from .collect import CollectSpec, TreeConfig, collect
+    from .generation import DEFAULT_TOP_K
     from .train.iterate import placement_names
     from .data import load_prompts
     from .decoding.decoder import parse_value_spec, parse_weights

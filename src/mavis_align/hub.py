@@ -49,7 +49,7 @@ def card_facts(folder: str | Path) -> dict[str, Any]:
             from .collect import read_trees
 
             _, _, attrs = read_trees(tree_file)
-            collection = attrs.get("spec")
+            collection = attrs.get("config") or attrs.get("spec")  # the collection spec, as collect records it
             break
         except Exception:  # a moved or missing tree file: the card says less, it does not fail
             continue

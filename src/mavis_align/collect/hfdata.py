@@ -46,8 +46,8 @@ def features():
     })
 
 
-def trees_to_dataset(source) -> "datasets.Dataset":  # noqa: F821
-    """A tree file (path) or ``(LabelledTrees, objectives, attrs)`` -> a ``datasets.Dataset``."""
+def trees_to_dataset(source):
+    """A tree file (path) or ``(LabelledTrees, objectives, attrs)`` -> a ``datasets.Dataset`` (one row per tree)."""
     from datasets import Dataset
 
     data, objectives, attrs = read_trees(source) if isinstance(source, (str, Path)) else source

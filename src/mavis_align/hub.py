@@ -144,7 +144,7 @@ def model_card(folder: str | Path, *, repo_id: str | None = None) -> str:
         f"mavis-align serve --model {f['base_model']} --value {f['objectives'][0]}={hub}   # per-request objective_weights over HTTP",
         "```", "",
         "```python",
-        "from mavis_align.decoding import MavisDecoder",
+        "from mavis_align.decoding import MavisDecoder, SamplingConfig",
         f"dec = MavisDecoder.load({f['base_model']!r}, [{(f['objectives'][0] + '=' + hub)!r}])",
         f"dec.generate([\"...\"], weights={{{f['objectives'][0]!r}: 1.0}}, config=SamplingConfig(top_k=15, beta=2.0))",
         "```", "",

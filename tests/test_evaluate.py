@@ -165,3 +165,18 @@ def test_weighted_reward_normalises_and_validates():
         weighted_reward([a], {"c": 1})
     with pytest.raises(ValueError, match=">= 0"):
         weighted_reward([a], {"a": 0})
+
+
+def test_sweep_settings_added_later_keep_old_points_and_normalize_is_mavis_only(tmp_path):
+    from mavis_align.evaluate.pareto import SweepSpec, drop_stale_points
+
+    spec = SweepSpec(objectives=["a", "b"], methods=["ref", "mavis"], values={"a": "x", "b": "y"})
+    (tmp_path / "points").mkdir()
+    old = {k: v for k, v in json.loads(json.dumps(spec.__dict__, default=str)).items() if k not in ("normalize", "device", "dtype")}
+    (tmp_path / "sweep.json").write_text(json.dumps(old))  # written before these settings existed
+    for name in ("ref-1-0.json", "mavis-1-0.json"):
+        (tmp_path / "points" / name).write_text("{}")
+    drop_stale_points(tmp_path, spec)
+    assert sorted(p.name for p in (tmp_path / "points").iterdir()) == ["mavis-1-0.json", "ref-1-0.json"]
+    drop_stale_points(tmp_path, SweepSpec(**{**spec.__dict__, "normalize": False}))  # the v3 tilt: only MAVIS points are stale
+    assert sorted(p.name for p in (tmp_path / "points").iterdir()) == ["ref-1-0.json"]

@@ -175,3 +175,27 @@ def test_multistep_weighted_values_gap_is_measured_not_zero():
     # and much closer to it than pi_ref is
     ref = {y: mdp.ref_logprob(y) for y in mdp.sequences}
     assert kl_divergence(approx, exact) < kl_divergence(ref, exact)
+
+
+def test_tilt_without_normalize_is_the_v3_form():
+    """normalize=False: pi(a) = softmax over the top-k of logits/T + beta * sum_m lambda_m V_m(s+a)
+    (the paper's v3 / the authors' 2026 code), per row beside a NORMALIZE row of the same batch."""
+    from mavis_align.decoding.engine import step_distribution
+
+    class Scorer:  # fixed values per token id: V [V, M]
+        table = torch.tensor([[0.3, -1.0], [2.0, 0.5], [-0.4, 0.1], [1.5, 1.5], [0.0, -2.0]])
+
+        def score(self, ids):
+            return self.table[ids]
+
+    logits = torch.tensor([[0.5, 2.0, 1.0, 1.5, -1.0]] * 2)
+    lam = torch.tensor([0.25, 0.75])
+    raw = _rows(3, temperature=0.7, beta=4.0, weights=lam, normalize=False)
+    norm = _rows(3, temperature=0.7, beta=4.0, weights=lam, normalize=True)
+    d = step_distribution(logits, raw.cat(norm), scorer=Scorer())
+    top = [1, 3, 2]  # the 3 largest logits
+    assert d.ids[0].tolist() == top
+    v = Scorer.table[top] @ lam
+    torch.testing.assert_close(d.logp[0], torch.log_softmax(logits[0, top] / 0.7 + 4.0 * v, dim=-1))
+    vn = (v - v.min()) / (v.max() - v.min())
+    torch.testing.assert_close(d.logp[1], torch.log_softmax(logits[1, top] / 0.7 + 4.0 * vn, dim=-1))

@@ -301,7 +301,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     decoder = MavisDecoder.load(args.model, args.value if args.method.startswith("mavis") else [])
     model, tok = decoder.model, decoder.tokenizer
     prompts = [p.text for p in load_prompts(args.dataset, args.split, seed=args.data_seed, tokenizer=tok, limit=args.limit)]
-    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, top_k=args.top_k if args.top_k is not None else (DEFAULT_TOP_K if args.value else 0), beta=args.beta)
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, top_k=args.top_k if args.top_k is not None else (DEFAULT_TOP_K if args.value else 0), beta=args.beta,
+                         normalize=not args.no_normalize)
     chat = not args.no_chat
     if args.method == "ref":
         policy = DecoderPolicy("ref", decoder, SamplingConfig(max_new_tokens=args.max_new_tokens), chat=chat)
@@ -446,7 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--value", action="append", default=[], metavar="[NAME=]PATH", help="value model folder (repeatable); NAME renames a single-head model's objective")
     p.add_argument("--weights", action="append", default=[], metavar="NAME=W", help="objective weight lambda (repeatable; normalised to sum 1; default equal)")
     p.add_argument("--beta", type=float, default=1.0, help="tilt strength beta (>= 0)")
-    p.add_argument("--no-normalize", action="store_true", help="use raw beta*v instead of min-max normalised values")
+    p.add_argument("--no-normalize", action="store_true",
+                   help="tilt by raw beta * sum lambda V (the paper's v3 form: softmax over the top-k of logits/T + beta * sum lambda V) "
+                        "instead of min-max normalised values; raw values make beta scale-dependent: ~1/eta (tens) for soft values, ~1-5 normalised")
     p.add_argument("--beam", type=int, default=0, metavar="N", help="value-guided beam search with N beams (needs value models)")
     p.add_argument("--expand", type=int, default=None, help="children per beam per step (default N)")
     p.add_argument("--rerank", action="store_true", help="beam search: re-rank the N finished candidates by the lambda-weighted rewards of the same names")
@@ -480,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--value", action="append", default=[], metavar="[NAME=]PATH", help="value models: collect with a MAVIS policy")
     p.add_argument("--weights", action="append", default=[], metavar="NAME=W")
     p.add_argument("--beta", type=float, default=1.0)
-    p.add_argument("--no-normalize", action="store_true")
+    p.add_argument("--no-normalize", action="store_true", help="tilt of pi_gen by raw values (see `generate --help`)")
     p.add_argument("--no-chat", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--group-size", type=int, default=4, help="prompts per work unit (the resumable unit)")
@@ -572,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--value", action="append", default=[], metavar="[NAME=]PATH")
     p.add_argument("--weights", action="append", default=[], metavar="NAME=W")
     p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--no-normalize", action="store_true", help="tilt by raw values (see `generate --help`)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--policy", help="fine-tuned policy folder (method policy)")
     p.add_argument("--best-of", type=int, default=0, metavar="N", help="best-of-N by the lambda-weighted rewards")

@@ -70,7 +70,8 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
     test = load_prompts(recipe.dataset, "test", seed=recipe.data_seed, tokenizer=tok)
     prompts = [p.text for p in test if p.category != "harmful"][:half] + [p.text for p in test if p.category == "harmful"][:half]
     b = beta if beta is not None else float(recipe.eval.get("beta", 5.0))
-    cfg = SamplingConfig(max_new_tokens=int(recipe.eval.get("max_new_tokens", 40)), top_k=int(recipe.eval.get("top_k", DEFAULT_TOP_K)), beta=b)
+    cfg = SamplingConfig(max_new_tokens=int(recipe.eval.get("max_new_tokens", 40)), top_k=int(recipe.eval.get("top_k", DEFAULT_TOP_K)), beta=b,
+                         normalize=bool(recipe.eval.get("normalize", True)))
     plain = SamplingConfig(max_new_tokens=cfg.max_new_tokens)
     rewards = get_rewards(recipe.objectives)
     header = "| weights λ | " + " | ".join(recipe.objectives) + " | KL (nats) | weighted objectives: z vs π_ref |"

@@ -84,7 +84,8 @@ def study_shape() -> Shape:
     return shape_of(
         StudySpec, mavis=recipe_shape(),
         baselines=Shape({"prompts": int, "rl": shape_of(RLConfig), "morlhf": list[str | float]}, "baselines"),
-        evaluation=Shape({"split": str, "prompts": int, "samples": int, "max_new_tokens": int, "top_k": int, "seed": int, "dataset": str}, "evaluation"),
+        evaluation=Shape({"split": str, "prompts": int, "samples": int, "max_new_tokens": int, "top_k": int, "seed": int, "dataset": str,
+                          "normalize": bool}, "evaluation"),
         single=Shape({"betas": list[float]}, "single"),
         sweep=Shape({"grid_step": float, "beta": float | str, "extra_betas": list[float], "n": int, "methods": list[str], "betas": dict}, "sweep"),
         distill=Shape({"backbone": str, "epochs": float, "beta": float, "lr": float, "batch_size": int}, "distill"),
@@ -269,7 +270,8 @@ class _Evaluation:
     def tilted(self, beta: float, **kw):
         from .generation import SamplingConfig
 
-        return SamplingConfig(max_new_tokens=self.max_new_tokens, top_k=self.top_k, beta=float(beta), **kw)
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, top_k=self.top_k, beta=float(beta),
+                              normalize=bool(self.spec.evaluation.get("normalize", True)), **kw)
 
     def point(self, path: Path, make) -> dict:
         from .evaluate import evaluate_policy
@@ -345,7 +347,7 @@ def _stage_sweep(spec: StudySpec, out: Path, progress: bool) -> None:
         methods=list(s.get("methods", ["ref", "mavis", "rsoup", "mod", "morlhf"])), grid_step=float(s.get("grid_step", 0.5)),
         beta=sweep_beta(spec, out), betas=dict(s.get("betas", {})), n=int(s.get("n", 5)), dataset=e.get("dataset", r.dataset), split=spec.eval_split,
         prompts=int(e.get("prompts", 16)), samples=int(e.get("samples", 2)), max_new_tokens=int(e.get("max_new_tokens", 40)),
-        top_k=int(e.get("top_k", DEFAULT_TOP_K)), seed=int(e.get("seed", 0)), chat=r.chat,
+        top_k=int(e.get("top_k", DEFAULT_TOP_K)), seed=int(e.get("seed", 0)), chat=r.chat, normalize=bool(e.get("normalize", True)),
     )
     _sweep_into(out / "sweep", sweep, progress)
     for beta in s.get("extra_betas", []):

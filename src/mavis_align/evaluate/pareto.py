@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from ..generation import DEFAULT_TOP_K
@@ -63,6 +63,7 @@ class SweepSpec:
     chat: bool = True
     device: str | None = None  # where the models run (None: the command's; see mavis_align.placement)
     dtype: str | None = None
+    normalize: bool = True  # MAVIS tilt: NORMALIZE the values to [0, 1] (paper v1/v2) or raw (v3: logits/T + beta * sum lambda V)
 
     def __post_init__(self) -> None:
         if len(self.objectives) not in (2, 3):
@@ -121,7 +122,7 @@ def morlhf_key(lam) -> str:
     return f"{lam[0]:g}" if len(lam) == 2 else lam_key(lam)
 
 
-MAVIS_ONLY_FIELDS = ("beta", "betas", "values")  # sweep settings that change the MAVIS points only
+MAVIS_ONLY_FIELDS = ("beta", "betas", "values", "normalize")  # sweep settings that change the MAVIS points only
 PLACEMENT_FIELDS = ("device", "dtype")  # where the points are computed: changing them keeps the points
 
 
@@ -135,7 +136,9 @@ def drop_stale_points(out: str | Path, spec: SweepSpec) -> None:
     new = json.loads(json.dumps(spec.__dict__, default=str))
     saved = out / "sweep.json"
     if saved.exists():
-        old = json.loads(saved.read_text())
+        # settings added since the sweep was written take their defaults
+        defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(SweepSpec)}
+        old = {**json.loads(json.dumps(defaults, default=str)), **json.loads(saved.read_text())}
         changed = {k for k in new if k not in PLACEMENT_FIELDS and old.get(k) != new[k]}
         for f in (out / "points").glob("*.json") if changed else []:
             if changed - set(MAVIS_ONLY_FIELDS) or f.name.startswith("mavis"):
@@ -202,7 +205,7 @@ def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
         if method == "ref":
             return DecoderPolicy("ref", MavisDecoder(ref_model, tok), plain, chat=spec.chat)
         w = dict(zip(spec.objectives, lam))
-        cfg = SamplingConfig(max_new_tokens=spec.max_new_tokens, top_k=spec.top_k, beta=beta_for(lam))
+        cfg = SamplingConfig(max_new_tokens=spec.max_new_tokens, top_k=spec.top_k, beta=beta_for(lam), normalize=spec.normalize)
         if method == "bon-ref":
             return BestOfN("bon-ref", DecoderPolicy("ref", MavisDecoder(ref_model, tok), plain, chat=spec.chat), spec.n, scorer(lam))
         if method == "mavis":

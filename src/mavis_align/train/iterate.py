@@ -103,7 +103,7 @@ def recipe_shape() -> Shape:
         Recipe, tree=shape_of(TreeConfig), train=train,
         iterations=ListOf(shape_of(IterationSpec, train=train)),
         value_head=Shape({"pool": str, "hidden": int}, "value_head"),
-        eval=Shape({"beta": float, "top_k": int, "max_new_tokens": int, "samples": int, "temperature": float}, "eval"),
+        eval=Shape({"beta": float, "top_k": int, "max_new_tokens": int, "samples": int, "temperature": float, "normalize": bool}, "eval"),
     )
 
 
@@ -159,7 +159,7 @@ def _eval_config(recipe: Recipe):
 
     e = recipe.eval
     return SamplingConfig(max_new_tokens=int(e.get("max_new_tokens", 48)), top_k=int(e.get("top_k", DEFAULT_TOP_K)),
-                          temperature=float(e.get("temperature", 1.0)), beta=float(e.get("beta", 2.0)))
+                          temperature=float(e.get("temperature", 1.0)), beta=float(e.get("beta", 2.0)), normalize=bool(e.get("normalize", True)))
 
 
 def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_after_stage: int | None = None) -> dict:

@@ -317,9 +317,31 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.best_of:
         lam = weights or {r.name: 1.0 for r in rewards}
         policy = BestOfN(f"bon-{policy.name}", policy, args.best_of, weighted_reward(get_rewards(list(lam)), lam))
+    against = None
+    if args.judge or args.judge_against:
+        if not (args.judge and args.judge_against):
+            raise ValueError("--judge and --judge-against go together: a judge, and the evaluate output to compare against")
+        from .evaluate.judge import CRITERIA
+
+        bad = [c for c in args.criteria.split(",") if c not in CRITERIA]
+        if bad:
+            raise ValueError(f"--criteria: unknown {bad}; choose from {', '.join(CRITERIA)}")
+        against = json.loads(Path(args.judge_against).read_text())
+        if "responses" not in against:
+            raise ValueError(f"{args.judge_against} holds no per-response records (written by an older mavis-align evaluate); evaluate it again")
     res = evaluate_policy(policy, prompts, rewards, model, tok, samples=args.samples, seed=args.seed, chat=chat)
+    if against is not None:
+        from .evaluate.judge import make_judge, win_rate
+
+        mine, theirs = res["responses"], against["responses"]
+        if [r["prompt"] for r in mine] != [r["prompt"] for r in theirs]:
+            raise ValueError(f"{args.judge_against} answered other prompts (or another number of samples) than this run; use the same --dataset/--split/--limit/--samples")
+        judge = make_judge(args.judge, api_key=args.judge_api_key)
+        prompts_, a, b = [r["prompt"] for r in mine], [r["response"] for r in mine], [r["response"] for r in theirs]
+        res["judge"] = {"judge": judge.name, "against": against.get("method"),
+                        "win_rates": [win_rate(judge, prompts_, a, b, c) for c in args.criteria.split(",")]}
     res["run"] = run_record({k: v for k, v in vars(args).items() if k != "func"}, args.seed)
-    print(json.dumps({k: v for k, v in res.items() if k not in ("examples", "run")}, indent=2))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("examples", "run", "responses")}, indent=2))
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -590,6 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true")
     p.add_argument("--output", help="write the full result JSON here")
+    p.add_argument("--judge", metavar="SPEC", help="pairwise LLM judge: MODEL@URL (OpenAI-compatible endpoint) or a local model name/path")
+    p.add_argument("--judge-against", metavar="FILE", help="an earlier `evaluate --output` on the same prompts: win rates of this run against it")
+    p.add_argument("--criteria", default="helpful,harmless,balanced", help="comma-separated judge criteria (helpful, harmless, balanced)")
+    p.add_argument("--judge-api-key", default=None)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("pareto", help="run or resume a Pareto sweep from a YAML file, then plot")

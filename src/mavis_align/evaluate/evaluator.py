@@ -71,6 +71,8 @@ def evaluate_policy(policy, prompts: Sequence[str], rewards, ref_model, ref_toke
         "samples": samples,
         "seed": seed,
         "examples": [{"prompt": g.prompt, "response": g.text, "kl": kl} for g, kl in zip(gens[:keep_examples], kls)],
+        # every response, in order: pairwise judging against another method on the same prompts
+        "responses": [{"prompt": g.prompt, "response": g.text} for g in gens],
     }
     if hasattr(policy, "kl_bound"):
         out["kl_best_of_n_bound"] = policy.kl_bound

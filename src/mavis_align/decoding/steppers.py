@@ -88,7 +88,7 @@ class CachedBase:
             logits_to_keep=1,
         )
         self.next_pos = position[:, -1] + 1
-        return out.logits[:, -1, :].float()
+        return out.logits[:, -1, :].float().to(self.device)  # a device_map-sharded model ends on another GPU
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,7 @@ class CachedBase:
             use_cache=True,
         )
         self.next_pos = self.next_pos + 1
-        return out.logits[:, -1, :].float()
+        return out.logits[:, -1, :].float().to(self.device)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` ([B'] long, repeats allowed) in that order (beam search)."""

@@ -148,7 +148,7 @@ def test_two_iterations_end_to_end(tmp_path):
         name="tiny", model=str(d), objectives=["concise", "positive"], dataset=str(data), train_prompts=8, eval_prompts=3,
         chat=False, tree={"num_layers": 2, "k_root": 2, "k": 2, "max_new_tokens": 6}, backbone=str(d),
         train={"lr": 3e-3, "epochs": 1, "batch_size": 8, "eval_every": 0}, iterations=[{"beta": 2.0, "zeta": 0.1}],
-        eval={"beta": 2.0, "top_k": 5, "max_new_tokens": 6, "samples": 1}, group_size=4, val_fraction=0.4,
+        eval={"beta": 2.0, "top_k": 5, "max_new_tokens": 6, "samples": 1}, group_size=4, val_fraction=0.4, report_to="trackio",
     )
     # interrupted after its first two stages, then resumed
     assert run_iterations(recipe, tmp_path / "run", progress=False, stop_after_stage=2) == {"recipe": "tiny", "iterations": []}
@@ -159,6 +159,13 @@ def test_two_iterations_end_to_end(tmp_path):
             r = row["objectives"][m]
             assert math.isfinite(r["reward"]) and math.isfinite(r["kl"]) and r["val_mse"] is not None
     assert (tmp_path / "run" / "iter1" / "concise" / "trees.h5").exists() and (tmp_path / "run" / "summary.md").exists()
+    from trackio.sqlite_storage import SQLiteStorage  # report_to: every training of the recipe is a trackio run
+
+    runs = set(SQLiteStorage.get_runs("mavis-align-tiny"))
+    assert {"iter0/concise/value", "iter0/positive/value", "iter1/concise/value", "iter1/positive/value"} <= runs
+    assert any("loss" in r for r in SQLiteStorage.get_logs("mavis-align-tiny", "iter1/concise/value"))
+    # where and how a run is logged is not what it is: resuming without the tracker is the same run
+    assert run_iterations(Recipe(**{**recipe.to_dict(), "report_to": "none"}), tmp_path / "run", progress=False)["iterations"]
     with pytest.raises(ValueError, match="different recipe"):
         run_iterations(Recipe(**{**recipe.to_dict(), "seed": 5}), tmp_path / "run", progress=False)
 

@@ -12,6 +12,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # trackio reads its folder once at import: tests log to a throwaway one, never to ~/.cache
 os.environ["TRACKIO_DIR"] = __import__("tempfile").mkdtemp(prefix="mavis-test-trackio-")
 
+import contextlib
+
 import pytest
 import torch
 
@@ -50,6 +52,36 @@ def save_tiny_model(folder, seed: int = 3):
     make_tiny_lm(len(tok), seed=seed).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Run an ASGI ``app`` with uvicorn on a free 127.0.0.1 port in a thread -> its base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{srv.config.port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="session")

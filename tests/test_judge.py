@@ -4,9 +4,6 @@ OpenAI-compatible judge served locally by `mavis-align serve`'s app; `evaluate -
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 
 import pytest
 import torch
@@ -50,19 +47,12 @@ def test_win_rate_counts_both_orders_and_ties():
         win_rate(lambda asks: ["1"], prompts, a, b, "helpful")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_openai_compatible_judge_served_locally(tiny_tokenizer):
     """A tiny model whose every greedy token is 'cat' or 'tie', behind the project's own OpenAI-compatible server."""
-    import uvicorn
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from conftest import make_tiny_lm
+    from conftest import make_tiny_lm, serving
     from mavis_align.decoding.decoder import MavisDecoder
     from mavis_align.serve import create_app
 
@@ -80,20 +70,12 @@ def test_openai_compatible_judge_served_locally(tiny_tokenizer):
         head.bias[vocab["tie"]] = 10.0  # greedy: always "tie"
     lm.lm_head = head
     app = create_app(MavisDecoder(lm, tok), model_name="judge")
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
     try:
-        judge = OpenAIJudge(f"http://127.0.0.1:{port}/v1", "judge", max_tokens=2)
-        r = win_rate(judge, ["cat ?", "1 2"], ["cat", "1"], ["2", "cat cat"], "balanced")
-        assert (r["tie"], r["invalid"], r["judgments"], r["consistency"]) == (1.0, 0, 4, 1.0)
+        with serving(app) as url:
+            judge = OpenAIJudge(f"{url}/v1", "judge", max_tokens=2)
+            r = win_rate(judge, ["cat ?", "1 2"], ["cat", "1"], ["2", "cat cat"], "balanced")
+            assert (r["tie"], r["invalid"], r["judgments"], r["consistency"]) == (1.0, 0, 4, 1.0)
     finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
         app.state.scheduler.shutdown()
 
 

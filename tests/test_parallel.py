@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import save_tiny_model
+from conftest import free_port, save_tiny_model
 from mavis_align.cli import main
 from mavis_align.collect.store import write_trees
 from mavis_align.train.parallel import DataParallel
 from test_train import build_cat_trees
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_shard_covers_every_example_once():
@@ -47,7 +40,7 @@ def test_accelerate_launch_two_cpu_processes_matches_one_process(tmp_path):
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "mavis_align.cli"]
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "mavis_align.cli"]
     proc = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("one", "two"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,21 +13,13 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from conftest import make_tiny_lm, make_tiny_tokenizer  # noqa: E402
+from conftest import make_tiny_lm, make_tiny_tokenizer, serving  # noqa: E402
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant {% endif %}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    import uvicorn
-
     from mavis_align.decoding.decoder import MavisDecoder
     from mavis_align.rewards import get_rewards
     from mavis_align.serve import create_app
@@ -38,16 +29,8 @@ def server():
     tok.chat_template = CHAT_TEMPLATE
     dec = MavisDecoder(make_tiny_lm(len(tok), seed=3), tok, [make_value_model(tok, ["concise"], 1), make_value_model(tok, ["positive"], 2)])
     app = create_app(dec, model_name="tiny", api_key="sekret", max_tokens_limit=32, max_prompt_tokens=40, rewards=get_rewards(["concise", "positive"]))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "app": app, "decoder": dec}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as url:
+        yield {"url": url, "app": app, "decoder": dec}
 
 
 @pytest.fixture()
@@ -389,7 +372,6 @@ def test_abandoned_non_streaming_requests_free_their_slots(tiny_lm, tiny_tokeniz
     """Non-streaming clients that give up (a client timeout closes the connection) get their requests
     cancelled, running or still queued; the decode loop empties and a new request is answered."""
     import httpx
-    import uvicorn
 
     from mavis_align.decoding.decoder import MavisDecoder
     from mavis_align.serve import create_app
@@ -403,36 +385,29 @@ def test_abandoned_non_streaming_requests_free_their_slots(tiny_lm, tiny_tokeniz
         slow_step()
 
     sched._step = step
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/v1/completions"
     try:
-        def give_up(i):
-            try:
-                httpx.post(url, json={"prompt": "hello", "max_tokens": 50_000, "min_tokens": 50_000, "seed": i}, timeout=0.7)
-            except httpx.TimeoutException:
-                return "gave up"
-            return "answered"
+        with serving(app) as base:
+            url = f"{base}/v1/completions"
 
-        with ThreadPoolExecutor(6) as ex:
-            outcomes = list(ex.map(give_up, range(6)))
-        assert outcomes == ["gave up"] * 6
-        assert sched.stats["requests"] >= 2 or sched.active  # some were running when their clients left
-        deadline = time.time() + 15
-        while time.time() < deadline and (sched.active or sched.inbox.qsize()):
-            time.sleep(0.1)
-        assert not sched.active and sched.inbox.qsize() == 0, (len(sched.active), sched.inbox.qsize())
-        steps = sched.stats["steps"]
-        time.sleep(0.5)
-        assert sched.stats["steps"] == steps  # nothing decodes any more
-        r = httpx.post(url, json={"prompt": "hello", "max_tokens": 3, "min_tokens": 3}, timeout=30)
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+            def give_up(i):
+                try:
+                    httpx.post(url, json={"prompt": "hello", "max_tokens": 50_000, "min_tokens": 50_000, "seed": i}, timeout=0.7)
+                except httpx.TimeoutException:
+                    return "gave up"
+                return "answered"
+
+            with ThreadPoolExecutor(6) as ex:
+                outcomes = list(ex.map(give_up, range(6)))
+            assert outcomes == ["gave up"] * 6
+            assert sched.stats["requests"] >= 2 or sched.active  # some were running when their clients left
+            deadline = time.time() + 15
+            while time.time() < deadline and (sched.active or sched.inbox.qsize()):
+                time.sleep(0.1)
+            assert not sched.active and sched.inbox.qsize() == 0, (len(sched.active), sched.inbox.qsize())
+            steps = sched.stats["steps"]
+            time.sleep(0.5)
+            assert sched.stats["steps"] == steps  # nothing decodes any more
+            r = httpx.post(url, json={"prompt": "hello", "max_tokens": 3, "min_tokens": 3}, timeout=30)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
         sched.shutdown()

@@ -48,7 +48,7 @@ def test_step_distribution_masked_candidates_do_not_set_normalize_range():
         def __init__(self, vals):
             self.vals = torch.tensor(vals)
 
-        def score(self, ids):
+        def score(self, ids, weights=None):
             return self.vals[ids][..., None]
 
     logits = torch.tensor([[0.0, -0.1, float("-inf"), -0.2, float("-inf")]])
@@ -185,7 +185,7 @@ def test_tilt_without_normalize_is_the_v3_form():
     class Scorer:  # fixed values per token id: V [V, M]
         table = torch.tensor([[0.3, -1.0], [2.0, 0.5], [-0.4, 0.1], [1.5, 1.5], [0.0, -2.0]])
 
-        def score(self, ids):
+        def score(self, ids, weights=None):
             return self.table[ids]
 
     logits = torch.tensor([[0.5, 2.0, 1.0, 1.5, -1.0]] * 2)

@@ -10,7 +10,8 @@ On disk (no pickle anywhere)::
       meta.json            format, version, objectives, tokenizer fingerprint, backbone, training
       backbone/            config.json + model.safetensors (``save_pretrained``)
       heads.safetensors    linear heads: weight [M, H], bias [M]; MLP heads (``head_hidden`` d > 0):
-                           w1 [M, d, H], b1 [M, d], w2 [M, d], b2 [M]
+                           w1 [M, d, H], b1 [M, d], w2 [M, d], b2 [M]; preference-conditioned heads
+                           (``conditioned``): see :class:`ConditionedHeads`
       tokenizer/           the tokenizer, so the folder is self-contained
 """
 
@@ -88,8 +89,55 @@ class MLPHeads(nn.Module):
         return torch.einsum("...md,md->...m", z, self.w2) + self.b2
 
 
-def make_heads(hidden_size: int, num_heads: int, head_hidden: int = 0) -> nn.Module:
-    """Linear heads (``head_hidden`` 0, the paper's regression head) or :class:`MLPHeads`."""
+class ConditionedHeads(nn.Module):
+    """Heads that read the objective weights too (one preference-conditioned value model V(s, λ)):
+
+        u(h, λ) = W h + b  +  W2 · gelu(W1 h + U λ + b1) + b2          [..., M]
+        V(s, λ) = Σ_m λ_m u_m(h_s, λ)
+
+    The decoder combines u with λ exactly as it combines M separate values (``combine_values``),
+    so one engine serves both. The linear part alone is the λ-sum of linear heads; the gated part
+    lets the combined value depend on λ non-linearly (the soft value of Σ λ_m R_m is not the
+    λ-sum of the per-objective soft values). u_m alone is not a value of objective m, except at
+    λ = e_m, where V(s, e_m) = u_m(h_s, e_m).
+
+    Args:
+        hidden_size: H; num_heads: M (objectives); head_hidden: d, width of the gated part.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_hidden: int):
+        super().__init__()
+        if head_hidden < 1:
+            raise ValueError(f"a preference-conditioned head needs head_hidden >= 1, got {head_hidden}")
+        self.weight = nn.Parameter(torch.randn(num_heads, hidden_size) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(num_heads))
+        self.w1 = nn.Parameter(torch.randn(head_hidden, hidden_size) * hidden_size**-0.5)
+        self.u = nn.Parameter(torch.randn(head_hidden, num_heads))
+        self.b1 = nn.Parameter(torch.zeros(head_hidden))
+        self.w2 = nn.Parameter(torch.randn(num_heads, head_hidden) * 0.02)
+        self.b2 = nn.Parameter(torch.zeros(num_heads))
+
+    def forward(self, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """h: [..., H], weights: [..., M] (same leading shape) -> u [..., M]."""
+        z = torch.nn.functional.gelu(h @ self.w1.T + weights.to(h.dtype) @ self.u.T + self.b1)
+        return h @ self.weight.T + self.bias + z @ self.w2.T + self.b2
+
+
+def broadcast_weights(weights: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Objective weights [B, M] (or [M]) -> [*shape[:-1], M]: one row per leading index of a
+    [B, ..., H] hidden-state tensor of shape ``shape``."""
+    lead = tuple(shape[:-1])
+    w = weights if weights.dim() > 1 else weights[None].expand(lead[0] if lead else 1, -1)
+    if lead and w.shape[0] != lead[0]:
+        raise ValueError(f"objective weights have {w.shape[0]} rows for a batch of {lead[0]}")
+    return w.reshape(w.shape[0], *([1] * (len(lead) - 1)), w.shape[-1]).expand(*lead, w.shape[-1])
+
+
+def make_heads(hidden_size: int, num_heads: int, head_hidden: int = 0, conditioned: bool = False) -> nn.Module:
+    """Linear heads (``head_hidden`` 0, the paper's regression head), :class:`MLPHeads`, or
+    :class:`ConditionedHeads` (``conditioned``)."""
+    if conditioned:
+        return ConditionedHeads(hidden_size, num_heads, head_hidden)
     if head_hidden == 0:
         head = nn.Linear(hidden_size, num_heads)
         nn.init.normal_(head.weight, std=0.02)
@@ -124,6 +172,8 @@ class ValueModel(nn.Module):
         head_hidden: 0 for linear heads (the paper's regression head), d > 0 for per-objective
             two-layer MLP heads of width d (see :class:`MLPHeads`).
         pool: what the heads read (see :data:`POOLS`).
+        conditioned: one preference-conditioned model V(s, λ) (:class:`ConditionedHeads`, width
+            ``head_hidden``): its outputs must be read with the objective weights.
     """
 
     def __init__(
@@ -135,6 +185,7 @@ class ValueModel(nn.Module):
         tokenizer=None,
         head_hidden: int = 0,
         pool: str = "last",
+        conditioned: bool = False,
     ):
         super().__init__()
         if pool not in POOLS:
@@ -151,7 +202,8 @@ class ValueModel(nn.Module):
         self.tokenizer = tokenizer
         self.head_hidden = int(head_hidden)
         self.pool = pool
-        self.head = make_heads(self.hidden_size * (2 if pool == "mean+last" else 1), len(objectives), self.head_hidden)
+        self.conditioned = bool(conditioned)
+        self.head = make_heads(self.hidden_size * (2 if pool == "mean+last" else 1), len(objectives), self.head_hidden, self.conditioned)
         if self.meta.get("frozen_backbone"):
             self.backbone.requires_grad_(False)
 
@@ -187,14 +239,24 @@ class ValueModel(nn.Module):
         self.head.to(device=place.device, dtype=torch.float32)
         return self
 
-    def values_from_hidden(self, hidden: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+    def values_from_hidden(self, hidden: torch.Tensor, mean: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Heads applied to backbone states -> values [..., M] (float32).
 
         Args:
             hidden: [..., H] the state at the scored position; mean: [..., H] the mean state of
                 the real tokens up to and including it (needed unless ``pool`` is "last").
+            weights: [B, M] objective weights over this model's objectives, rows summing to 1
+                (B = hidden's first axis); required by a :attr:`conditioned` model, whose outputs
+                u [..., M] give V(s, λ) = Σ_m λ_m u_m. Ignored by the others.
         """
-        return self.head(self.head_input(hidden, mean).to(self._head_dtype())).float()
+        x = self.head_input(hidden, mean).to(self._head_dtype())
+        if not self.conditioned:
+            return self.head(x).float()
+        if weights is None:
+            raise ValueError("a preference-conditioned value model needs the objective weights λ to compute values")
+        if weights.shape[-1] != len(self.objectives):
+            raise ValueError(f"objective weights have {weights.shape[-1]} columns; this value model has {len(self.objectives)} objectives")
+        return self.head(x, broadcast_weights(weights.to(x.device, x.dtype), x.shape)).float()
 
     def head_input(self, hidden: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
         """What the heads read, [..., H] or [..., 2H] (see :data:`POOLS`)."""
@@ -224,6 +286,7 @@ class ValueModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache=None,
         use_cache: bool = False,
+        weights: torch.Tensor | None = None,
     ) -> ValueOutput:
         """Values of every prefix.
 
@@ -233,6 +296,7 @@ class ValueModel(nn.Module):
                 [B, 1, T, T_past + T] as transformers accepts.
             position_ids: [B, T].
             cache: a transformers ``Cache`` holding the past, or None.
+            weights: [B, M] objective weights (a :attr:`conditioned` model needs them).
         Returns:
             ValueOutput with values [B, T, M] (float32) and the cache.
         """
@@ -247,14 +311,15 @@ class ValueModel(nn.Module):
         )
         if self.pool != "last":
             mean = running_mean(out.last_hidden_state, attention_mask)
-        values = self.values_from_hidden(out.last_hidden_state, mean)
+        values = self.values_from_hidden(out.last_hidden_state, mean, weights)
         return ValueOutput(values, getattr(out, "cache", None) if use_cache else None)
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """V(s) at the last real token of each row, for left- or right-padded batches.
 
         Args:
             input_ids: [B, T]; attention_mask: [B, T] with 1 on real tokens.
+            weights: [B, M] objective weights (a :attr:`conditioned` model needs them).
         Returns:
             [B, M] float32.
         """
@@ -262,7 +327,7 @@ class ValueModel(nn.Module):
         if bool((attention_mask.sum(-1) == 0).any()):
             raise ValueError("every row needs at least one real token")
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        values = self.forward(input_ids, attention_mask=attention_mask, position_ids=position_ids).values
+        values = self.forward(input_ids, attention_mask=attention_mask, position_ids=position_ids, weights=weights).values
         T = attention_mask.shape[1]
         # index of the last 1 in each row
         last = T - 1 - torch.argmax(attention_mask.flip(-1), dim=-1)
@@ -312,6 +377,7 @@ class ValueModel(nn.Module):
                 "hidden_size": self.hidden_size,
                 "head_hidden": self.head_hidden,
                 "pool": self.pool,
+                "conditioned": self.conditioned,
                 "tokenizer_fingerprint": self.tokenizer_fingerprint,
                 "backbone_class": type(backbone).__name__,
                 **{k: v for k, v in self.meta.items() if k not in {"format", "format_version", "objectives"}},
@@ -379,13 +445,16 @@ class ValueModel(nn.Module):
             raise ValueModelError(f"{meta_path}: pool must be one of {POOLS}, got {pool!r}")
         if int(backbone.config.hidden_size) != h:
             raise ValueModelError(f"{folder}: backbone hidden size {backbone.config.hidden_size} != meta hidden_size {h}")
-        expected = {k: tuple(v.shape) for k, v in make_heads(h * (2 if pool == "mean+last" else 1), m, d).state_dict().items()}
+        conditioned = meta.get("conditioned", False)
+        if not isinstance(conditioned, bool) or (conditioned and d < 1):
+            raise ValueModelError(f"{meta_path}: conditioned must be true or false (true needs head_hidden >= 1), got {conditioned!r}")
+        expected = {k: tuple(v.shape) for k, v in make_heads(h * (2 if pool == "mean+last" else 1), m, d, conditioned).state_dict().items()}
         if {k: tuple(v.shape) for k, v in heads.items()} != expected:
             raise ValueModelError(
                 f"{heads_path}: expected { {k: list(v) for k, v in expected.items()} } for objectives {meta['objectives']} "
                 f"(head_hidden {d}), got { {k: list(v.shape) for k, v in heads.items()} }"
             )
-        extra = {k: v for k, v in meta.items() if k not in {"format", "format_version", "objectives", "tokenizer_fingerprint", "hidden_size", "backbone_class", "head_hidden", "pool"}}
+        extra = {k: v for k, v in meta.items() if k not in {"format", "format_version", "objectives", "tokenizer_fingerprint", "hidden_size", "backbone_class", "head_hidden", "pool", "conditioned"}}
         if extra.get("frozen_backbone") and extra.get("trunk_fingerprint") != weights_fingerprint(backbone):
             raise ValueModelError(f"{folder}: the frozen backbone's weights do not match the fingerprint in meta.json (file changed or corrupt)")
         tokenizer = None
@@ -393,7 +462,7 @@ class ValueModel(nn.Module):
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
-        model = cls(backbone, meta["objectives"], meta["tokenizer_fingerprint"], extra, tokenizer, head_hidden=d, pool=pool)
+        model = cls(backbone, meta["objectives"], meta["tokenizer_fingerprint"], extra, tokenizer, head_hidden=d, pool=pool, conditioned=conditioned)
         model.head.load_state_dict(heads)
         return model.place(device, dtype).eval()
 
@@ -523,6 +592,7 @@ def build_value_model(
     seed: int = 0,
     head_hidden: int = 0,
     pool: str | None = None,
+    conditioned: bool = False,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> ValueModel:
@@ -536,6 +606,8 @@ def build_value_model(
         head_hidden: 0 for linear heads, d > 0 for two-layer MLP heads of width d.
         pool: what the heads read: "last" (the paper), "mean" or "mean+last" (see :data:`POOLS`);
             None: :func:`default_pool` of the backbone.
+        conditioned: one preference-conditioned model V(s, λ) over all ``objectives``
+            (:class:`ConditionedHeads` of width ``head_hidden``, default 64 when 0 is given).
         device, dtype: where the model goes (None: the current placement); the backbone takes
             ``dtype``, the heads stay float32 (:meth:`ValueModel.place`).
     """
@@ -585,7 +657,10 @@ def build_value_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         meta = {"backbone": backbone, "base_model": base_model, "seed": seed}
-        model = ValueModel(net, objectives, tokenizer_fingerprint(tokenizer), meta, tokenizer, head_hidden=head_hidden, pool=pool)
+        if conditioned and not head_hidden:
+            head_hidden = 64
+        model = ValueModel(net, objectives, tokenizer_fingerprint(tokenizer), meta, tokenizer, head_hidden=head_hidden, pool=pool,
+                           conditioned=conditioned)
     model.place(place.device, place.dtype)
     if frozen:
         model.freeze_backbone()

@@ -46,6 +46,7 @@ class NodeExample:
     is_leaf: bool
     prefix_lpr: float = 0.0  # sum of log(pi_gen/pi_ref) over the response tokens up to the end of s
     parent: int = -1  # tree-local parent node (siblings share tree and parent)
+    weights: np.ndarray | None = None  # [M] λ of the MAVIS policy that generated the tree; None: pi_ref (any λ)
 
     @property
     def future_lpr(self) -> float:

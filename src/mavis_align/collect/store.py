@@ -50,14 +50,25 @@ class TreeFileError(ValueError):
     """A tree file is missing, corrupt, or of another schema."""
 
 
-class LabelledTrees:
-    """Trees with per-node values [N_t, M] and LPRs [N_t], and their train/val split."""
+UNRECORDED = "unrecorded"  # LabelledTrees.weights of MAVIS trees collected with default weights
 
-    def __init__(self, trees: list[Tree], values: list[np.ndarray], lprs: list[np.ndarray], splits: list[int], texts: list[list[str]] | None = None):
+
+class LabelledTrees:
+    """Trees with per-node values [N_t, M] and LPRs [N_t], and their train/val split.
+
+    ``weights``: the objective weights λ of the MAVIS policy that generated the trees ({name: λ}),
+    None for untilted pi_ref trees, :data:`UNRECORDED` for MAVIS trees whose weights the file does
+    not record (see :func:`collecting_weights`); a preference-conditioned value model trains on
+    them at that λ.
+    """
+
+    def __init__(self, trees: list[Tree], values: list[np.ndarray], lprs: list[np.ndarray], splits: list[int], texts: list[list[str]] | None = None,
+                 weights: dict[str, float] | str | None = None):
         if not (len(trees) == len(values) == len(lprs) == len(splits)):
             raise ValueError("trees, values, lprs and splits must have equal lengths")
         self.trees, self.values, self.lprs, self.splits = trees, values, lprs, splits
         self.texts = texts if texts is not None else [[""] * len(t.nodes) for t in trees]
+        self.weights = weights
 
     def __len__(self) -> int:
         return len(self.trees)
@@ -71,6 +82,8 @@ class LabelledTrees:
             out.lprs += p.lprs
             out.splits += p.splits
             out.texts += p.texts
+        kinds = {json.dumps(p.weights, sort_keys=True) for p in parts}
+        out.weights = parts[0].weights if len(kinds) == 1 and parts else (UNRECORDED if parts else None)
         return out
 
 
@@ -261,7 +274,26 @@ def _read_open(f, name: str) -> tuple[LabelledTrees, list[str], dict]:
         values.append(a["nodes/value"][off:off + cnt].astype(np.float64))
         lprs.append(a["nodes/lpr"][off:off + cnt].astype(np.float64))
         texts.append(text_n[off:off + cnt])
-    return LabelledTrees(trees, values, lprs, a["prompts/split"].astype(int).tolist(), texts), objectives, attrs
+    out = LabelledTrees(trees, values, lprs, a["prompts/split"].astype(int).tolist(), texts)
+    try:
+        out.weights = collecting_weights(attrs)
+    except ValueError:
+        out.weights = UNRECORDED  # an error only for a preference-conditioned model (train.regression)
+    return out, objectives, attrs
+
+
+def collecting_weights(attrs: dict) -> dict[str, float] | None:
+    """The objective weights of the policy that collected a tree file (from its attributes):
+    None for pi_ref trees (no value models); raises when MAVIS collected them with unrecorded
+    (default) weights, since then the λ its trees belong to is unknown."""
+    config = attrs.get("config") if isinstance(attrs.get("config"), dict) else {}
+    if not config.get("values"):
+        return None
+    weights = config.get("weights")
+    if not weights:
+        raise ValueError("these trees were collected by MAVIS with default weights, which the file does not record; "
+                         "collect with explicit --weights to train a preference-conditioned value model on them")
+    return {str(k): float(v) for k, v in weights.items()}
 
 
 def _decode_attr(v):

@@ -202,7 +202,8 @@ def step_distribution(
     Args:
         logits: [B, V] pi_ref logits (-inf allowed).
         rows: the rows' parameters.
-        scorer: value scorer with ``score(candidates [B, K]) -> [B, K, M]``, or None.
+        scorer: value scorer with ``score(candidates [B, K], weights [B, M]) -> [B, K, M]``, or None
+            (preference-conditioned value models read the weights; see ``steppers.model_weights``).
         banned: [B, V] bool, tokens a row may not produce now, or None.
     Returns:
         The distribution; ``ids`` is None only when no row is tilted and every row samples the
@@ -221,7 +222,7 @@ def step_distribution(
     valid = (torch.arange(ids.shape[1], device=ids.device)[None, :] < k_row[:, None]) & torch.isfinite(ref_logp)
     if not tilt:
         return StepDistribution(ids, torch.log_softmax(ref_logp.masked_fill(~valid, NEG_INF), dim=-1), None)
-    combined = combine_values(scorer.score(ids), rows.weights)
+    combined = combine_values(scorer.score(ids, rows.weights), rows.weights)
     beta = torch.where(rows.tilted, rows.beta, torch.zeros_like(rows.beta))
     return StepDistribution(ids, tilted_logprobs(ref_logp, combined, beta, normalize=rows.normalize, valid=valid), combined)
 

@@ -191,6 +191,25 @@ def bind_objectives(models: Sequence[ValueModel], names: Sequence[str | None] | 
     return out
 
 
+def model_weights(model: ValueModel, mi: int, bindings: Sequence[ObjectiveBinding], weights: torch.Tensor | None) -> torch.Tensor | None:
+    """The λ a preference-conditioned model ``mi`` reads: the batch's weights [B, M_bound] on the
+    objectives bound to it, in its own head order, renormalised to sum to 1 -> [B, M_model]
+    (rows with no weight on it get uniform weights: its values do not count there). None for
+    the other models, and when no weights are given."""
+    if not model.conditioned or weights is None:
+        return None
+    heads = [(j, bd.head) for j, bd in enumerate(bindings) if bd.model == mi]
+    if len(heads) != len(model.objectives):
+        raise ValueError(f"a preference-conditioned value model must have all its objectives bound ({model.objectives}); "
+                         f"got {[bindings[j].name for j, _ in heads]}")
+    lam = torch.zeros(weights.shape[0], len(model.objectives), dtype=torch.float32, device=weights.device)
+    for j, h in heads:
+        lam[:, h] = weights[:, j].float()
+    total = lam.sum(-1, keepdim=True)
+    uniform = torch.full_like(lam, 1.0 / lam.shape[1])
+    return torch.where(total > 0, lam / total.clamp(min=1e-30), uniform)
+
+
 def trunk_groups(models: Sequence[ValueModel], active: Sequence[int]) -> list[list[int]]:
     """Active model indices grouped by shared frozen trunk (a model without one is its own group)."""
     groups: dict[str, list[int]] = {}
@@ -281,11 +300,13 @@ class CachedValueScorer:
         return out.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
     @torch.no_grad()
-    def score(self, candidates: torch.Tensor) -> torch.Tensor:
+    def score(self, candidates: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Values of s ⊕ a for each candidate a.
 
         Args:
             candidates: [B, k] token ids.
+            weights: [B, M] the rows' objective weights (bindings order); a preference-conditioned
+                model reads them (see :func:`model_weights`), the others ignore them.
         Returns:
             [B, k, M] float32, M = len(bindings) (zeros for inactive models).
         """
@@ -310,7 +331,8 @@ class CachedValueScorer:
                 # mean over the prefix (incl. the pending token) and the candidate itself
                 mean = (self.sums[group[0]][:, None] + hidden.float()) / (seen + 1)[:, None, None]
             for mi in group:
-                values = self.models[mi].values_from_hidden(hidden, mean)
+                lam = model_weights(self.models[mi], mi, self.bindings, None if weights is None else weights.to(self.device))
+                values = self.models[mi].values_from_hidden(hidden, mean, lam)
                 for j, bd in enumerate(self.bindings):
                     if bd.model == mi:
                         out[:, :, j] = values[..., bd.head]
@@ -350,7 +372,8 @@ class SequenceValueScorer:
 
     Args:
         fn: maps a list of N full token sequences (prompt + response so far + candidate) to
-            [N, M] values.
+            [N, M] values; if it has an attribute ``takes_weights`` set, it is called as
+            ``fn(seqs, weights)`` with the rows' objective weights [N, M] (one row per sequence).
         objectives: the M objective names.
     """
 
@@ -369,10 +392,15 @@ class SequenceValueScorer:
         for seq, t in zip(self.seqs, tokens.tolist()):
             seq.append(int(t))
 
-    def score(self, candidates: torch.Tensor) -> torch.Tensor:
+    def score(self, candidates: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         b, k = candidates.shape
         flat = [seq + [int(c)] for seq, row in zip(self.seqs, candidates.tolist()) for c in row]
-        values = torch.as_tensor(self.fn(flat), dtype=torch.float32)
+        if getattr(self.fn, "takes_weights", False):
+            if weights is None:
+                raise ValueError("this value function needs the objective weights")
+            values = torch.as_tensor(self.fn(flat, weights.float().cpu().repeat_interleave(k, dim=0)), dtype=torch.float32)
+        else:
+            values = torch.as_tensor(self.fn(flat), dtype=torch.float32)
         if values.shape != (b * k, len(self._objectives)):
             raise ValueError(f"value function returned shape {list(values.shape)}, expected {[b * k, len(self._objectives)]}")
         return values.reshape(b, k, -1)
@@ -385,7 +413,7 @@ def naive_value_fn(models: Sequence[ValueModel], bindings: Sequence[ObjectiveBin
     """A :class:`SequenceValueScorer` function that runs every sequence through every model alone."""
 
     @torch.no_grad()
-    def fn(seqs: list[list[int]]) -> torch.Tensor:
+    def fn(seqs: list[list[int]], weights: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.zeros(len(seqs), len(bindings))
         for i, seq in enumerate(seqs):
             for mi, model in enumerate(models):
@@ -393,9 +421,11 @@ def naive_value_fn(models: Sequence[ValueModel], bindings: Sequence[ObjectiveBin
                 if not heads:
                     continue
                 device = next(model.parameters()).device
-                v = model(torch.tensor([seq], device=device)).values[0, -1]
+                lam = model_weights(model, mi, bindings, None if weights is None else weights[i : i + 1])
+                v = model(torch.tensor([seq], device=device), weights=None if lam is None else lam.to(device)).values[0, -1]
                 for j, h in heads:
                     out[i, j] = v[h]
         return out
 
+    fn.takes_weights = True
     return fn

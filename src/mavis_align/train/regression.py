@@ -128,6 +128,18 @@ def _load_examples(trees: Sequence[str | Path | LabelledTrees], split: str, cfg:
     return _examples(sources, split, objectives, drop_leaves, keep, cfg.seed)
 
 
+def weights_vector(weights: dict[str, float] | str | None, objectives: Sequence[str]) -> np.ndarray | None:
+    """A tree file's collecting weights (:attr:`LabelledTrees.weights`) as [M] over ``objectives``
+    (summing to 1); None for pi_ref trees; NaNs when the λ is unknown or puts weight on other
+    objectives (then the trees belong to no λ of this model: an error for a conditioned model)."""
+    if weights is None:
+        return None
+    if isinstance(weights, str) or any(w > 0 and n not in objectives for n, w in weights.items()):
+        return np.full(len(objectives), np.nan)
+    v = np.array([float(weights.get(o, 0.0)) for o in objectives])
+    return v / v.sum() if v.sum() > 0 else np.full(len(objectives), np.nan)
+
+
 def _examples(sources: Sequence[tuple[LabelledTrees, list[str]]], split: str, objectives: list[str], drop_leaves: bool, keep: float,
               seed: int) -> list[NodeExample]:
     """Examples of ``split`` from loaded (trees, label names) pairs, targets restricted to ``objectives``."""
@@ -135,16 +147,48 @@ def _examples(sources: Sequence[tuple[LabelledTrees, list[str]]], split: str, ob
     tree_offset = 0  # tree ids unique across files (siblings are grouped by tree and parent)
     for i, (data, names) in enumerate(sources):
         cols = [names.index(o) for o in objectives]
+        lam = weights_vector(getattr(data, "weights", None), objectives)
         ex, _ = node_examples(data, split, keep_leaf_fraction=keep, drop_leaves=drop_leaves, seed=seed + i)
-        out.extend(replace(e, value=e.value[cols], tree=e.tree + tree_offset) for e in ex)
+        out.extend(replace(e, value=e.value[cols], tree=e.tree + tree_offset, weights=lam) for e in ex)
         tree_offset += len(data.trees)
     return out
 
 
-def _last_token_values(model: ValueModel, batch: dict) -> torch.Tensor:
-    """[B, M] values at the last real token of right-padded sequences."""
+def sample_simplex(n: int, m: int, generator: torch.Generator) -> torch.Tensor:
+    """[n, m] objective weights for training a preference-conditioned model on pi_ref trees: a
+    vertex of the simplex (one objective) with probability 1/4, else uniform on the simplex
+    (Dirichlet(1): normalised exponentials)."""
+    e = -torch.log(torch.rand(n, m, generator=generator, dtype=torch.float64).clamp(min=1e-12))
+    lam = e / e.sum(-1, keepdim=True)
+    vertex = torch.rand(n, generator=generator) < 0.25
+    pick = torch.nn.functional.one_hot(torch.randint(m, (n,), generator=generator), m).double()
+    return torch.where(vertex[:, None], pick, lam).float()
+
+
+def example_weights(examples: Sequence[NodeExample], m: int, generator: torch.Generator) -> torch.Tensor:
+    """[N, M] the λ each example is trained (or scored) at: its tree's collecting λ, or one drawn by
+    :func:`sample_simplex` for pi_ref trees (a value of pi_ref holds at every λ)."""
+    drawn = sample_simplex(len(examples), m, generator)
+    rows = []
+    for e, d in zip(examples, drawn):
+        if e.weights is None:
+            rows.append(d)
+        elif np.isnan(e.weights).any():
+            raise ValueError("trees collected by MAVIS at unrecorded weights, or with weight on objectives this model lacks, "
+                             "cannot train a preference-conditioned value model (collect with explicit --weights over its objectives)")
+        else:
+            rows.append(torch.tensor(e.weights, dtype=torch.float32))
+    return torch.stack(rows) if rows else torch.zeros(0, m)
+
+
+EVAL_WEIGHTS_SEED = 20260226  # the fixed λ draw a conditioned model is validated at (same for every run)
+
+
+def _last_token_values(model: ValueModel, batch: dict, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, M] values at the last real token of right-padded sequences (``weights`` [B, M]: the λ of
+    a preference-conditioned model)."""
     mask = batch["attention_mask"]
-    values = model(batch["input_ids"], attention_mask=mask).values
+    values = model(batch["input_ids"], attention_mask=mask, weights=weights).values
     last = mask.sum(-1) - 1
     return values[torch.arange(values.shape[0]), last]
 
@@ -238,31 +282,48 @@ def compute_trunk_features(model: ValueModel, examples: Sequence[NodeExample], p
     return torch.stack([hidden[c][p] for c, p in where])
 
 
-def values_from_features(model: ValueModel, features: torch.Tensor) -> torch.Tensor:
-    """[N, 2, H] from :func:`trunk_features` -> [N, M]."""
-    return model.values_from_hidden(features[:, 0], features[:, 1])
+def values_from_features(model: ValueModel, features: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, 2, H] from :func:`trunk_features` -> [N, M] (``weights`` [N, M]: λ of a conditioned model)."""
+    return model.values_from_hidden(features[:, 0], features[:, 1], weights)
 
 
 @torch.no_grad()
-def predict_values(model: ValueModel, examples: Sequence[NodeExample], pad_id: int, *, batch_size: int = 32, features: torch.Tensor | None = None) -> torch.Tensor:
+def predict_values(model: ValueModel, examples: Sequence[NodeExample], pad_id: int, *, batch_size: int = 32, features: torch.Tensor | None = None,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
     """V at the last token of every example -> [N, M] float32 (from ``features`` [N, 2, H] of
-    :func:`trunk_features` when given)."""
+    :func:`trunk_features` when given; ``weights`` [N, M]: the λ of a conditioned model)."""
     if not examples:
         return torch.zeros(0, len(model.objectives))
     was_training = model.training
     model.eval()
     if features is not None:
         head_device = next(model.head.parameters()).device
-        out = values_from_features(model, features.to(head_device)).cpu()
+        out = values_from_features(model, features.to(head_device), None if weights is None else weights.to(head_device)).cpu()
     else:
         device = next(model.parameters()).device
         parts = []
         for s in range(0, len(examples), batch_size):
             b = collate(examples[s : s + batch_size], pad_id)
-            parts.append(_last_token_values(model, {k: v.to(device) for k, v in b.items()}).cpu())
+            w = None if weights is None else weights[s : s + batch_size].to(device)
+            parts.append(_last_token_values(model, {k: v.to(device) for k, v in b.items()}, w).cpu())
         out = torch.cat(parts)
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def objective_values(model: ValueModel, examples: Sequence[NodeExample], pad_id: int, *, features: torch.Tensor | None = None) -> torch.Tensor:
+    """Each objective's own value of every example -> [N, M]: the heads of a per-objective model;
+    for a preference-conditioned one, column m is V(s, e_m) (all weight on objective m)."""
+    if not model.conditioned:
+        return predict_values(model, examples, pad_id, features=features)
+    m = len(model.objectives)
+    cols = []
+    for j in range(m):
+        onehot = torch.zeros(len(examples), m)
+        onehot[:, j] = 1.0
+        cols.append(predict_values(model, examples, pad_id, features=features, weights=onehot)[:, j])
+    return torch.stack(cols, dim=1) if examples else torch.zeros(0, m)
 
 
 def example_targets(examples: Sequence[NodeExample], zeta: float, kl_target: str = "future") -> torch.Tensor:
@@ -276,6 +337,11 @@ def evaluate_mse(model: ValueModel, examples: Sequence[NodeExample], pad_id: int
     """Validation MSE per objective and overall (mean over heads)."""
     if not examples:
         return {}
+    if model.conditioned:  # the combined value at a fixed draw of λ (collecting λ for MAVIS trees)
+        lam = example_weights(examples, len(model.objectives), torch.Generator().manual_seed(EVAL_WEIGHTS_SEED))
+        pred = predict_values(model, examples, pad_id, batch_size=batch_size, features=features, weights=lam)
+        err = ((lam * (pred - example_targets(examples, zeta, kl_target))).sum(-1) ** 2).mean().item()
+        return {"val_mse": err, "val_mse_per_objective": {}, "val_examples": len(examples)}
     pred = predict_values(model, examples, pad_id, batch_size=batch_size, features=features)
     per = ((pred - example_targets(examples, zeta, kl_target)) ** 2).mean(0).tolist()
     return {"val_mse": float(np.mean(per)), "val_mse_per_objective": dict(zip(model.objectives, per)), "val_examples": len(examples)}
@@ -289,9 +355,16 @@ def value_quality(model: ValueModel, examples: Sequence[NodeExample], pad_id: in
 
     if not examples:
         return {"examples": 0, "trees": 0, "per_objective": {}}
-    pred = predict_values(model, examples, pad_id, features=features)
+    pred = objective_values(model, examples, pad_id, features=features)
     groups = [(e.tree, e.parent) for e in examples]
-    return quality_report(pred.numpy(), example_targets(examples, zeta, kl_target).numpy(), groups, model.objectives)
+    targets = example_targets(examples, zeta, kl_target)
+    report = quality_report(pred.numpy(), targets.numpy(), groups, model.objectives)
+    if model.conditioned:  # also of the combined value V(s, λ) at the validation draw of λ
+        lam = example_weights(examples, len(model.objectives), torch.Generator().manual_seed(EVAL_WEIGHTS_SEED))
+        mixed = (lam * predict_values(model, examples, pad_id, features=features, weights=lam)).sum(-1, keepdim=True)
+        rep = quality_report(mixed.numpy(), (lam * targets).sum(-1, keepdim=True).numpy(), groups, ["mixed"])
+        report["mixed_weights"] = rep["per_objective"]["mixed"]
+    return report
 
 
 def held_out_quality(model: ValueModel, trees: Sequence[str | Path], *, zeta: float = 0.0, kl_target: str = "future") -> dict:
@@ -310,7 +383,7 @@ def held_out_quality(model: ValueModel, trees: Sequence[str | Path], *, zeta: fl
         if not examples:
             continue
         if files not in preds:
-            preds[files] = predict_values(model, examples, pad_id)
+            preds[files] = objective_values(model, examples, pad_id)
         rep = quality_report(preds[files][:, [m]].numpy(), example_targets(examples, zeta, kl_target).numpy(),
                              [(e.tree, e.parent) for e in examples], [name])
         report["per_objective"][name] = rep["per_objective"][name]
@@ -396,8 +469,8 @@ def _train_ridge(model: ValueModel, train, val, train_feats, val_feats, train_ta
     """The heads of a frozen-trunk linear value model in closed form (see :func:`fit_ridge`)."""
     from ..provenance import write_run_record
 
-    if not model.frozen_backbone or model.head_hidden:
-        raise ValueError("solver='ridge' needs a frozen trunk (backbone trunk:N) and linear heads (head_hidden 0)")
+    if not model.frozen_backbone or model.head_hidden or model.conditioned:
+        raise ValueError("solver='ridge' needs a frozen trunk (backbone trunk:N) and linear heads (head_hidden 0, not preference-conditioned)")
     if (out / "result.json").exists():
         raise FileExistsError(f"{out} already holds a trained model (use another folder)")
     out.mkdir(parents=True, exist_ok=True)
@@ -605,14 +678,35 @@ def train_value_model(
             state["best_val"], state["best_step"] = res["val_mse"], state["step"]
             _atomic_dir(out / "best", lambda d: model.save(d))
 
-    def predict_rows(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predictions and targets [len(rows), M] of training examples ``rows``."""
+    conditioned = model.conditioned
+    n_obj = len(objectives)
+    if conditioned:
+        example_weights(train, n_obj, torch.Generator())  # unusable trees fail here, before any step
+
+    def draw_weights(rows: list[int], step: int, salt: int) -> torch.Tensor | None:
+        """λ of training examples ``rows`` at ``step`` (conditioned models): redrawn every step for
+        pi_ref trees, seeded by (seed, step), so a resumed run draws the same."""
+        if not conditioned:
+            return None
+        g = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 17 + salt)
+        return example_weights([train[i] for i in rows], n_obj, g).to(device)
+
+    def predict_rows(rows: list[int], lam: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions and targets [len(rows), M] of training examples ``rows`` (at λ ``lam`` [n, M]
+        for a conditioned model)."""
         if frozen:
             index = torch.tensor(rows, device=device)
-            return values_from_features(model, train_feats[index]), train_targets[index]
+            return values_from_features(model, train_feats[index], lam), train_targets[index]
         b = collate([train[i] for i in rows], pad_id, config.zeta, config.kl_target)
         b = {k: v.to(device) for k, v in b.items()}
-        return _last_token_values(model, b), b["target"]
+        return _last_token_values(model, b, lam), b["target"]
+
+    def residual(pred: torch.Tensor, target: torch.Tensor, lam: torch.Tensor | None) -> torch.Tensor:
+        """Per-objective errors [n, M], or for a conditioned model the error of the combined value
+        V(s, λ) = Σ λ_m u_m against Σ λ_m (R_m - ζ LPR) = Σ λ_m R_m - ζ LPR: [n, 1]."""
+        if lam is None:
+            return pred - target
+        return (lam * (pred - target)).sum(-1, keepdim=True)
 
     from .quality import sibling_pairs
 
@@ -634,8 +728,10 @@ def train_value_model(
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for a in range(0, len(local), config.batch_size):
-            pred, target = predict_rows(local[a : a + config.batch_size])
-            loss = ((pred - target) ** 2).mean()
+            rows = local[a : a + config.batch_size]
+            lam = draw_weights(rows, state["step"], a)
+            pred, target = predict_rows(rows, lam)
+            loss = (residual(pred, target, lam) ** 2).mean()
             (loss * (len(target) / len(chunk))).backward()
             loss_sum += float(loss.detach()) * len(target)
         if config.sibling_weight and train_pairs:
@@ -643,9 +739,12 @@ def train_value_model(
             mine = dp.shard([train_pairs[i] for i in pick.tolist()])
             if mine:
                 first, second = zip(*mine)
-                pred, target = predict_rows(list(first) + list(second))
+                lam = draw_weights(list(first), state["step"], 999_983)  # one λ per pair, shared by both siblings
+                both = None if lam is None else torch.cat([lam, lam])
+                pred, target = predict_rows(list(first) + list(second), both)
                 n = len(first)
-                sib = (((pred[:n] - pred[n:]) - (target[:n] - target[n:])) ** 2).mean()
+                err = residual(pred, target, both)
+                sib = ((err[:n] - err[n:]) ** 2).mean()
                 (config.sibling_weight * sib * (n / config.sibling_pairs)).backward()
         dp.sum_gradients(params)
         loss_sum = dp.sum(loss_sum)

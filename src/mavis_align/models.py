@@ -204,8 +204,9 @@ def format_prompts(tokenizer, prompts: list[str], *, chat: bool | None = None, s
     """Render user prompts as model input text.
 
     With ``chat`` True (or None and the tokenizer has a chat template), each prompt becomes a
-    single user turn rendered by the tokenizer's chat template with the generation prompt added.
-    Otherwise the prompt text is used as is.
+    single user turn rendered by the tokenizer's chat template with the generation prompt added
+    (after a system turn holding ``system`` when given). Otherwise the prompt text is used as is
+    (after ``system`` and a blank line when given).
     """
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat is None:
@@ -213,7 +214,7 @@ def format_prompts(tokenizer, prompts: list[str], *, chat: bool | None = None, s
     if chat and not has_template:
         raise ValueError("chat formatting requested but the tokenizer has no chat template")
     if not chat:
-        return list(prompts)
+        return [f"{system}\n\n{p}" for p in prompts] if system else list(prompts)
     out = []
     for prompt in prompts:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

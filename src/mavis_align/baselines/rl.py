@@ -1,9 +1,13 @@
 """RL fine-tuned baselines: LoRA + a KL penalty to pi_ref, trained with TRL's GRPO trainer (TRL
 removed PPO; GRPO is its maintained on-policy trainer and its ``beta`` is the KL coefficient).
 
-One policy per objective, and MORLHF policies per weighting lambda (reward sum_m lambda_m R_m).
+One policy per objective, MORLHF policies per weighting lambda (reward sum_m lambda_m R_m), and
+one preference-conditioned policy (MOODPO-like, paper v3): told its weights in a system
+instruction (:func:`preference_instruction`), trained over weights drawn from a grid with the
+reward sum_m lambda_m R_m of each sample's own lambda. (The authors train theirs with online DPO;
+this one uses the same GRPO trainer as the other baselines, so only the conditioning differs.)
 The result is a LoRA adapter folder (safetensors) plus ``mavis_policy.json``; load it with
-:func:`load_policy_model`. Rewarded Soups interpolate several such adapters (:mod:`.soups`).
+:func:`load_policy_model`. Rewarded Soups interpolate several such adapters (:func:`soup`).
 """
 
 from __future__ import annotations
@@ -59,6 +63,50 @@ def weighted_reward_fn(rewards, weights: dict[str, float]):
     return fn
 
 
+def preference_instruction(weights: dict[str, float]) -> str:
+    """The instruction a preference-conditioned policy reads: "Your answers are 60% helpful and 40%
+    harmless." (weights normalised to percentages; objectives in the given order)."""
+    total = sum(weights.values())
+    if total <= 0 or any(w < 0 for w in weights.values()):
+        raise ValueError(f"preference weights must be >= 0 and not all 0, got {weights}")
+    parts = [f"{round(100 * w / total)}% {name}" for name, w in weights.items()]
+    return "Your answers are " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + "."
+
+
+def preference_grid(objectives: list[str], step: float) -> list[dict[str, float]]:
+    """Every weighting of ``objectives`` on a grid of ``step`` (the simplex points)."""
+    from ..evaluate.pareto import weight_grid
+
+    return [dict(zip(objectives, lam)) for lam in weight_grid(len(objectives), step)] if len(objectives) > 1 else [{objectives[0]: 1.0}]
+
+
+def per_row_weighted_reward_fn(rewards, objectives: list[str]):
+    """TRL reward function for a preference-conditioned policy: each sample is scored by
+    sum_m lambda_m R_m with its own lambda (dataset column ``weights``, a JSON {name: lambda})."""
+    from ..rewards import score_all
+
+    by_name = {r.name: r for r in rewards}
+    missing = [o for o in objectives if o not in by_name]
+    if missing:
+        raise ValueError(f"no reward named {missing}")
+
+    def fn(prompts, completions, raw_prompt=None, weights=None, **kwargs):
+        if weights is None:
+            raise ValueError("a preference-conditioned policy's data set needs a `weights` column")
+        raw = list(raw_prompt) if raw_prompt is not None else list(prompts)
+        texts = [(c if isinstance(c, str) else c[-1]["content"]).strip() for c in completions]
+        scores = score_all([by_name[o] for o in objectives], raw, texts)
+        out = []
+        for i, w in enumerate(weights):
+            lam = json.loads(w)
+            total = sum(lam.values())
+            out.append(sum(lam[o] / total * scores[o][i] for o in objectives if lam.get(o)))
+        return out
+
+    fn.__name__ = "conditioned_" + "_".join(objectives)
+    return fn
+
+
 def train_rl_policy(base: str, prompts: list[str], weights: dict[str, float], out: str | Path, config: RLConfig = RLConfig(),
                     *, chat: bool = True, progress: bool = True, report_to: str = "none") -> Path:
     """Fine-tune ``base`` with LoRA on the lambda-weighted reward; returns the adapter folder.
@@ -67,24 +115,64 @@ def train_rl_policy(base: str, prompts: list[str], weights: dict[str, float], ou
 
     Skips the work when ``out/mavis_policy.json`` exists (a finished run).
     """
-    from datasets import Dataset
-    from peft import LoraConfig
-    from trl import GRPOConfig, GRPOTrainer
-
     from ..models import format_prompts, load_causal_lm
-    from ..provenance import run_record
     from ..rewards import get_rewards
 
     out = Path(out)
     if (out / "mavis_policy.json").exists():
         return out
-    from ..placement import current
-
-    place = current()
     model, tok = load_causal_lm(base)
     rewards = get_rewards(list(weights))
+    data = {"prompt": format_prompts(tok, prompts, chat=chat), "raw_prompt": list(prompts)}
+    return _grpo(model, tok, data, weighted_reward_fn(rewards, weights), out, config, {"base": base, "weights": weights, "chat": chat,
+                                                                                      "prompts": len(prompts)}, progress, report_to)
+
+
+def train_conditioned_policy(base: str, prompts: list[str], objectives: list[str], out: str | Path, config: RLConfig = RLConfig(),
+                             *, grid_step: float = 0.2, chat: bool = True, progress: bool = True, report_to: str = "none") -> Path:
+    """One LoRA policy for every weighting (MOODPO-like): each training prompt is paired with a
+    weighting drawn (seeded) from the grid of ``grid_step``, the policy reads it as a system
+    instruction (:func:`preference_instruction`), and GRPO rewards each sample with
+    sum_m lambda_m R_m of its own lambda. Decode it with :class:`~mavis_align.evaluate.policies.ConditionedPolicy`.
+
+    Skips the work when ``out/mavis_policy.json`` exists (a finished run).
+    """
+    import random
+
+    from ..models import format_prompts, load_causal_lm
+    from ..rewards import get_rewards
+
+    out = Path(out)
+    if (out / "mavis_policy.json").exists():
+        return out
+    if len(objectives) < 2:
+        raise ValueError(f"a preference-conditioned policy needs at least 2 objectives, got {objectives}")
+    model, tok = load_causal_lm(base)
+    rewards = get_rewards(list(objectives))
+    grid = preference_grid(list(objectives), grid_step)
+    rng = random.Random(config.seed)
+    # every prompt appears once per step's group; its weighting is drawn per dataset row
+    rows = [(p, rng.choice(grid)) for p in prompts]
+    data = {"prompt": [format_prompts(tok, [p], chat=chat, system=preference_instruction(w))[0] for p, w in rows],
+            "raw_prompt": [p for p, _ in rows], "weights": [json.dumps(w) for _, w in rows]}
+    meta = {"base": base, "conditioned": {"objectives": list(objectives), "grid_step": grid_step,
+                                          "instruction_example": preference_instruction(grid[len(grid) // 2])},
+            "chat": chat, "prompts": len(prompts)}
+    return _grpo(model, tok, data, per_row_weighted_reward_fn(rewards, list(objectives)), out, config, meta, progress, report_to)
+
+
+def _grpo(model, tok, columns: dict, reward_fn, out: Path, config: RLConfig, meta: dict, progress: bool, report_to: str) -> Path:
+    """LoRA + GRPO on ``columns`` (a data set with ``prompt`` and the reward function's columns)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    from ..placement import current
+    from ..provenance import run_record
+
+    place = current()
     on_gpu = place.device.type == "cuda"
-    data = Dataset.from_dict({"prompt": format_prompts(tok, prompts, chat=chat), "raw_prompt": list(prompts)})
+    data = Dataset.from_dict(columns)
     per_step = config.prompts_per_step * config.num_generations
     args = GRPOConfig(
         output_dir=str(out / "trainer"), per_device_train_batch_size=per_step, num_generations=config.num_generations,
@@ -98,17 +186,15 @@ def train_rl_policy(base: str, prompts: list[str], weights: dict[str, float], ou
     )
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
-    trainer = GRPOTrainer(model=model, reward_funcs=[weighted_reward_fn(rewards, weights)], args=args, train_dataset=data,
-                          processing_class=tok, peft_config=lora)
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward_fn], args=args, train_dataset=data, processing_class=tok, peft_config=lora)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
     trainer.model.save_pretrained(str(out / "adapter"), safe_serialization=True)
     history = [h for h in trainer.state.log_history if "reward" in h or "kl" in h]
     (out / "log_history.json").write_text(json.dumps(history, indent=2) + "\n")
-    meta = {"base": base, "weights": weights, "config": asdict(config), "chat": chat, "train_seconds": round(seconds, 1),
-            "placement": place.describe(),
-            "prompts": len(prompts), "run": run_record({"base": base, "weights": weights, **asdict(config)}, config.seed)}
+    meta = {**meta, "config": asdict(config), "train_seconds": round(seconds, 1), "placement": place.describe(),
+            "run": run_record({**{k: v for k, v in meta.items() if k != "chat"}, **asdict(config)}, config.seed)}
     (out / "mavis_policy.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return out
 

@@ -109,15 +109,16 @@ class MavisDecoder:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
 
-    def _batches(self, prompts: list[str], seed: int, batch_size: int, chat: bool | None, progress: bool, desc: str):
+    def _batches(self, prompts: list[str], seed: int, batch_size: int, chat: bool | None, progress: bool, desc: str, system: str | None = None):
         """Yield (slice, input_ids, attention_mask, generators) per batch: prompt i draws from
-        ``row_generator(seed, i)``, so its tokens do not depend on the batch size or its neighbours."""
+        ``row_generator(seed, i)``, so its tokens do not depend on the batch size or its neighbours.
+        ``system``: an instruction placed before every prompt (a system turn in chat format)."""
         from ..models import format_prompts
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         device = next(self.model.parameters()).device
-        formatted = format_prompts(self.tokenizer, prompts, chat=chat)
+        formatted = format_prompts(self.tokenizer, prompts, chat=chat, system=system)
         starts = range(0, len(prompts), batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -148,6 +149,7 @@ class MavisDecoder:
         chat: bool | None = None,
         progress: bool = False,
         naive: bool = False,
+        system: str | None = None,
     ) -> list[Generation]:
         """One response per prompt.
 
@@ -159,6 +161,9 @@ class MavisDecoder:
                 prompts and seed give the same responses at any batch size, and prompt 0 the same
                 as a server request with this seed.
             naive: use the uncached per-sequence reference path (slow; for tests/benchmarks).
+            system: an instruction the model reads before every prompt (a system turn in chat
+                format), e.g. a preference-conditioned policy's weights; ``Generation.prompt``
+                stays the user prompt, so KL is measured against pi_ref on the user prompt alone.
         Returns:
             :class:`Generation` records; ``log_ratio`` is the sequence's KL estimate (eq. 7) and
             ``extras["values"]`` the combined value of each chosen token.
@@ -166,7 +171,7 @@ class MavisDecoder:
         prompts = list(prompts)
         w, b, active = self.resolve(len(prompts), weights, beta, config)
         out: list[Generation] = []
-        for sl, input_ids, attention, generators in self._batches(prompts, seed, batch_size, chat, progress, "mavis"):
+        for sl, input_ids, attention, generators in self._batches(prompts, seed, batch_size, chat, progress, "mavis", system):
             rows = decode_ids(
                 NaiveBase(self.model) if naive else CachedBase(self.model),
                 input_ids, attention, config,

@@ -112,6 +112,9 @@ def test_sweep_with_every_baseline_resumes(tmp_path):
     pa = train_rl_policy(str(d), train_p, {"concise": 1.0}, tmp_path / "rl-a", rl, chat=False, progress=False)
     pb = train_rl_policy(str(d), train_p, {"positive": 1.0}, tmp_path / "rl-b", rl, chat=False, progress=False)
     pm = train_rl_policy(str(d), train_p, {"concise": 0.5, "positive": 0.5}, tmp_path / "rl-m", rl, chat=False, progress=False)
+    from mavis_align.baselines import train_conditioned_policy
+
+    pc = train_conditioned_policy(str(d), train_p, ["concise", "positive"], tmp_path / "rl-c", rl, grid_step=0.5, chat=False, progress=False)
     log = json.loads((pa / "log_history.json").read_text())
     assert log and all("kl" in h for h in log if "reward" in h)
     # a soup at lambda = (1, 0) is policy a
@@ -123,13 +126,30 @@ def test_sweep_with_every_baseline_resumes(tmp_path):
         torch.testing.assert_close(sa.state_dict()[k], v, atol=1e-6, rtol=1e-6)
     make_value_model(tok, ["concise"], 1).save(tmp_path / "va")
     make_value_model(tok, ["positive"], 2).save(tmp_path / "vb")
+    from mavis_align.values import ValueModel, tiny_llama_backbone, tokenizer_fingerprint
+
+    ValueModel(tiny_llama_backbone(len(tok), hidden_size=32, num_layers=2, num_heads=4, seed=3), ["concise", "positive"], tokenizer_fingerprint(tok),
+               head_hidden=8, conditioned=True).save(tmp_path / "vc")
     spec = SweepSpec(model=str(d), objectives=["concise", "positive"], values={"concise": str(tmp_path / "va"), "positive": str(tmp_path / "vb")},
-                     policies={"concise": str(pa), "positive": str(pb)}, morlhf={"0.5": str(pm)},
-                     methods=["ref", "mavis", "mavis-beam", "rsoup", "mod", "morlhf", "bon-ref"], grid_step=0.5, beta=2.0, n=2,
+                     policies={"concise": str(pa), "positive": str(pb)}, morlhf={"0.5": str(pm)}, conditioned=str(tmp_path / "vc"),
+                     moodpo=str(pc), methods=["ref", "mavis", "mavis-beam", "mavis-conditioned", "moodpo", "rsoup", "mod", "morlhf", "bon-ref"], grid_step=0.5, beta=2.0, n=2,
                      dataset=str(data), split="test", prompts=2, samples=1, max_new_tokens=4, top_k=4, chat=False)
     out = tmp_path / "sweep"
     summary = run_sweep(spec, out, progress=False)
-    assert set(summary["methods"]) == {"ref", "mavis", "mavis-beam", "rsoup", "mod", "morlhf", "bon-ref"}
+    assert set(summary["methods"]) == {"ref", "mavis", "mavis-beam", "mavis-conditioned", "moodpo", "rsoup", "mod", "morlhf", "bon-ref"}
+    assert len(summary["methods"]["mavis-conditioned"]["points"]) == 3 and len(summary["methods"]["moodpo"]["points"]) == 3
+    # a pairwise judge (the tiny model, local) added afterwards: every point judged against ref, no point re-evaluated
+    stamps = {p.name: json.loads(p.read_text())["seconds"] for p in (out / "points").glob("*.json")}
+    run_sweep(SweepSpec(**{**spec.__dict__, "judge": str(d), "criteria": ["helpful", "balanced"]}), out, progress=False)
+    for p in (out / "points").glob("*.json"):
+        rec = json.loads(p.read_text())
+        assert rec["seconds"] == stamps[p.name]
+        if rec["method"] != "ref":
+            assert [w["criterion"] for w in rec["judge"]["win_rates"]] == ["helpful", "balanced"]
+            assert all(w["judgments"] == 4 and w["win"] + w["loss"] + w["tie"] == pytest.approx(1.0) for w in rec["judge"]["win_rates"])
+    assert "| mavis | 1/0 | helpful |" in (out / "judge.md").read_text()
+    with pytest.raises(ValueError, match="judge_against"):
+        SweepSpec(**{**spec.__dict__, "judge": str(d), "judge_against": "nosuch"})
     assert len(summary["methods"]["mavis"]["points"]) == 3 and len(summary["methods"]["morlhf"]["points"]) == 1
     for ext in ("png", "svg"):
         assert (out / f"front.{ext}").stat().st_size > 0 and (out / f"reward_kl.{ext}").stat().st_size > 0
@@ -152,6 +172,10 @@ def test_sweep_with_every_baseline_resumes(tmp_path):
     assert json.loads((out / "sweep.json").read_text())["beta"] == 3.0
     with pytest.raises(ValueError, match="needs `values`"):
         SweepSpec(objectives=["a", "b"], methods=["mavis"])
+    with pytest.raises(ValueError, match="needs `conditioned`"):
+        SweepSpec(objectives=["a", "b"], methods=["mavis-conditioned"])
+    with pytest.raises(ValueError, match="must be a preference-conditioned policy"):  # a plain policy is refused by name
+        run_sweep(SweepSpec(**{**spec.__dict__, "moodpo": str(pa), "methods": ["moodpo"]}), tmp_path / "sweep2", progress=False)
 
 
 def test_weighted_reward_normalises_and_validates():
@@ -174,9 +198,16 @@ def test_sweep_settings_added_later_keep_old_points_and_normalize_is_mavis_only(
     (tmp_path / "points").mkdir()
     old = {k: v for k, v in json.loads(json.dumps(spec.__dict__, default=str)).items() if k not in ("normalize", "device", "dtype")}
     (tmp_path / "sweep.json").write_text(json.dumps(old))  # written before these settings existed
-    for name in ("ref-1-0.json", "mavis-1-0.json"):
+    for name in ("ref@ref.json", "mavis@1-0.json", "moodpo@1-0.json"):
         (tmp_path / "points" / name).write_text("{}")
     drop_stale_points(tmp_path, spec)
-    assert sorted(p.name for p in (tmp_path / "points").iterdir()) == ["mavis-1-0.json", "ref-1-0.json"]
+    assert sorted(p.name for p in (tmp_path / "points").iterdir()) == ["mavis@1-0.json", "moodpo@1-0.json", "ref@ref.json"]
     drop_stale_points(tmp_path, SweepSpec(**{**spec.__dict__, "normalize": False}))  # the v3 tilt: only MAVIS points are stale
-    assert sorted(p.name for p in (tmp_path / "points").iterdir()) == ["ref-1-0.json"]
+    assert sorted(p.name for p in (tmp_path / "points").iterdir()) == ["moodpo@1-0.json", "ref@ref.json"]
+    # adding methods (the study's new comparisons) keeps every measured point; a new policy only stales its own
+    grown = SweepSpec(**{**spec.__dict__, "normalize": False, "moodpo": "p", "methods": ["ref", "mavis", "moodpo"]})
+    drop_stale_points(tmp_path, grown)
+    assert sorted(p.name for p in (tmp_path / "points").iterdir()) == ["ref@ref.json"]
+    (tmp_path / "points" / "moodpo@1-0.json").write_text("{}")
+    drop_stale_points(tmp_path, SweepSpec(**{**grown.__dict__, "methods": ["ref", "mavis", "moodpo", "mod"], "policies": {}}))
+    assert sorted(p.name for p in (tmp_path / "points").iterdir()) == ["moodpo@1-0.json", "ref@ref.json"]

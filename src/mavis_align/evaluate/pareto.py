@@ -8,7 +8,9 @@ A sweep is described by a YAML file (unknown keys are errors)::
     values: {helpful: PATH, harmless: PATH}  # MAVIS value models (any [NAME=]PATH spec works too)
     policies: {helpful: PATH, harmless: PATH}  # RL fine-tuned per-objective policies (rsoup, mod)
     morlhf: {"0.5": PATH}                    # MORLHF policies, keyed by the lambda they were trained for
-    methods: [ref, mavis, mavis-beam, rsoup, mod, morlhf, bon-ref, bon-rsoup]
+    conditioned: PATH                        # one preference-conditioned value model V(s, λ) (method mavis-conditioned)
+    moodpo: PATH                             # one preference-conditioned policy (baselines.train_conditioned_policy)
+    methods: [ref, mavis, mavis-beam, mavis-conditioned, moodpo, rsoup, mod, morlhf, bon-ref, bon-rsoup]
     grid_step: 0.2
     beta: 5.0                                # MAVIS beta, and per-lambda overrides (paper Table 9 style):
     betas: {"0.4": 3.0}
@@ -23,7 +25,10 @@ A sweep is described by a YAML file (unknown keys are errors)::
     chat: true
 
 Each point is written to ``out/points/<method>@<lambda>.json`` as soon as it is evaluated; a rerun
-skips finished points, and drops those that changed settings (``out/sweep.json``) made stale. ``out/fronts.json``, ``out/fronts.md``, ``out/front.png|svg`` and
+skips finished points, and drops those that changed settings (``out/sweep.json``) made stale.
+With a ``judge``, every point also gets a ``judge`` record (win rates in both orders, see
+:mod:`mavis_align.evaluate.judge`) against ``judge_against``, added to the point file (another judge
+or criteria: judged again, the point itself kept), and ``out/judge.md`` tabulates them. ``out/fronts.json``, ``out/fronts.md``, ``out/front.png|svg`` and
 ``out/reward_kl.png|svg`` are (re)written at the end.
 """
 
@@ -37,7 +42,7 @@ from pathlib import Path
 from ..generation import DEFAULT_TOP_K
 from .metrics import hypervolume, pareto_front
 
-SWEEP_METHODS = {"mavis", "mavis-beam", "rsoup", "mod", "bon-rsoup", "bon-mod"}
+SWEEP_METHODS = {"mavis", "mavis-beam", "mavis-conditioned", "moodpo", "rsoup", "mod", "bon-rsoup", "bon-mod"}
 SINGLE_METHODS = {"ref", "bon-ref", "morlhf"}
 
 
@@ -48,6 +53,8 @@ class SweepSpec:
     values: dict = field(default_factory=dict)
     policies: dict = field(default_factory=dict)
     morlhf: dict = field(default_factory=dict)
+    conditioned: str = ""  # a preference-conditioned value model (train --conditioned) over the objectives
+    moodpo: str = ""  # a preference-conditioned policy (train-policy --conditioned) over the objectives
     methods: list[str] = field(default_factory=lambda: ["ref", "mavis"])
     grid_step: float = 0.2
     beta: float = 5.0
@@ -64,6 +71,9 @@ class SweepSpec:
     device: str | None = None  # where the models run (None: the command's; see mavis_align.placement)
     dtype: str | None = None
     normalize: bool = True  # MAVIS tilt: NORMALIZE the values to [0, 1] (paper v1/v2) or raw (v3: logits/T + beta * sum lambda V)
+    judge: str = ""  # pairwise LLM judge: MODEL@URL (OpenAI-compatible) or a local model name/path; "" = none
+    judge_against: str = "ref"  # the method every point is judged against (its point at the same lambda; `ref`: the one ref point)
+    criteria: list[str] = field(default_factory=lambda: ["helpful", "harmless", "balanced"])
 
     def __post_init__(self) -> None:
         if len(self.objectives) not in (2, 3):
@@ -71,7 +81,7 @@ class SweepSpec:
         unknown = [m for m in self.methods if m not in SWEEP_METHODS | SINGLE_METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; known: {sorted(SWEEP_METHODS | SINGLE_METHODS)}")
-        needs = {"mavis": "values", "mavis-beam": "values", "rsoup": "policies", "mod": "policies", "bon-rsoup": "policies", "bon-mod": "policies", "morlhf": "morlhf"}
+        needs = {"mavis": "values", "mavis-beam": "values", "mavis-conditioned": "conditioned", "moodpo": "moodpo", "rsoup": "policies", "mod": "policies", "bon-rsoup": "policies", "bon-mod": "policies", "morlhf": "morlhf"}
         for m in self.methods:
             if m in needs and not getattr(self, needs[m]):
                 raise ValueError(f"method {m!r} needs `{needs[m]}` in the sweep file")
@@ -81,6 +91,14 @@ class SweepSpec:
                 raise ValueError(f"`{key}` must name exactly the objectives {self.objectives}, got {sorted(have)}")
         if not 0 < self.grid_step <= 1 or abs(round(1 / self.grid_step) * self.grid_step - 1) > 1e-9:
             raise ValueError(f"grid_step must divide 1, got {self.grid_step}")
+        if self.judge:
+            from .judge import CRITERIA
+
+            bad = [c for c in self.criteria if c not in CRITERIA]
+            if bad or not self.criteria:
+                raise ValueError(f"criteria must be some of {list(CRITERIA)}, got {self.criteria}")
+            if self.judge_against not in self.methods:
+                raise ValueError(f"judge_against {self.judge_against!r} must be one of the sweep's methods {self.methods}")
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
@@ -122,14 +140,24 @@ def morlhf_key(lam) -> str:
     return f"{lam[0]:g}" if len(lam) == 2 else lam_key(lam)
 
 
-MAVIS_ONLY_FIELDS = ("beta", "betas", "values", "normalize")  # sweep settings that change the MAVIS points only
+MAVIS_ONLY_FIELDS = ("beta", "betas", "values", "normalize", "conditioned")  # sweep settings that change the MAVIS points only
 PLACEMENT_FIELDS = ("device", "dtype")  # where the points are computed: changing them keeps the points
+JUDGE_FIELDS = ("judge", "judge_against", "criteria")  # the judge record is redone, the points kept
+MAVIS_METHODS = ("mavis", "mavis-beam", "mavis-conditioned")
+# which methods' points a changed setting makes stale (any other changed setting: every point)
+FIELD_METHODS = {"beta": MAVIS_METHODS, "betas": MAVIS_METHODS, "normalize": MAVIS_METHODS, "values": ("mavis", "mavis-beam"),
+                 "conditioned": ("mavis-conditioned",), "moodpo": ("moodpo",)}
+
+
+def point_method(path: Path) -> str:
+    """The method of a point file ``<method>@<lambda>.json``."""
+    return path.name.split("@", 1)[0]
 
 
 def drop_stale_points(out: str | Path, spec: SweepSpec) -> None:
     """Record ``spec`` in ``out/sweep.json``; points measured under other settings are deleted
-    (only the MAVIS ones when only MAVIS's beta or value models changed), so a rerun re-evaluates
-    exactly those."""
+    (only those of the methods a setting concerns, see :data:`FIELD_METHODS`; a changed method list
+    alone makes nothing stale), so a rerun re-evaluates exactly those."""
     from ..provenance import write_json
 
     out = Path(out)
@@ -139,9 +167,11 @@ def drop_stale_points(out: str | Path, spec: SweepSpec) -> None:
         # settings added since the sweep was written take their defaults
         defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(SweepSpec)}
         old = {**json.loads(json.dumps(defaults, default=str)), **json.loads(saved.read_text())}
-        changed = {k for k in new if k not in PLACEMENT_FIELDS and old.get(k) != new[k]}
+        changed = {k for k in new if k not in PLACEMENT_FIELDS + JUDGE_FIELDS and k != "methods" and old.get(k) != new[k]}
+        everything = bool(changed - set(FIELD_METHODS))
+        stale = {m for k in changed & set(FIELD_METHODS) for m in FIELD_METHODS[k]}
         for f in (out / "points").glob("*.json") if changed else []:
-            if changed - set(MAVIS_ONLY_FIELDS) or f.name.startswith("mavis"):
+            if everything or point_method(f) in stale:
                 f.unlink()
     out.mkdir(parents=True, exist_ok=True)
     write_json(saved, new)
@@ -165,7 +195,7 @@ def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
     from ..rewards import get_rewards, weighted_reward
     from ..values import ValueModel
     from .evaluator import evaluate_policy
-    from .policies import BestOfN, DecoderPolicy, ModelPolicy, MODPolicy
+    from .policies import BestOfN, ConditionedPolicy, DecoderPolicy, ModelPolicy, MODPolicy
 
     out = Path(out)
     (out / "points").mkdir(parents=True, exist_ok=True)
@@ -194,6 +224,16 @@ def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
             cache["decoder"] = MavisDecoder(ref_model, tok, vms, names)
         return cache["decoder"]
 
+    def conditioned_decoder():
+        if "conditioned" not in cache:
+            vm = ValueModel.load(spec.conditioned)
+            missing = [o for o in spec.objectives if o not in vm.objectives]
+            if not vm.conditioned or missing:
+                raise ValueError(f"`conditioned: {spec.conditioned}` must be a preference-conditioned value model over {spec.objectives} "
+                                 f"(it is {'conditioned' if vm.conditioned else 'not conditioned'}, objectives {vm.objectives})")
+            cache["conditioned"] = MavisDecoder(ref_model, tok, [vm])
+        return cache["conditioned"]
+
     def policy_model(obj):
         from ..baselines import load_policy_model
 
@@ -212,6 +252,8 @@ def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
             return DecoderPolicy("mavis", decoder(), cfg, weights=w, chat=spec.chat)
         if method == "mavis-beam":
             return DecoderPolicy("mavis-beam", decoder(), cfg, weights=w, beam=spec.n, chat=spec.chat)
+        if method == "mavis-conditioned":
+            return DecoderPolicy("mavis-conditioned", conditioned_decoder(), cfg, weights=w, chat=spec.chat)
         if method in ("rsoup", "bon-rsoup"):
             from ..baselines import soup
 
@@ -221,6 +263,18 @@ def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
         if method in ("mod", "bon-mod"):
             pol = MODPolicy("mod", [policy_model(o) for o in spec.objectives], tok, list(lam), plain, chat=spec.chat)
             return BestOfN("bon-mod", pol, spec.n, scorer(lam)) if method == "bon-mod" else pol
+        if method == "moodpo":
+            if "moodpo" not in cache:
+                from ..baselines import load_policy_model
+
+                folder = Path(spec.moodpo)
+                meta = json.loads((folder / "mavis_policy.json").read_text()) if (folder / "mavis_policy.json").is_file() else {}
+                trained_on = (meta.get("conditioned") or {}).get("objectives")
+                if trained_on is None or sorted(trained_on) != sorted(spec.objectives):
+                    raise ValueError(f"`moodpo: {spec.moodpo}` must be a preference-conditioned policy over {spec.objectives} "
+                                     f"(trained over {trained_on})")
+                cache["moodpo"] = load_policy_model(folder, base_model=load_causal_lm(spec.model))[0]
+            return ConditionedPolicy("moodpo", cache["moodpo"], tok, plain, weights=w, chat=spec.chat)
         if method == "morlhf":
             from ..baselines import load_policy_model
 
@@ -251,7 +305,49 @@ def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
             bar.update(1)
     if bar is not None:
         bar.close()
+    if spec.judge:
+        judge_points(out, spec, jobs)
     return write_fronts(out, spec)
+
+
+def judge_points(out: Path, spec: SweepSpec, jobs: list) -> None:
+    """Add a ``judge`` record to every point not yet judged with these settings: win rates per
+    criterion against the ``judge_against`` point at the same lambda (the ref point for ``ref``);
+    then write ``out/judge.md``."""
+    from ..provenance import write_json
+    from .judge import make_judge, win_rate
+
+    settings = {"judge": spec.judge, "against": spec.judge_against, "criteria": list(spec.criteria)}
+    judge = None
+
+    def path_of(method, lam) -> Path:
+        return out / "points" / f"{method}@{lam_key(lam) if lam else 'ref'}.json"
+
+    rows = []
+    for method, lam in jobs:
+        if method == spec.judge_against:
+            continue
+        other = path_of(spec.judge_against, None if spec.judge_against == "ref" else lam)
+        if not other.exists():
+            continue  # e.g. a morlhf lambda off the grid of a swept method
+        point, base = json.loads(path_of(method, lam).read_text()), json.loads(other.read_text())
+        if (point.get("judge") or {}).get("settings") != settings:
+            a, b = point.get("responses"), base.get("responses")
+            if not a or not b or [x["prompt"] for x in a] != [x["prompt"] for x in b]:
+                raise ValueError(f"{path_of(method, lam).name} and {other.name} lack per-response records on the same prompts; delete them to re-evaluate")
+            judge = judge or make_judge(spec.judge)
+            prompts = [x["prompt"] for x in a]
+            point["judge"] = {"settings": settings, "judge": judge.name, "against": other.name,
+                              "win_rates": [win_rate(judge, prompts, [x["response"] for x in a], [x["response"] for x in b], c) for c in spec.criteria]}
+            write_json(path_of(method, lam), point)
+        rows.append(point)
+    lines = [f"Pairwise judge `{spec.judge}` against `{spec.judge_against}` (each pair judged in both orders; ties count in the denominator).", "",
+             "| method | λ | criterion | win | loss | tie | consistency | invalid |", "|---|---|---|---|---|---|---|---|"]
+    for p in rows:
+        lam = "-" if p.get("lambda") is None else "/".join(f"{x:g}" for x in p["lambda"])
+        for w in p["judge"]["win_rates"]:
+            lines.append(f"| {p['method']} | {lam} | {w['criterion']} | {w['win']:.3f} | {w['loss']:.3f} | {w['tie']:.3f} | {w['consistency']:.3f} | {w['invalid']} |")
+    (out / "judge.md").write_text("\n".join(lines) + "\n")
 
 
 def point_kl(point: dict) -> float:
@@ -264,7 +360,8 @@ def point_kl(point: dict) -> float:
 
 def write_fronts(out: Path, spec: SweepSpec) -> dict:
     """Fronts per method, hypervolume against the stated reference point, markdown and plots."""
-    points = [json.loads(p.read_text()) for p in sorted((out / "points").glob("*.json"))]
+    # the listed methods only: points of a method dropped from the list stay on disk, out of the fronts
+    points = [json.loads(p.read_text()) for p in sorted((out / "points").glob("*.json")) if point_method(p) in spec.methods]
     objs = spec.objectives
     by_method: dict[str, list[dict]] = {}
     for p in points:

@@ -112,6 +112,16 @@ def test_collect_label_train_distill_cli(tmp_path, tiny_lm, tiny_tokenizer, caps
     meta = json.loads((trunk / "best" / "meta.json").read_text())
     assert meta["pool"] == "mean" and meta["frozen_backbone"] and meta["backbone"] == "trunk:1"
     assert "sibling concordance" in capsys.readouterr().out
+    # one preference-conditioned model over both objectives, then decoding with it at a weighting
+    cond = tmp_path / "vc"
+    assert main(["train", "--trees", str(trees), "--objective", "concise", "--objective", "humor", "--conditioned", "--head-hidden", "8",
+                 "--out", str(cond), "--backbone", "trunk:1", "--base-model", str(tmp_path / "m"), "--epochs", "2", "--batch-size", "4"]) == 0
+    res = json.loads((cond / "result.json").read_text())
+    assert set(res["quality"]["per_objective"]) == {"concise", "humor"} and "mixed_weights" in res["quality"]
+    assert json.loads((cond / "best" / "meta.json").read_text())["conditioned"] is True
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "hello", "--no-chat", "--max-new-tokens", "3",
+                 "--value", str(cond / "best"), "--weights", "concise=0.3", "--weights", "humor=0.7"]) == 0
+    capsys.readouterr()
     assert main(["train", "--trees", str(tmp_path / "nope.h5"), "--objective", "concise", "--out", str(tmp_path / "w")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "--trees", str(trees), "--objective", "concise", "--out", str(tmp_path / "nb"), "--backbone", "nosuch",

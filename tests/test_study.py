@@ -148,6 +148,14 @@ def test_claim_search_compares_weighted_reward_per_lambda():
     assert [r["wins"] for r in c["rows"]] == [True, False] and c["verdict"] == report.MIXED
 
 
+def test_claim_conditioned_compares_hypervolumes_and_is_absent_without_the_methods():
+    f = fronts(mavis=(0.3, [(0.5, 0.6, 0.6, 5)]), **{"mavis-conditioned": (0.2, [(0.5, 0.5, 0.6, 4)]), "moodpo": (0.35, [(0.5, 0.7, 0.7, 3)])})
+    c = report.claim_conditioned(f)
+    assert c["verdict"] == report.MIXED and c["rows"][0]["mavis-conditioned"] == pytest.approx(0.55) and c["rows"][0]["moodpo_kl"] == 3
+    assert report.claim_conditioned(fronts(mavis=(0.3, []), **{"mavis-conditioned": (0.2, [])}))["verdict"] == report.HOLDS
+    assert report.claim_conditioned(fronts(mavis=(0.3, []), rsoup=(0.2, []))) is None
+
+
 def test_claim_distill_and_cost_rules():
     sep = {"a": res({"a": (0.50, 0.02)}, 3.0), "b": res({"b": (0.70, 0.02)}, 3.0)}
     dis = {"a": res({"a": (0.45, 0.02)}, 3.0), "b": res({"b": (0.50, 0.02)}, 3.0)}
@@ -186,14 +194,19 @@ def test_whole_study_on_tiny_models_writes_a_report_and_resumes(tmp_path):
         single={"betas": [1.0, 4.0]},
         sweep={"grid_step": 0.5, "beta": "matched", "extra_betas": [3.0], "n": 2, "methods": ["ref", "mavis", "mavis-beam", "rsoup", "mod", "morlhf", "bon-ref", "bon-rsoup"]},
         distill={"backbone": str(d), "epochs": 1.0, "beta": 2.0},
+        conditioned={"head_hidden": 8, "epochs": 1.0, "round_epochs": 1.0, "grid": [1.0, 0.0], "prompts_per_weighting": 3, "policy_grid_step": 0.5},
     )
     out = tmp_path / "study"
     run_study(spec, out, stages=["mavis", "baselines"], progress=False)  # an interrupted study ...
     assert (out / "baselines" / "rl-morlhf-0.5" / "mavis_policy.json").exists() and not (out / "single").exists()
     report_path = run_study(spec, out, progress=False, report=tmp_path / "results")  # ... resumed
     text = report_path.read_text()
-    for k in range(1, 7):
+    for k in range(1, 8):
         assert f"## Claim {k}" in text
+    # claim 7: one conditioned value model by policy iteration (iter0 + one round on trees at each λ of the grid) and one conditioned policy
+    assert (out / "conditioned" / "iter1" / "trees-1.h5").exists() and (out / "conditioned" / "iter1" / "value" / "best" / "meta.json").exists()
+    assert (out / "conditioned" / "moodpo" / "mavis_policy.json").exists()
+    assert {"mavis-conditioned", "moodpo"} <= set(json.loads((out / "sweep" / "fronts.json").read_text())["methods"])
     verdicts = json.loads((out / "verdicts.json").read_text())["claims"]
     assert all(v["verdict"] in ("holds", "does not hold", "mixed") for v in verdicts.values())
     assert (tmp_path / "results" / "REPORT.md").exists() and (tmp_path / "results" / "single_objective.png").stat().st_size > 0
@@ -203,7 +216,7 @@ def test_whole_study_on_tiny_models_writes_a_report_and_resumes(tmp_path):
     shared = out / "sweep-beta3" / "points" / "rsoup@0.5-0.5.json"  # baselines' points are copied, not recomputed
     assert shared.read_text() == (out / "sweep" / "points" / "rsoup@0.5-0.5.json").read_text()
     costs = json.loads((out / "costs.json").read_text())
-    assert set(costs) == {"mavis", "baselines", "single", "sweep", "distill"}
+    assert set(costs) == {"mavis", "baselines", "conditioned", "single", "sweep", "distill"}
     assert any(k.startswith("collect:") for k in json.loads((out / "mavis" / "costs.json").read_text()))
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/points/*.json")}
     run_study(spec, out, progress=False)  # everything finished: nothing is evaluated again

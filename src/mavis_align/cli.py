@@ -211,7 +211,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if vm.objectives != list(args.objective):
             raise ValueError(f"--init model has heads {vm.objectives}, not {list(args.objective)}")
     else:
-        vm = build_value_model(args.objective, backbone=args.backbone, base_model=args.base_model, seed=args.seed, pool=args.pool, head_hidden=args.head_hidden)
+        vm = build_value_model(args.objective, backbone=args.backbone, base_model=args.base_model, seed=args.seed, pool=args.pool,
+                               head_hidden=args.head_hidden, conditioned=args.conditioned)
     from .tracking import make_tracker
 
     tracker = make_tracker(args.report_to, project=args.project, run=args.run_name or Path(args.out).name, config=vars(cfg) | {"trees": args.trees}, out=args.out)
@@ -359,19 +360,25 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from .baselines import RLConfig, train_rl_policy
+    from .baselines import RLConfig, train_conditioned_policy, train_rl_policy
     from .data import load_prompts
     from .decoding.decoder import parse_weights
     from .models import load_tokenizer
     from .rewards import get_rewards
 
-    weights = parse_weights(args.weights)
-    get_rewards(list(weights))
+    if bool(args.weights) == bool(args.conditioned):
+        raise ValueError("give either --weights (one policy for one weighting) or --conditioned (one policy for every weighting)")
+    weights = parse_weights(args.weights) if args.weights else None
+    get_rewards(list(weights or args.conditioned))
     tok = load_tokenizer(args.model)
     prompts = [p.text for p in load_prompts(args.dataset, "train", seed=args.data_seed, tokenizer=tok, limit=args.limit)]
     cfg = RLConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
                    max_completion_length=args.max_new_tokens, learning_rate=args.lr, lora_rank=args.lora_rank, kl_beta=args.kl_beta, seed=args.seed)
-    out = train_rl_policy(args.model, prompts, weights, args.out, cfg, chat=not args.no_chat, report_to=args.report_to)
+    if args.conditioned:
+        out = train_conditioned_policy(args.model, prompts, list(args.conditioned), args.out, cfg, grid_step=args.grid_step, chat=not args.no_chat,
+                                       report_to=args.report_to)
+    else:
+        out = train_rl_policy(args.model, prompts, weights, args.out, cfg, chat=not args.no_chat, report_to=args.report_to)
     print(f"policy in {out}: " + (Path(out) / "mavis_policy.json").read_text())
     return 0
 
@@ -532,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=DEFAULT_VALUE_BACKBONE, help="backbone of a new model (see `mavis-align ls backbones`)")
     p.add_argument("--pool", default=None, choices=["last", "mean", "mean+last"], help="what the heads read: the last state (paper) or the mean state (default: mean for trunk:N, else last)")
     p.add_argument("--head-hidden", type=int, default=0, help="0: linear heads; d > 0: two-layer MLP heads of width d")
+    p.add_argument("--conditioned", action="store_true",
+                   help="one preference-conditioned model V(s, λ) over all --objective (λ enters the head; width --head-hidden, default 64); "
+                        "trained at λ drawn from the simplex on pi_ref trees, at the collecting λ on MAVIS trees")
     p.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     p.add_argument("--zeta", type=float, default=0.0, help="KL penalty multiplier (eq. 6)")
     p.add_argument("--kl-target", default="future", choices=["future", "response"], help="log-ratio charged: tokens after s (default) or the whole response")
@@ -564,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="reproduce-default", help="study YAML or packaged name (reproduce-default, reproduce-paper)")
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--report", default=None, help="also copy REPORT.md and its figures into this folder (e.g. results)")
-    p.add_argument("--stages", default=None, help="comma list of stages to run (default: all): mavis,baselines,single,sweep,distill,report")
+    p.add_argument("--stages", default=None, help="comma list of stages to run (default: all): mavis,baselines,conditioned,single,sweep,distill,report")
     p.add_argument("--check", action="store_true", help="only validate the recipe and resolve its models, rewards and data set")
     p.set_defaults(func=_cmd_reproduce)
 
@@ -624,7 +634,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pareto)
 
     p = sub.add_parser("finetune", help="RL fine-tune a LoRA policy on weighted rewards with a KL penalty (TRL GRPO)")
-    p.add_argument("--weights", action="append", required=True, metavar="NAME=W", help="reward weights (one name: single objective; several: MORLHF)")
+    p.add_argument("--weights", action="append", metavar="NAME=W", help="reward weights (one name: single objective; several: MORLHF)")
+    p.add_argument("--conditioned", action="append", metavar="NAME",
+                   help="instead: one preference-conditioned policy over these objectives (repeatable, >= 2), told its weights in a system "
+                        "instruction, trained over weights on a grid (MOODPO-like; sweep method `moodpo`)")
+    p.add_argument("--grid-step", type=float, default=0.2, help="--conditioned: grid of the training weights")
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=DEFAULT_BASE_MODEL)
     p.add_argument("--dataset", default="hh-mix")

@@ -209,6 +209,30 @@ def claim_search(fronts: dict) -> dict:
     return {"claim": 4, "verdict": _combine(wins), "rows": rows, "hypervolume": hv}
 
 
+def claim_conditioned(fronts: dict) -> dict | None:
+    """Claim 7 (paper v3): MAVIS's front beats a single preference-conditioned value model and a
+    preference-conditioned policy. None when the sweep has neither.
+
+    Rule: hypervolume(mavis) > hypervolume(mavis-conditioned) and > hypervolume(moodpo), for those
+    in the sweep (same reference point as claim 3).
+    """
+    objs, methods = fronts["objectives"], fronts["methods"]
+    rivals = [m for m in ("mavis-conditioned", "moodpo") if m in methods]
+    if not rivals or "mavis" not in methods:
+        return None
+    hv = {m: methods[m]["hypervolume"] for m in ["mavis", *rivals]}
+    wins = [hv["mavis"] > hv[m] for m in rivals]
+    rows = []
+    for pt in methods["mavis"]["points"]:
+        row = {"lambda": pt["lambda"], "mavis": weighted(pt, objs), "mavis_kl": pt["kl"]}
+        for m in rivals:
+            q = next((p for p in methods[m]["points"] if _same(p["lambda"], pt["lambda"])), None)
+            if q is not None:
+                row[m], row[f"{m}_kl"] = weighted(q, objs), q["kl"]
+        rows.append(row)
+    return {"claim": 7, "verdict": _combine(wins), "hypervolume": hv, "rows": rows, "rivals": rivals}
+
+
 def across_betas(verdicts: list[str]) -> str:
     """One verdict from the same claim judged at several MAVIS betas: theirs when they agree,
     else mixed."""
@@ -314,10 +338,17 @@ def build(out: Path, spec) -> tuple[dict, dict]:
         if (folder / "fronts.json").exists():
             f = json.loads((folder / "fronts.json").read_text())
             sweeps[folder.name] = {"fronts": f, "spec": json.loads((folder / "sweep.json").read_text()),
-                                   "claim3": claim_fronts(f), "claim4": claim_search(f), "fronts_md": (folder / "fronts.md").read_text()}
+                                   "claim3": claim_fronts(f), "claim4": claim_search(f), "claim7": claim_conditioned(f),
+                                   "fronts_md": (folder / "fronts.md").read_text(),
+                                   "judge_md": (folder / "judge.md").read_text() if (folder / "judge.md").exists() else None}
     fronts = sweeps["sweep"]["fronts"]
     claims[3] = {**sweeps["sweep"]["claim3"], "verdict": across_betas([v["claim3"]["verdict"] for v in sweeps.values()])}
     claims[4] = {**sweeps["sweep"]["claim4"], "verdict": across_betas([v["claim4"]["verdict"] for v in sweeps.values()])}
+    if sweeps["sweep"]["claim7"] is not None:
+        claims[7] = {**sweeps["sweep"]["claim7"], "verdict": across_betas([v["claim7"]["verdict"] for v in sweeps.values() if v["claim7"]])}
+        cond = out / "conditioned"
+        claims[7]["value_quality"] = {p.parent.parent.name: json.loads((p.parent / "result.json").read_text()).get("quality")
+                                      for p in sorted(cond.glob("iter*/value/best")) if (p.parent / "result.json").exists()}
     ev = out / "distill" / "eval"
     claims[5] = claim_distill({m: json.loads((ev / f"separate-{m}.json").read_text()) for m in objs},
                               {m: json.loads((ev / f"distilled-{m}.json").read_text()) for m in objs}, json.loads((ev / "speed.json").read_text()))
@@ -350,11 +381,12 @@ def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
              3: "multi-objective: MAVIS front dominates RSoup and MOD (hypervolume), close to MORLHF",
              4: "search: MAVIS beam search (N beams) beats best-of-N of the baselines",
              5: f"distillation: multi-head model within {PAPER_DISTILL_GAP} reward of the separate ones, faster",
-             6: "cost: value-model training compute of the same order as fine-tuning the baselines"}
-    for k in range(1, 7):
+             6: "cost: value-model training compute of the same order as fine-tuning the baselines",
+             7: "preference-conditioned (v3): MAVIS front beats one conditioned value model V(s, λ) and one conditioned policy (hypervolume)"}
+    for k in sorted(claims):
         L.append(f"| {k} | {names[k]} | **{claims[k]['verdict']}** |")
     L += ["", "Each verdict follows the rule printed under its claim. To recompute only some stages after a change, add",
-          "`--stages single,sweep,report` (stages: mavis, baselines, single, sweep, distill, report); finished work is reused."]
+          "`--stages single,sweep,report` (stages: mavis, baselines, conditioned, single, sweep, distill, report); finished work is reused."]
     L += ["", "## Scale and setup", "",
           f"- Base model π_ref: `{r.model}`; objectives (rewards): {', '.join(objs)}; data set `{r.dataset}`.",
           f"- Value models: backbone `{r.backbone}`; iteration 0 on {r.train_prompts} train prompts' trees (tree {json.dumps(r.tree)}); "
@@ -471,7 +503,46 @@ def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
     L += ["", f"Ratio MAVIS / per-objective RL: **{c['ratio']:.2f}×** (paper: 21.5 / 17 GPU-hours = 1.26×). Iteration-0 trees are collected once "
           "and labelled with every reward, so their cost is shared by all objectives. Wall times count the calls that finished or were stopped "
           "by Ctrl-C / SIGTERM; a process killed with SIGKILL loses its share, and other work on the machine inflates them.", ""]
+    if 7 in claims:
+        L += _claim7_section(claims[7], ctx, spec)
+    for name, sw in ctx["sweeps"].items():
+        if sw.get("judge_md"):
+            L += [f"## Pairwise judge win rates (`{name}/`)", "", sw["judge_md"]]
     return "\n".join(L) + "\n"
+
+
+def _claim7_section(c: dict, ctx: dict, spec) -> list[str]:
+    """Claim 7: the paper v3 comparison with preference-conditioned methods."""
+    cond = spec.conditioned
+    L = ["## Claim 7: preference-conditioned methods (paper v3)", "", _rule(claim_conditioned), "",
+         f"`mavis-conditioned`: one value model V(s, λ) over ({', '.join(spec.pair)}) with a λ-gated head (width {cond.get('head_hidden', 64)}), "
+         "trained by the same soft policy iteration as the per-objective models: iteration 0 on the shared π_ref trees at λ drawn from the simplex, "
+         f"then {cond.get('rounds', len(spec.recipe.rounds))} round(s) (β, ζ of `mavis.iterations`) on MAVIS(V(·, λ_j), λ_j) trees for "
+         f"λ_1 ∈ {cond.get('grid', [1.0, 0.5, 0.0])}, {cond.get('prompts_per_weighting', '?')} prompts each; decoded by the same engine. "
+         "`moodpo`: one LoRA policy told its weights in a system instruction, trained with GRPO (the RL baselines' settings) over weights on a "
+         f"{cond.get('policy_grid_step', 0.2)} grid (the authors use online DPO); its KL is measured against π_ref on the user prompt alone.", ""]
+    for name, sw in ctx["sweeps"].items():
+        c7 = sw.get("claim7")
+        if not c7:
+            continue
+        L += [f"### MAVIS β = {sw['spec']['beta']:g} (`{name}/`): {c7['verdict']}", "", "| method | hypervolume |", "|---|---|"]
+        L += [f"| {m} | {v:.4f} |" for m, v in sorted(c7["hypervolume"].items(), key=lambda kv: -kv[1])]
+        L += ["", "| λ | MAVIS Σλ·R (KL) | " + " | ".join(c7["rivals"]) + " |", "|---" * (len(c7["rivals"]) + 2) + "|"]
+        for row in c7["rows"]:
+            L.append(f"| {'/'.join(f'{x:g}' for x in row['lambda'])} | {_f(row['mavis'])} ({row['mavis_kl']:.1f}) | "
+                     + " | ".join(f"{_f(row[m])} ({row[m + '_kl']:.1f})" if m in row else "-" for m in c7["rivals"]) + " |")
+        L.append("")
+    def num(x) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    for it, q in (c.get("value_quality") or {}).items():
+        if q:
+            per = q.get("per_objective", {})
+            mixed = q.get("mixed_weights", {})
+            L.append(f"- conditioned value model {it}: held-out (at λ = e_m) " + "; ".join(
+                f"{m} R² {num(v.get('r2'))}, concordance {num(v.get('concordance'))} ({v.get('pairs', 0)} pairs)" for m, v in per.items())
+                + (f"; at mixed λ R² {num(mixed.get('r2'))}, concordance {num(mixed.get('concordance'))}" if mixed else ""))
+    return L + [""]
 
 
 def _quality_section(rows: list[dict], distill_result: dict) -> list[str]:

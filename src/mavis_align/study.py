@@ -6,6 +6,10 @@ whole, a rerun skips what is finished, and the long stages resume from their own
     mavis/                 value models: iteration 0 + policy-iteration rounds (train.iterate)
     baselines/rl-<m>/      RL fine-tuned policy per objective (LoRA + KL-penalised GRPO)
     baselines/rl-morlhf-<lambda_1>/  MORLHF policies on the `pair` objectives
+    conditioned/           paper v3's preference-conditioned comparisons on the `pair` (when the recipe
+                           has a `conditioned:` section): one value model V(s, λ) by soft policy
+                           iteration (iter0 on the shared pi_ref trees, then rounds on MAVIS trees
+                           collected at a grid of λ), and one prompt-conditioned policy (moodpo/)
     single/points/*.json   claims 1-2: pi_ref, RL_m and MAVIS(V_m^i, beta) for every beta of the grid
     sweep/                 claims 3-4: Pareto sweep over lambda (mavis, beam, rsoup, mod, morlhf, best-of-N)
     distill/               claim 5: the final value models distilled into one multi-head model, compared
@@ -29,7 +33,7 @@ from .schema import Shape, check, read_yaml_mapping, shape_of
 from .study_layout import final_value_dir, load_points, point_name
 from .train.iterate import Recipe, add_cost, extends_recipe, recipe_prompts
 
-STAGES = ("mavis", "baselines", "single", "sweep", "distill", "report")
+STAGES = ("mavis", "baselines", "conditioned", "single", "sweep", "distill", "report")
 
 
 @dataclass
@@ -44,6 +48,7 @@ class StudySpec:
     single: dict = field(default_factory=lambda: {"betas": [1.0, 2.0, 5.0]})
     sweep: dict = field(default_factory=dict)
     distill: dict = field(default_factory=dict)
+    conditioned: dict = field(default_factory=dict)  # empty: no preference-conditioned comparisons
 
     def __post_init__(self) -> None:
         from .baselines import RLConfig
@@ -87,8 +92,11 @@ def study_shape() -> Shape:
         evaluation=Shape({"split": str, "prompts": int, "samples": int, "max_new_tokens": int, "top_k": int, "seed": int, "dataset": str,
                           "normalize": bool}, "evaluation"),
         single=Shape({"betas": list[float]}, "single"),
-        sweep=Shape({"grid_step": float, "beta": float | str, "extra_betas": list[float], "n": int, "methods": list[str], "betas": dict}, "sweep"),
+        sweep=Shape({"grid_step": float, "beta": float | str, "extra_betas": list[float], "n": int, "methods": list[str], "betas": dict,
+                     "judge": str, "judge_against": str, "criteria": list[str]}, "sweep"),
         distill=Shape({"backbone": str, "epochs": float, "beta": float, "lr": float, "batch_size": int}, "distill"),
+        conditioned=Shape({"head_hidden": int, "lr": float, "epochs": float, "round_epochs": float, "grid": list[float],
+                           "prompts_per_weighting": int, "rounds": int, "policy_grid_step": float, "policy": bool}, "conditioned"),
     )
 
 
@@ -207,7 +215,7 @@ def _run_study(spec: StudySpec, out: str | Path, *, stages: list[str] | None, pr
     unknown = [s for s in todo if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; known: {list(STAGES)}")
-    runners = {"mavis": _stage_mavis, "baselines": _stage_baselines, "single": _stage_single, "sweep": _stage_sweep, "distill": _stage_distill}
+    runners = {"mavis": _stage_mavis, "baselines": _stage_baselines, "conditioned": _stage_conditioned, "single": _stage_single, "sweep": _stage_sweep, "distill": _stage_distill}
     for stage in STAGES:
         if stage not in todo:
             continue
@@ -244,6 +252,84 @@ def _stage_baselines(spec: StudySpec, out: Path, progress: bool) -> None:
         if progress:
             print(f"[reproduce] RL policy {name} {weights}", flush=True)
         train_rl_policy(r.model, prompts, weights, out / "baselines" / name, spec.rl_config, chat=r.chat, progress=progress)
+
+
+def conditioned_value_dir(out: Path) -> Path | None:
+    """The last finished preference-conditioned value model of a study (None: none yet)."""
+    i, best = 0, None
+    while (out / "conditioned" / f"iter{i}" / "value" / "best" / "meta.json").exists():
+        best = out / "conditioned" / f"iter{i}" / "value" / "best"
+        i += 1
+    return best
+
+
+def _stage_conditioned(spec: StudySpec, out: Path, progress: bool) -> None:
+    """One preference-conditioned value model over the `pair`, trained like the per-objective ones
+    (same iteration-0 trees, same rounds' beta and zeta, same tree shape and prompt budget per round)
+    but at λ: iteration 0 at λ drawn from the simplex, round i on MAVIS(V^{i-1}(·, λ_j), λ_j) trees
+    for each λ_j of ``grid`` (λ_1 values); and one preference-conditioned policy (GRPO, the RL
+    baselines' settings and prompts)."""
+    from dataclasses import asdict as _asdict
+
+    from .baselines import train_conditioned_policy
+    from .collect import CollectSpec, TreeConfig, collect
+    from .train import TrainConfig, train_value_model
+    from .train.iterate import placement_names, value_model_options
+    from .values import ValueModel, build_value_model
+
+    c = spec.conditioned
+    if not c:
+        return
+    r = spec.recipe
+    a, b = spec.pair
+    folder = out / "conditioned"
+    folder.mkdir(parents=True, exist_ok=True)
+    base_cfg = {"solver": "sgd", "keep_leaf_fraction": float(r.train.get("keep_leaf_fraction", 0.5)), "lr": float(c.get("lr", 1e-3)),
+                "batch_size": 64, "eval_every": 0, "seed": r.seed}
+
+    def train(dest: Path, trees: list[Path], init: Path | None, epochs: float, zeta: float) -> None:
+        if (dest / "result.json").exists():
+            return
+        t0 = time.perf_counter()
+        if init is None:
+            opts = {**value_model_options(r), "head_hidden": int(c.get("head_hidden", 64))}
+            vm = build_value_model([a, b], **opts, conditioned=True, seed=r.seed + 23)
+        else:
+            vm = ValueModel.load(init)
+        cfg = TrainConfig(**{**base_cfg, "epochs": epochs, "zeta": zeta, "warmup_steps": 0 if init else 20})
+        try:
+            train_value_model(vm, trees, dest, cfg, resume=(dest / "checkpoint").exists(), progress=progress)
+        finally:
+            add_cost(folder, f"train:{dest.relative_to(folder)}", time.perf_counter() - t0)
+
+    train(folder / "iter0" / "value", [out / "mavis" / "iter0" / "trees.h5"], None, float(c.get("epochs", 20.0)), 0.0)
+    grid = [float(x) for x in c.get("grid", [1.0, 0.5, 0.0])]
+    n_prompts = int(c.get("prompts_per_weighting", max(1, r.train_prompts * 2 // len(grid))))
+    prompts = recipe_prompts(r, "train", n_prompts)
+    tree_cfg = TreeConfig(**r.tree)
+    for i, round_ in enumerate(r.rounds[: int(c.get("rounds", len(r.rounds)))], start=1):
+        prev = folder / f"iter{i - 1}" / "value" / "best"
+        files = []
+        for j, lam in enumerate(grid):
+            path = folder / f"iter{i}" / f"trees-{lam:g}.h5"
+            files.append(path)
+            if path.exists():
+                continue
+            tc = TreeConfig(**{**_asdict(tree_cfg), "beta": float(round_.beta), "top_k": int(r.eval.get("top_k", DEFAULT_TOP_K))})
+            cs = CollectSpec(model=r.model, values=[str(prev)], weights={a: lam, b: round(1 - lam, 6)}, rewards=[a, b], dataset=r.dataset, split="train",
+                             limit=n_prompts, data_seed=r.data_seed, prompt_field=r.prompt_field, chat=r.chat, tree=tc, seed=r.seed + 1000 * i + j,
+                             group_size=r.group_size, val_fraction=r.val_fraction, **placement_names())
+            t0 = time.perf_counter()
+            try:
+                collect(cs, path, prompts, resume=True, backend=r.backend, workers=r.workers, progress=progress)
+            finally:
+                add_cost(folder, f"collect:{path.relative_to(folder)}", time.perf_counter() - t0)
+        train(folder / f"iter{i}" / "value", files, prev, float(c.get("round_epochs", 10.0)), float(round_.zeta))
+    if c.get("policy", True):
+        if progress:
+            print(f"[reproduce] preference-conditioned policy over {spec.pair}", flush=True)
+        train_conditioned_policy(r.model, recipe_prompts(r, "train", int(spec.baselines.get("prompts", 160))), [a, b], folder / "moodpo",
+                                 spec.rl_config, grid_step=float(c.get("policy_grid_step", 0.2)), chat=r.chat, progress=progress)
 
 
 class _Evaluation:
@@ -348,7 +434,18 @@ def _stage_sweep(spec: StudySpec, out: Path, progress: bool) -> None:
         beta=sweep_beta(spec, out), betas=dict(s.get("betas", {})), n=int(s.get("n", 5)), dataset=e.get("dataset", r.dataset), split=spec.eval_split,
         prompts=int(e.get("prompts", 16)), samples=int(e.get("samples", 2)), max_new_tokens=int(e.get("max_new_tokens", 40)),
         top_k=int(e.get("top_k", DEFAULT_TOP_K)), seed=int(e.get("seed", 0)), chat=r.chat, normalize=bool(e.get("normalize", True)),
+        judge=str(s.get("judge", "")), judge_against=str(s.get("judge_against", "ref")),
+        criteria=list(s.get("criteria", ["helpful", "harmless", "balanced"])),
     )
+    if spec.conditioned:  # paper v3's comparisons: one conditioned value model, one conditioned policy
+        cond = conditioned_value_dir(out)
+        if cond is None:
+            raise FileNotFoundError(f"no preference-conditioned value model under {out / 'conditioned'}: run the `conditioned` stage first")
+        sweep.conditioned = str(cond)
+        sweep.methods += [m for m in ("mavis-conditioned",) if m not in sweep.methods]
+        if spec.conditioned.get("policy", True):
+            sweep.moodpo = str(out / "conditioned" / "moodpo")
+            sweep.methods += [m for m in ("moodpo",) if m not in sweep.methods]
     _sweep_into(out / "sweep", sweep, progress)
     for beta in s.get("extra_betas", []):
         # the same sweep with another MAVIS beta: only the MAVIS points differ, the others are copied

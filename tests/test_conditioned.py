@@ -247,13 +247,13 @@ def test_conditioned_policy_reads_its_weights_as_an_instruction_and_keeps_the_us
     from conftest import make_tiny_tokenizer
     from mavis_align.baselines.rl import preference_instruction
     from mavis_align.decoding.decoder import MavisDecoder
-    from mavis_align.evaluate.policies import ConditionedPolicy
+    from mavis_align.evaluate.policies import ModelPolicy
     from mavis_align.generation import SamplingConfig
 
     tok = make_tiny_tokenizer()
     lm = make_tiny_lm(len(tok), seed=4)
     cfg = SamplingConfig(max_new_tokens=6)
-    pol = ConditionedPolicy("moodpo", lm, tok, cfg, weights={"a": 0.2, "b": 0.8}, chat=False)
+    pol = ModelPolicy("moodpo", lm, tok, cfg, chat=False, system=preference_instruction({"a": 0.2, "b": 0.8}))
     gens = pol.generate(["the cat", "a dog"], seed=3)
     assert [g.prompt for g in gens] == ["the cat", "a dog"]
     inline = MavisDecoder(lm, tok).generate([f"{preference_instruction({'a': 0.2, 'b': 0.8})}\n\n{p}" for p in ["the cat", "a dog"]],

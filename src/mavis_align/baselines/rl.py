@@ -133,7 +133,7 @@ def train_conditioned_policy(base: str, prompts: list[str], objectives: list[str
     """One LoRA policy for every weighting (MOODPO-like): each training prompt is paired with a
     weighting drawn (seeded) from the grid of ``grid_step``, the policy reads it as a system
     instruction (:func:`preference_instruction`), and GRPO rewards each sample with
-    sum_m lambda_m R_m of its own lambda. Decode it with :class:`~mavis_align.evaluate.policies.ConditionedPolicy`.
+    sum_m lambda_m R_m of its own lambda. Decode it with :class:`~mavis_align.evaluate.policies.ModelPolicy` and ``system=preference_instruction(weights)``.
 
     Skips the work when ``out/mavis_policy.json`` exists (a finished run).
     """

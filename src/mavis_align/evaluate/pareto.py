@@ -195,7 +195,7 @@ def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
     from ..rewards import get_rewards, weighted_reward
     from ..values import ValueModel
     from .evaluator import evaluate_policy
-    from .policies import BestOfN, ConditionedPolicy, DecoderPolicy, ModelPolicy, MODPolicy
+    from .policies import BestOfN, DecoderPolicy, ModelPolicy, MODPolicy
 
     out = Path(out)
     (out / "points").mkdir(parents=True, exist_ok=True)
@@ -274,7 +274,10 @@ def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
                     raise ValueError(f"`moodpo: {spec.moodpo}` must be a preference-conditioned policy over {spec.objectives} "
                                      f"(trained over {trained_on})")
                 cache["moodpo"] = load_policy_model(folder, base_model=load_causal_lm(spec.model))[0]
-            return ConditionedPolicy("moodpo", cache["moodpo"], tok, plain, weights=w, chat=spec.chat)
+            from ..baselines.rl import preference_instruction
+
+            # the instruction is read before the prompt; generations keep the user prompt, so KL is against pi_ref on it alone
+            return ModelPolicy("moodpo", cache["moodpo"], tok, plain, chat=spec.chat, system=preference_instruction(w))
         if method == "morlhf":
             from ..baselines import load_policy_model
 

@@ -53,35 +53,13 @@ class ModelPolicy:
     config: SamplingConfig
     batch_size: int = 8
     chat: bool | None = None
+    system: str | None = None  # an instruction read before every prompt (a preference-conditioned policy's weights)
 
     def generate(self, prompts: Sequence[str], seed: int = 0) -> list[Generation]:
-        from ..decoding.decoder import MavisDecoder
-
-        return MavisDecoder(self.model, self.tokenizer).generate(list(prompts), config=self.config, seed=seed, batch_size=self.batch_size, chat=self.chat)
-
-
-@dataclass
-class ConditionedPolicy:
-    """A preference-conditioned policy (``baselines.train_conditioned_policy``) asked for one
-    weighting: it reads :func:`~mavis_align.baselines.preference_instruction` of ``weights`` as a
-    system instruction before each prompt. Its generations keep the user prompt, so the evaluator
-    measures KL against pi_ref on the user prompt alone (what the policy changed, instruction
-    included)."""
-
-    name: str
-    model: object
-    tokenizer: object
-    config: SamplingConfig
-    weights: dict
-    batch_size: int = 8
-    chat: bool | None = None
-
-    def generate(self, prompts: Sequence[str], seed: int = 0) -> list[Generation]:
-        from ..baselines.rl import preference_instruction
         from ..decoding.decoder import MavisDecoder
 
         return MavisDecoder(self.model, self.tokenizer).generate(list(prompts), config=self.config, seed=seed, batch_size=self.batch_size,
-                                                                 chat=self.chat, system=preference_instruction(self.weights))
+                                                                 chat=self.chat, system=self.system)
 
 
 class CombinedBase:

@@ -3,6 +3,8 @@ seeding, lambda steering and bad input."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -409,3 +411,126 @@ def test_beam_search_keeps_live_beams_after_n_children_finish(tiny_lm, tiny_toke
     for r in res:
         assert len(r.candidates) == 2
         assert all(len(c.row.token_ids) == 6 and c.row.finish_reason == "length" for c in r.candidates)
+
+
+# ---------------------------------------------------------------------------------- step-level guidance
+
+
+def _step_search(tiny_lm, tok, value_models, prompts, *, n, chunk, select, weights, beta=2.0, max_new=9, seed=0, on_select=None):
+    from mavis_align.decoding.engine import row_generator
+    from mavis_align.decoding.steplevel import step_guided_search
+
+    ids, mask = _batch(tok, prompts)
+    return step_guided_search(CachedBase(tiny_lm), CachedValueScorer(value_models, bind_objectives(value_models)), ids, mask,
+                              SamplingConfig(max_new_tokens=max_new), n=n, chunk=chunk, select=select,
+                              weights=torch.tensor([weights] * len(prompts)), beta=torch.tensor([beta] * len(prompts)),
+                              eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                              generators=[row_generator(seed, i) for i in range(len(prompts))], on_select=on_select)
+
+
+@pytest.mark.parametrize("select", ["best", "tilt"])
+def test_step_guidance_scores_whole_steps_and_keeps_the_chosen_one(tiny_lm, tiny_tokenizer, value_models, select):
+    """Every candidate's value is V(prompt ⊕ its tokens so far) by the naive per-sequence path; best keeps
+    the argmax; the response continues the kept candidate; a step is `chunk` tokens."""
+    tok = tiny_tokenizer
+    lam = [0.2, 0.5, 0.3]
+    naive = naive_value_fn(value_models, bind_objectives(value_models))
+    seen = []
+    res = _step_search(tiny_lm, tok, value_models, PROMPTS, n=3, chunk=3, select=select, weights=lam,
+                       on_select=lambda p, cands, vals, at: seen.append((p, cands, vals, at)))
+    assert len(seen) >= len(PROMPTS)
+    kept: dict[int, list[int]] = {}
+    for p, cands, vals, at in seen:
+        prompt_ids = tok(PROMPTS[p], add_special_tokens=False)["input_ids"]
+        v = naive([prompt_ids + c for c in cands]) @ torch.tensor(lam)
+        assert torch.allclose(v, torch.tensor(vals), atol=1e-4)
+        if select == "best":
+            assert at == max(range(len(vals)), key=lambda i: vals[i])
+        before = kept.get(p, [])
+        for c in cands:  # every candidate continues the previously kept prefix
+            assert c[: len(before)] == before
+            assert len(c) - len(before) <= 3 and (len(c) - len(before) == 3 or c[-1] == tok.eos_token_id or len(c) == 9)
+        kept[p] = cands[at]
+    for p, r in enumerate(res):
+        assert r.row.token_ids == kept[p]
+        assert len(r.step_values) == sum(1 for s in seen if s[0] == p)
+        assert r.row.logprobs_gen == pytest.approx(r.row.logprobs_ref, abs=1e-5)  # proposal = pi_ref, full vocabulary, T = 1
+
+
+def test_step_guidance_is_independent_of_its_batch(tiny_lm, tiny_tokenizer, value_models):
+    """Prompts decoded together (finished prompts leaving the batch) == each decoded alone, with the same seed."""
+    together = _step_search(tiny_lm, tiny_tokenizer, value_models, PROMPTS, n=3, chunk=2, select="tilt", weights=[0.0, 1.0, 0.0])
+    from mavis_align.decoding.engine import row_generator
+    from mavis_align.decoding.steplevel import step_guided_search
+
+    for i, prompt in enumerate(PROMPTS):
+        ids, mask = _batch(tiny_tokenizer, [prompt])
+        alone = step_guided_search(CachedBase(tiny_lm), CachedValueScorer(value_models, bind_objectives(value_models)), ids, mask,
+                                   SamplingConfig(max_new_tokens=9), n=3, chunk=2, select="tilt", weights=torch.tensor([[0.0, 1.0, 0.0]]),
+                                   beta=torch.tensor([2.0]), eos_id=tiny_tokenizer.eos_token_id, pad_id=tiny_tokenizer.pad_token_id,
+                                   generators=[row_generator(0, i)])[0]
+        assert alone.row.token_ids == together[i].row.token_ids
+        assert alone.selection_kl == pytest.approx(together[i].selection_kl)
+
+
+def test_step_guidance_kl_bounds_hold_exactly_on_a_small_distribution():
+    """Exact selection distributions over all N-tuples of a 4-outcome pi: KL(q||pi) <= log N - (N-1)/N
+    for best-of-N and <= E[log N - H(p)] for tilt sampling (the bounds steplevel records)."""
+    import itertools
+    import math
+
+    from mavis_align.decoding.steplevel import best_of_n_kl, tilt_selection_kl
+    from mavis_align.decoding.tilt import tilted_logprobs
+
+    pi = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
+    value = torch.tensor([0.1, 0.9, 0.4, 0.7])
+    for n in (2, 3):
+        q_best = torch.zeros(4, dtype=torch.float64)
+        q_tilt = torch.zeros(4, dtype=torch.float64)
+        bound = 0.0
+        for tup in itertools.product(range(4), repeat=n):
+            prob = float(torch.prod(pi[list(tup)]))
+            v = value[list(tup)][None]
+            logp = tilted_logprobs(torch.zeros_like(v), v, 3.0)[0]
+            bound += prob * tilt_selection_kl(logp)
+            best = max(range(n), key=lambda i: (float(v[0, i]), -i))
+            q_best[tup[best]] += prob
+            for i, x in enumerate(tup):
+                q_tilt[x] += prob * math.exp(float(logp[i]))
+        kl = lambda q: float((q[q > 0] * torch.log(q[q > 0] / pi[q > 0])).sum())  # noqa: E731
+        assert kl(q_best) <= best_of_n_kl(n) + 1e-9
+        assert kl(q_tilt) <= bound + 1e-9
+        assert kl(q_tilt) > 0.0
+    assert tilt_selection_kl(torch.log(torch.full((4,), 0.25))) == pytest.approx(0.0, abs=1e-6)
+    assert tilt_selection_kl(torch.tensor([0.0, float("-inf"), float("-inf")])) == pytest.approx(math.log(3))
+
+
+def test_step_guidance_through_the_decoder_and_evaluator(tiny_lm, tiny_tokenizer, value_models):
+    """MavisDecoder.step_search records the selection KL; the evaluator adds it to the token log-ratios."""
+    from mavis_align.evaluate.evaluator import evaluate_policy
+    from mavis_align.evaluate.policies import DecoderPolicy
+
+    dec = MavisDecoder(tiny_lm, tiny_tokenizer, value_models)
+    cfg = SamplingConfig(max_new_tokens=6)
+    pol = DecoderPolicy("mavis-step", dec, cfg, weights={"a": 1.0}, beta=2.0, chunk=2, candidates=4, chat=False)
+    gens = pol.generate(PROMPTS, seed=1)
+    assert [g.token_ids for g in gens] == [g.token_ids for g in pol.generate(PROMPTS, seed=1)]
+    for g in gens:
+        steps = len(g.extras["step_values"])
+        assert 1 <= steps <= 3
+        assert g.extras["selection_kl"] == pytest.approx(steps * (math.log(4) - 3 / 4))
+
+    class Const:
+        name = "const"
+
+        def __call__(self, prompts, texts):
+            return [0.0] * len(texts)
+
+    res = evaluate_policy(pol, PROMPTS, [Const()], tiny_lm, tiny_tokenizer, samples=1, chat=False)
+    expected = sum(g.extras["selection_kl"] + g.log_ratio for g in gens) / len(gens)
+    assert res["kl"]["mean"] == pytest.approx(expected, abs=1e-3)
+    assert "step-level" in res["kl_note"]
+    with pytest.raises(ValueError, match="select"):
+        dec.step_search(PROMPTS, select="worst", config=cfg)
+    with pytest.raises(ValueError, match="value model"):
+        MavisDecoder(tiny_lm, tiny_tokenizer).step_search(PROMPTS, config=cfg)

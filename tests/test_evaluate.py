@@ -132,11 +132,14 @@ def test_sweep_with_every_baseline_resumes(tmp_path):
                head_hidden=8, conditioned=True).save(tmp_path / "vc")
     spec = SweepSpec(model=str(d), objectives=["concise", "positive"], values={"concise": str(tmp_path / "va"), "positive": str(tmp_path / "vb")},
                      policies={"concise": str(pa), "positive": str(pb)}, morlhf={"0.5": str(pm)}, conditioned=str(tmp_path / "vc"),
-                     moodpo=str(pc), methods=["ref", "mavis", "mavis-beam", "mavis-conditioned", "moodpo", "rsoup", "mod", "morlhf", "bon-ref"], grid_step=0.5, beta=2.0, n=2,
+                     moodpo=str(pc), methods=["ref", "mavis", "mavis-beam", "mavis-step", "mavis-conditioned", "moodpo", "rsoup", "mod", "morlhf", "bon-ref"], grid_step=0.5, beta=2.0, n=2,
+                     step_chunk=2, step_candidates=2,
                      dataset=str(data), split="test", prompts=2, samples=1, max_new_tokens=4, top_k=4, chat=False)
     out = tmp_path / "sweep"
     summary = run_sweep(spec, out, progress=False)
-    assert set(summary["methods"]) == {"ref", "mavis", "mavis-beam", "mavis-conditioned", "moodpo", "rsoup", "mod", "morlhf", "bon-ref"}
+    assert set(summary["methods"]) == {"ref", "mavis", "mavis-beam", "mavis-step", "mavis-conditioned", "moodpo", "rsoup", "mod", "morlhf", "bon-ref"}
+    step_point = json.loads((out / "points" / "mavis-step@1-0.json").read_text())
+    assert "step-level" in step_point["kl_note"] and step_point["kl"]["mean"] >= (math.log(2) - 0.5) - 1e-6
     assert len(summary["methods"]["mavis-conditioned"]["points"]) == 3 and len(summary["methods"]["moodpo"]["points"]) == 3
     # a pairwise judge (the tiny model, local) added afterwards: every point judged against ref, no point re-evaluated
     stamps = {p.name: json.loads(p.read_text())["seconds"] for p in (out / "points").glob("*.json")}

@@ -295,7 +295,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     rewards = get_rewards(args.reward)
     weights = parse_weights(args.weights) if args.weights else None
-    if args.method in ("mavis", "mavis-beam") and not args.value:
+    if args.method in ("mavis", "mavis-beam", "mavis-step") and not args.value:
         raise ValueError(f"--method {args.method} needs value models (--value NAME=PATH)")
     if args.method == "policy" and not args.policy:
         raise ValueError("--method policy needs --policy FOLDER (from `mavis-align finetune`)")
@@ -310,6 +310,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     elif args.method in ("mavis", "mavis-beam"):
         decoder.resolve(1, weights, None, cfg)
         policy = DecoderPolicy(args.method, decoder, cfg, weights=weights, beam=args.n if args.method == "mavis-beam" else 0, chat=chat)
+    elif args.method == "mavis-step":  # steps of --chunk tokens sampled from pi_ref (top-k only if --top-k), kept by value
+        step_cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, top_k=args.top_k or 0, beta=args.beta, normalize=not args.no_normalize)
+        decoder.resolve(1, weights, None, step_cfg, token_tilt=False)
+        policy = DecoderPolicy("mavis-step", decoder, step_cfg, weights=weights, chat=chat, chunk=args.chunk, candidates=args.n, select=args.select)
     else:
         from .baselines import load_policy_model
 
@@ -602,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("evaluate", help="evaluate one method: rewards, KL (eq. 7), fluency, diversity, length, speed")
-    p.add_argument("--method", default="mavis", choices=["ref", "mavis", "mavis-beam", "policy"])
+    p.add_argument("--method", default="mavis", choices=["ref", "mavis", "mavis-beam", "mavis-step", "policy"])
     p.add_argument("--model", default=DEFAULT_BASE_MODEL)
     p.add_argument("--value", action="append", default=[], metavar="[NAME=]PATH")
     p.add_argument("--weights", action="append", default=[], metavar="NAME=W")
@@ -611,7 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--policy", help="fine-tuned policy folder (method policy)")
     p.add_argument("--best-of", type=int, default=0, metavar="N", help="best-of-N by the lambda-weighted rewards")
-    p.add_argument("--n", type=int, default=5, help="beams of mavis-beam")
+    p.add_argument("--n", type=int, default=5, help="beams of mavis-beam; candidate steps of mavis-step")
+    p.add_argument("--chunk", type=int, default=10, help="mavis-step: tokens per step (value-guided step-level decoding)")
+    p.add_argument("--select", default="best", choices=["best", "tilt"], help="mavis-step: keep the best step or draw one by the tilt (--beta)")
     p.add_argument("--reward", action="append", default=None)
     p.add_argument("--dataset", default="hh-mix")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])

@@ -80,13 +80,15 @@ class MavisDecoder:
 
     # ------------------------------------------------------------------ validation
 
-    def resolve(self, n: int, weights: Weights | None, beta: float | Sequence[float] | None, config: SamplingConfig):
-        """Check everything a decode needs before any model runs -> (weights [n, M], beta [n], active models)."""
+    def resolve(self, n: int, weights: Weights | None, beta: float | Sequence[float] | None, config: SamplingConfig,
+                *, token_tilt: bool = True):
+        """Check everything a decode needs before any model runs -> (weights [n, M], beta [n], active models).
+        ``token_tilt``: the values tilt each token over top-k candidates (step-level guidance: they do not)."""
         if not self.value_models:
             if weights:
                 raise ValueError(f"objective weights {dict(weights) if isinstance(weights, Mapping) else weights} given, but no value models are loaded")
             return None, None, []
-        if config.top_k < 1:
+        if token_tilt and config.top_k < 1:
             raise ValueError(f"top_k (candidates per step) must be >= 1 with value models, got {config.top_k}")
         if weights is None:
             weights = {name: 1.0 for name in self.objectives}
@@ -235,3 +237,49 @@ class MavisDecoder:
                 ]
                 out.append(best)
         return out
+
+    @torch.no_grad()
+    def step_search(
+        self,
+        prompts: Sequence[str],
+        *,
+        n: int = 4,
+        chunk: int = 10,
+        select: str = "best",
+        weights: Weights | None = None,
+        beta: float | Sequence[float] | None = None,
+        config: SamplingConfig = SamplingConfig(),
+        seed: int = 0,
+        batch_size: int = 4,
+        chat: bool | None = None,
+        progress: bool = False,
+    ) -> list[Generation]:
+        """Step-level value guidance (:mod:`~mavis_align.decoding.steplevel`): N candidate steps of
+        ``chunk`` tokens sampled from this decoder's model under ``config``, one kept per step by
+        the value models (``select``: ``"best"`` or ``"tilt"`` with ``beta``).
+
+        Returns:
+            One :class:`Generation` per prompt; ``extras["selection_kl"]`` is the KL bound the
+            selections add to the tokens' own log-ratios, ``extras["step_values"]`` the combined
+            value of each kept step.
+        """
+        from .steplevel import step_guided_search
+
+        if not self.value_models:
+            raise ValueError("step-level guidance ranks steps by value: load at least one value model")
+        prompts = list(prompts)
+        w, b, active = self.resolve(len(prompts), weights, beta, config, token_tilt=False)
+        out: list[Generation] = []
+        for sl, input_ids, attention, generators in self._batches(prompts, seed, batch_size, chat, progress, "steps"):
+            results = step_guided_search(
+                CachedBase(self.model), CachedValueScorer(self.value_models, self.bindings, active),
+                input_ids, attention, config, n=n, chunk=chunk, select=select, weights=w[sl], beta=b[sl],
+                eos_id=self.eos_id, pad_id=self.pad_id, generators=generators,
+                stop_check=stop_checker(self.tokenizer, config.stop_strings),
+            )
+            gens = rows_to_generations(self.tokenizer, prompts[sl], [r.row for r in results], config.stop_strings)
+            for g, r in zip(gens, results):
+                g.extras.update(selection_kl=r.selection_kl, step_values=r.step_values)
+            out.extend(gens)
+        return out
+

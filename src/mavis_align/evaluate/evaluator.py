@@ -54,7 +54,8 @@ def evaluate_policy(policy, prompts: Sequence[str], rewards, ref_model, ref_toke
     seconds = time.perf_counter() - t0
     ref_lp = teacher_forced_logprobs(ref_model, ref_tokenizer, format_prompts(ref_tokenizer, [g.prompt for g in gens], chat=chat), [g.token_ids for g in gens])
     texts = [g.text for g in gens]
-    kls = [sum(a - b for a, b in zip(g.logprobs_gen, r)) for g, r in zip(gens, ref_lp)]
+    # a step-level selection adds its KL bound to the proposal tokens' log-ratios (decoding.steplevel)
+    kls = [sum(a - b for a, b in zip(g.logprobs_gen, r)) + float(g.extras.get("selection_kl", 0.0)) for g, r in zip(gens, ref_lp)]
     n_tok = sum(len(g.token_ids) for g in gens)
     out = {
         "method": policy.name,
@@ -74,6 +75,9 @@ def evaluate_policy(policy, prompts: Sequence[str], rewards, ref_model, ref_toke
         # every response, in order: pairwise judging against another method on the same prompts
         "responses": [{"prompt": g.prompt, "response": g.text} for g in gens],
     }
+    if any("selection_kl" in g.extras for g in gens):
+        out["kl_note"] = ("step-level guidance: KL = the proposal tokens' log-ratios to pi_ref + the selections' KL bound "
+                          "(best: log N - (N-1)/N per step; tilt: log N - H(p)); an upper bound, not an estimate")
     if hasattr(policy, "kl_bound"):
         out["kl_best_of_n_bound"] = policy.kl_bound
         out["kl_note"] = "best-of-N: the sampled log-ratio is that of the underlying policy; see kl_best_of_n_bound"

@@ -10,7 +10,10 @@ A sweep is described by a YAML file (unknown keys are errors)::
     morlhf: {"0.5": PATH}                    # MORLHF policies, keyed by the lambda they were trained for
     conditioned: PATH                        # one preference-conditioned value model V(s, λ) (method mavis-conditioned)
     moodpo: PATH                             # one preference-conditioned policy (baselines.train_conditioned_policy)
-    methods: [ref, mavis, mavis-beam, mavis-conditioned, moodpo, rsoup, mod, morlhf, bon-ref, bon-rsoup]
+    methods: [ref, mavis, mavis-beam, mavis-step, mavis-conditioned, moodpo, rsoup, mod, morlhf, bon-ref, bon-rsoup]
+    step_chunk: 10                           # mavis-step: step-level guidance, steps of 10 tokens from pi_ref,
+    step_candidates: 4                       #   4 candidates per step, the best kept (or `tilt`: drawn by beta)
+    step_select: best
     grid_step: 0.2
     beta: 5.0                                # MAVIS beta, and per-lambda overrides (paper Table 9 style):
     betas: {"0.4": 3.0}
@@ -42,7 +45,7 @@ from pathlib import Path
 from ..generation import DEFAULT_TOP_K
 from .metrics import hypervolume, pareto_front
 
-SWEEP_METHODS = {"mavis", "mavis-beam", "mavis-conditioned", "moodpo", "rsoup", "mod", "bon-rsoup", "bon-mod"}
+SWEEP_METHODS = {"mavis", "mavis-beam", "mavis-step", "mavis-conditioned", "moodpo", "rsoup", "mod", "bon-rsoup", "bon-mod"}
 SINGLE_METHODS = {"ref", "bon-ref", "morlhf"}
 
 
@@ -70,6 +73,9 @@ class SweepSpec:
     chat: bool = True
     device: str | None = None  # where the models run (None: the command's; see mavis_align.placement)
     dtype: str | None = None
+    step_chunk: int = 10  # mavis-step: tokens per step (decoding.steplevel)
+    step_candidates: int = 4  # mavis-step: candidate steps sampled from pi_ref per step
+    step_select: str = "best"  # mavis-step: keep the best candidate, or draw one by the tilt (`tilt`, uses beta)
     normalize: bool = True  # MAVIS tilt: NORMALIZE the values to [0, 1] (paper v1/v2) or raw (v3: logits/T + beta * sum lambda V)
     judge: str = ""  # pairwise LLM judge: MODEL@URL (OpenAI-compatible) or a local model name/path; "" = none
     judge_against: str = "ref"  # the method every point is judged against (its point at the same lambda; `ref`: the one ref point)
@@ -81,7 +87,10 @@ class SweepSpec:
         unknown = [m for m in self.methods if m not in SWEEP_METHODS | SINGLE_METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; known: {sorted(SWEEP_METHODS | SINGLE_METHODS)}")
-        needs = {"mavis": "values", "mavis-beam": "values", "mavis-conditioned": "conditioned", "moodpo": "moodpo", "rsoup": "policies", "mod": "policies", "bon-rsoup": "policies", "bon-mod": "policies", "morlhf": "morlhf"}
+        if self.step_chunk < 1 or self.step_candidates < 1 or self.step_select not in ("best", "tilt"):
+            raise ValueError(f"step_chunk and step_candidates must be >= 1 and step_select best or tilt, got "
+                             f"{self.step_chunk}, {self.step_candidates}, {self.step_select!r}")
+        needs = {"mavis": "values", "mavis-beam": "values", "mavis-step": "values", "mavis-conditioned": "conditioned", "moodpo": "moodpo", "rsoup": "policies", "mod": "policies", "bon-rsoup": "policies", "bon-mod": "policies", "morlhf": "morlhf"}
         for m in self.methods:
             if m in needs and not getattr(self, needs[m]):
                 raise ValueError(f"method {m!r} needs `{needs[m]}` in the sweep file")
@@ -143,9 +152,10 @@ def morlhf_key(lam) -> str:
 MAVIS_ONLY_FIELDS = ("beta", "betas", "values", "normalize", "conditioned")  # sweep settings that change the MAVIS points only
 PLACEMENT_FIELDS = ("device", "dtype")  # where the points are computed: changing them keeps the points
 JUDGE_FIELDS = ("judge", "judge_against", "criteria")  # the judge record is redone, the points kept
-MAVIS_METHODS = ("mavis", "mavis-beam", "mavis-conditioned")
+MAVIS_METHODS = ("mavis", "mavis-beam", "mavis-step", "mavis-conditioned")
 # which methods' points a changed setting makes stale (any other changed setting: every point)
-FIELD_METHODS = {"beta": MAVIS_METHODS, "betas": MAVIS_METHODS, "normalize": MAVIS_METHODS, "values": ("mavis", "mavis-beam"),
+FIELD_METHODS = {"beta": MAVIS_METHODS, "betas": MAVIS_METHODS, "normalize": MAVIS_METHODS, "values": ("mavis", "mavis-beam", "mavis-step"),
+                 "step_chunk": ("mavis-step",), "step_candidates": ("mavis-step",), "step_select": ("mavis-step",),
                  "conditioned": ("mavis-conditioned",), "moodpo": ("moodpo",)}
 
 
@@ -252,6 +262,9 @@ def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
             return DecoderPolicy("mavis", decoder(), cfg, weights=w, chat=spec.chat)
         if method == "mavis-beam":
             return DecoderPolicy("mavis-beam", decoder(), cfg, weights=w, beam=spec.n, chat=spec.chat)
+        if method == "mavis-step":  # steps sampled from pi_ref itself (full vocabulary), kept by value
+            return DecoderPolicy("mavis-step", decoder(), SamplingConfig(max_new_tokens=spec.max_new_tokens, beta=beta_for(lam), normalize=spec.normalize),
+                                 weights=w, chat=spec.chat, chunk=spec.step_chunk, candidates=spec.step_candidates, select=spec.step_select)
         if method == "mavis-conditioned":
             return DecoderPolicy("mavis-conditioned", conditioned_decoder(), cfg, weights=w, chat=spec.chat)
         if method in ("rsoup", "bon-rsoup"):

@@ -23,7 +23,8 @@ from ..generation import Generation, SamplingConfig, encode_batch, rows_to_gener
 
 @dataclass
 class DecoderPolicy:
-    """A :class:`~mavis_align.decoding.decoder.MavisDecoder` with fixed weights / beta (beam > 0: beam search)."""
+    """A :class:`~mavis_align.decoding.decoder.MavisDecoder` with fixed weights / beta (beam > 0: beam
+    search; chunk > 0: step-level guidance, ``candidates`` steps of ``chunk`` tokens, ``select`` best or tilt)."""
 
     name: str
     decoder: object
@@ -34,8 +35,15 @@ class DecoderPolicy:
     rerank: Callable | None = None
     batch_size: int = 8
     chat: bool | None = None
+    chunk: int = 0
+    candidates: int = 4
+    select: str = "best"
 
     def generate(self, prompts: Sequence[str], seed: int = 0) -> list[Generation]:
+        if self.chunk:
+            return self.decoder.step_search(list(prompts), n=self.candidates, chunk=self.chunk, select=self.select, weights=self.weights,
+                                            beta=self.beta, config=self.config, seed=seed,
+                                            batch_size=max(1, self.batch_size // self.candidates), chat=self.chat)
         if self.beam:
             return self.decoder.beam_search(list(prompts), num_beams=self.beam, weights=self.weights, beta=self.beta, config=self.config,
                                             rerank=self.rerank, seed=seed, batch_size=max(1, self.batch_size // self.beam), chat=self.chat)

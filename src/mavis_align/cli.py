@@ -364,7 +364,7 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from .baselines import RLConfig, train_conditioned_policy, train_rl_policy
+    from .baselines import RLConfig, train_conditioned_policy, train_decorrelated_adapter, train_rl_policy
     from .data import load_prompts
     from .decoding.decoder import parse_weights
     from .models import load_tokenizer
@@ -378,7 +378,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     prompts = [p.text for p in load_prompts(args.dataset, "train", seed=args.data_seed, tokenizer=tok, limit=args.limit)]
     cfg = RLConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
                    max_completion_length=args.max_new_tokens, learning_rate=args.lr, lora_rank=args.lora_rank, kl_beta=args.kl_beta, seed=args.seed)
-    if args.conditioned:
+    if args.decorrelate_against and args.conditioned:
+        raise ValueError("--decorrelate-against trains one per-objective adapter: use it with --weights")
+    if args.decorrelate_against:
+        out = train_decorrelated_adapter(args.model, prompts, weights, args.out, cfg, against=list(args.decorrelate_against), mi_weight=args.mi_weight,
+                                         chat=not args.no_chat, report_to=args.report_to)
+    elif args.conditioned:
         out = train_conditioned_policy(args.model, prompts, list(args.conditioned), args.out, cfg, grid_step=args.grid_step, chat=not args.no_chat,
                                        report_to=args.report_to)
     else:
@@ -645,6 +650,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: one preference-conditioned policy over these objectives (repeatable, >= 2), told its weights in a system "
                         "instruction, trained over weights on a grid (MOODPO-like; sweep method `moodpo`)")
     p.add_argument("--grid-step", type=float, default=0.2, help="--conditioned: grid of the training weights")
+    p.add_argument("--decorrelate-against", action="append", metavar="FOLDER",
+                   help="MVA-style: penalise the dependence (Gaussian MI of the LoRA updates) between this adapter and these "
+                        "earlier policies' adapters (repeatable; sweep method `mva` combines and extrapolates them)")
+    p.add_argument("--mi-weight", type=float, default=1.0, help="--decorrelate-against: weight of the dependence penalty")
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=DEFAULT_BASE_MODEL)
     p.add_argument("--dataset", default="hh-mix")

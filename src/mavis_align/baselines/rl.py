@@ -161,8 +161,10 @@ def train_conditioned_policy(base: str, prompts: list[str], objectives: list[str
     return _grpo(model, tok, data, per_row_weighted_reward_fn(rewards, list(objectives)), out, config, meta, progress, report_to)
 
 
-def _grpo(model, tok, columns: dict, reward_fn, out: Path, config: RLConfig, meta: dict, progress: bool, report_to: str) -> Path:
-    """LoRA + GRPO on ``columns`` (a data set with ``prompt`` and the reward function's columns)."""
+def _grpo(model, tok, columns: dict, reward_fn, out: Path, config: RLConfig, meta: dict, progress: bool, report_to: str,
+          penalty=None) -> Path:
+    """LoRA + GRPO on ``columns`` (a data set with ``prompt`` and the reward function's columns).
+    ``penalty``: ``fn(peft_model) -> scalar tensor`` added to every step's loss (logged as ``penalty``)."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
@@ -186,12 +188,22 @@ def _grpo(model, tok, columns: dict, reward_fn, out: Path, config: RLConfig, met
     )
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward_fn], args=args, train_dataset=data, processing_class=tok, peft_config=lora)
+    trainer_cls = GRPOTrainer
+    if penalty is not None:
+        class PenalisedGRPO(GRPOTrainer):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                extra = penalty(model)
+                self._metrics["train"]["penalty"].append(float(extra.detach()))
+                return loss + extra
+
+        trainer_cls = PenalisedGRPO
+    trainer = trainer_cls(model=model, reward_funcs=[reward_fn], args=args, train_dataset=data, processing_class=tok, peft_config=lora)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
     trainer.model.save_pretrained(str(out / "adapter"), safe_serialization=True)
-    history = [h for h in trainer.state.log_history if "reward" in h or "kl" in h]
+    history = [h for h in trainer.state.log_history if "reward" in h or "kl" in h or "penalty" in h]
     (out / "log_history.json").write_text(json.dumps(history, indent=2) + "\n")
     meta = {**meta, "config": asdict(config), "train_seconds": round(seconds, 1), "placement": place.describe(),
             "run": run_record({**{k: v for k, v in meta.items() if k != "chat"}, **asdict(config)}, config.seed)}
@@ -216,30 +228,36 @@ def load_policy_model(folder: str | Path, *, base_model=None):
 
 
 @torch.no_grad()
-def soup(folders: list[str | Path], weights: list[float]):
-    """Rewarded Soups: the weights-space interpolation sum_m lambda_m theta_m of fine-tuned policies
-    (lambda normalised to 1; every policy must share the base). Returns (model, tokenizer)."""
+def combine(folders: list[str | Path], weights: list[float]):
+    """theta_ref + sum_m lambda_m (theta_m - theta_ref) of fine-tuned policies sharing one base, for
+    any real lambda (outside the simplex: extrapolation, as MVA does). Returns (model, tokenizer)."""
     from ..models import load_causal_lm
 
     if len(folders) != len(weights) or not folders:
         raise ValueError("one weight per policy, at least one policy")
-    total = sum(weights)
-    if total <= 0 or any(w < 0 for w in weights):
-        raise ValueError(f"soup weights must be >= 0 and not all 0, got {weights}")
+    if not all(torch.isfinite(torch.tensor(float(w))) for w in weights):
+        raise ValueError(f"weights must be finite, got {weights}")
     metas = [json.loads((Path(f) / "mavis_policy.json").read_text()) for f in folders]
     if len({m["base"] for m in metas}) != 1:
         raise ValueError(f"policies have different bases: {[m['base'] for m in metas]}")
-    acc = None
-    tok = None
-    for f, w in zip(folders, weights):
-        model, tok = load_policy_model(f, base_model=load_causal_lm(metas[0]["base"]))
-        sd = model.state_dict()
-        if acc is None:
-            acc = {k: v.float() * (w / total) for k, v in sd.items()}
-        else:
-            for k, v in sd.items():
-                acc[k] += v.float() * (w / total)
-        del model
     base, tok = load_causal_lm(metas[0]["base"])
-    base.load_state_dict(acc, strict=False)
+    ref = {k: v.float().clone() for k, v in base.state_dict().items()}
+    acc = {k: v.clone() for k, v in ref.items()}
+    for f, w in zip(folders, weights):
+        if float(w) == 0.0:
+            continue
+        model, _ = load_policy_model(f, base_model=load_causal_lm(metas[0]["base"]))
+        for k, v in model.state_dict().items():
+            acc[k] += float(w) * (v.float() - ref[k])
+        del model
+    base.load_state_dict({k: v.to(ref[k].dtype) for k, v in acc.items()}, strict=False)
     return base.eval(), tok
+
+
+def soup(folders: list[str | Path], weights: list[float]):
+    """Rewarded Soups: the weight-space interpolation sum_m lambda_m theta_m of fine-tuned policies
+    (lambda >= 0, normalised to 1: :func:`combine` on the simplex). Returns (model, tokenizer)."""
+    total = sum(weights)
+    if total <= 0 or any(w < 0 for w in weights):
+        raise ValueError(f"soup weights must be >= 0 and not all 0, got {weights}")
+    return combine(folders, [w / total for w in weights])

@@ -10,6 +10,8 @@ A sweep is described by a YAML file (unknown keys are errors)::
     morlhf: {"0.5": PATH}                    # MORLHF policies, keyed by the lambda they were trained for
     conditioned: PATH                        # one preference-conditioned value model V(s, λ) (method mavis-conditioned)
     moodpo: PATH                             # one preference-conditioned policy (baselines.train_conditioned_policy)
+    mva: {helpful: PATH, harmless: PATH}     # decorrelated per-objective adapters (finetune --decorrelate-against), method mva:
+    extrapolate: 0.2                         #   combined like rsoup on the grid, plus lambda_1 = 1 + e and -e (2 objectives)
     methods: [ref, mavis, mavis-beam, mavis-step, mavis-conditioned, moodpo, rsoup, mod, morlhf, bon-ref, bon-rsoup]
     step_chunk: 10                           # mavis-step: step-level guidance, steps of 10 tokens from pi_ref,
     step_candidates: 4                       #   4 candidates per step, the best kept (or `tilt`: drawn by beta)
@@ -45,7 +47,7 @@ from pathlib import Path
 from ..generation import DEFAULT_TOP_K
 from .metrics import hypervolume, pareto_front
 
-SWEEP_METHODS = {"mavis", "mavis-beam", "mavis-step", "mavis-conditioned", "moodpo", "rsoup", "mod", "bon-rsoup", "bon-mod"}
+SWEEP_METHODS = {"mavis", "mavis-beam", "mavis-step", "mavis-conditioned", "moodpo", "mva", "rsoup", "mod", "bon-rsoup", "bon-mod"}
 SINGLE_METHODS = {"ref", "bon-ref", "morlhf"}
 
 
@@ -58,6 +60,8 @@ class SweepSpec:
     morlhf: dict = field(default_factory=dict)
     conditioned: str = ""  # a preference-conditioned value model (train --conditioned) over the objectives
     moodpo: str = ""  # a preference-conditioned policy (train-policy --conditioned) over the objectives
+    mva: dict = field(default_factory=dict)  # decorrelated per-objective adapters (finetune --decorrelate-against)
+    extrapolate: float = 0.2  # mva: extra points lambda_1 = 1 + e and -e beyond the simplex (2 objectives; 0 = none)
     methods: list[str] = field(default_factory=lambda: ["ref", "mavis"])
     grid_step: float = 0.2
     beta: float = 5.0
@@ -90,11 +94,13 @@ class SweepSpec:
         if self.step_chunk < 1 or self.step_candidates < 1 or self.step_select not in ("best", "tilt"):
             raise ValueError(f"step_chunk and step_candidates must be >= 1 and step_select best or tilt, got "
                              f"{self.step_chunk}, {self.step_candidates}, {self.step_select!r}")
-        needs = {"mavis": "values", "mavis-beam": "values", "mavis-step": "values", "mavis-conditioned": "conditioned", "moodpo": "moodpo", "rsoup": "policies", "mod": "policies", "bon-rsoup": "policies", "bon-mod": "policies", "morlhf": "morlhf"}
+        needs = {"mavis": "values", "mavis-beam": "values", "mavis-step": "values", "mavis-conditioned": "conditioned", "moodpo": "moodpo", "mva": "mva", "rsoup": "policies", "mod": "policies", "bon-rsoup": "policies", "bon-mod": "policies", "morlhf": "morlhf"}
         for m in self.methods:
             if m in needs and not getattr(self, needs[m]):
                 raise ValueError(f"method {m!r} needs `{needs[m]}` in the sweep file")
-        for key in ("values", "policies"):
+        if not self.extrapolate >= 0:
+            raise ValueError(f"extrapolate must be >= 0, got {self.extrapolate}")
+        for key in ("values", "policies", "mva"):
             have = getattr(self, key)
             if have and sorted(have) != sorted(self.objectives):
                 raise ValueError(f"`{key}` must name exactly the objectives {self.objectives}, got {sorted(have)}")
@@ -131,6 +137,13 @@ def weight_grid(n_objectives: int, step: float) -> list[tuple[float, ...]]:
     return sorted(out, reverse=True)
 
 
+def extrapolated(n_objectives: int, e: float) -> list[tuple[float, ...]]:
+    """The weightings beyond the simplex that ``mva`` adds: (1 + e, -e) and (-e, 1 + e); none for e = 0 or 3 objectives."""
+    if e <= 0 or n_objectives != 2:
+        return []
+    return [(round(1 + e, 6), round(-e, 6)), (round(-e, 6), round(1 + e, 6))]
+
+
 def lam_key(lam) -> str:
     return "-".join(f"{x:g}" for x in lam)
 
@@ -156,7 +169,7 @@ MAVIS_METHODS = ("mavis", "mavis-beam", "mavis-step", "mavis-conditioned")
 # which methods' points a changed setting makes stale (any other changed setting: every point)
 FIELD_METHODS = {"beta": MAVIS_METHODS, "betas": MAVIS_METHODS, "normalize": MAVIS_METHODS, "values": ("mavis", "mavis-beam", "mavis-step"),
                  "step_chunk": ("mavis-step",), "step_candidates": ("mavis-step",), "step_select": ("mavis-step",),
-                 "conditioned": ("mavis-conditioned",), "moodpo": ("moodpo",)}
+                 "conditioned": ("mavis-conditioned",), "moodpo": ("moodpo",), "mva": ("mva",), "extrapolate": ("mva",)}
 
 
 def point_method(path: Path) -> str:
@@ -291,6 +304,11 @@ def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
 
             # the instruction is read before the prompt; generations keep the user prompt, so KL is against pi_ref on it alone
             return ModelPolicy("moodpo", cache["moodpo"], tok, plain, chat=spec.chat, system=preference_instruction(w))
+        if method == "mva":
+            from ..baselines import combine
+
+            model, _ = combine([spec.mva[o] for o in spec.objectives], list(lam))
+            return ModelPolicy("mva", model, tok, plain, chat=spec.chat)
         if method == "morlhf":
             from ..baselines import load_policy_model
 
@@ -302,6 +320,8 @@ def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
     for method in spec.methods:
         if method in SWEEP_METHODS or method == "bon-ref":
             jobs += [(method, lam) for lam in grid]
+            if method == "mva":
+                jobs += [(method, lam) for lam in extrapolated(len(spec.objectives), spec.extrapolate)]
         elif method == "ref":
             jobs.append((method, None))
         elif method == "morlhf":

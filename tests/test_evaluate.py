@@ -118,6 +118,10 @@ def test_sweep_with_every_baseline_resumes(tmp_path):
     from mavis_align.baselines import train_decorrelated_adapter
 
     pv = train_decorrelated_adapter(str(d), train_p, {"positive": 1.0}, tmp_path / "rl-v", rl, against=[pa], chat=False, progress=False)
+    from mavis_align.baselines import MultiHeadConfig, train_multihead_policy
+
+    ph = train_multihead_policy(str(d), train_p, ["concise", "positive"], tmp_path / "mh", MultiHeadConfig(max_new_tokens=5, epochs=1, min_margin=0.0,
+                                head_rank=4, lora_rank=4), chat=False, progress=False)
     log = json.loads((pa / "log_history.json").read_text())
     assert log and all("kl" in h for h in log if "reward" in h)
     # a soup at lambda = (1, 0) is policy a
@@ -135,13 +139,14 @@ def test_sweep_with_every_baseline_resumes(tmp_path):
                head_hidden=8, conditioned=True).save(tmp_path / "vc")
     spec = SweepSpec(model=str(d), objectives=["concise", "positive"], values={"concise": str(tmp_path / "va"), "positive": str(tmp_path / "vb")},
                      policies={"concise": str(pa), "positive": str(pb)}, morlhf={"0.5": str(pm)}, conditioned=str(tmp_path / "vc"),
-                     moodpo=str(pc), mva={"concise": str(pa), "positive": str(pv)}, extrapolate=0.5,
-                     methods=["ref", "mavis", "mavis-beam", "mavis-step", "mavis-conditioned", "moodpo", "mva", "rsoup", "mod", "morlhf", "bon-ref"], grid_step=0.5, beta=2.0, n=2,
+                     moodpo=str(pc), mva={"concise": str(pa), "positive": str(pv)}, extrapolate=0.5, mahalo=str(ph),
+                     methods=["ref", "mavis", "mavis-beam", "mavis-step", "mavis-conditioned", "moodpo", "mva", "mahalo", "mahalo-step", "rsoup", "mod", "morlhf", "bon-ref"], grid_step=0.5, beta=2.0, n=2,
                      step_chunk=2, step_candidates=2,
                      dataset=str(data), split="test", prompts=2, samples=1, max_new_tokens=4, top_k=4, chat=False)
     out = tmp_path / "sweep"
     summary = run_sweep(spec, out, progress=False)
-    assert set(summary["methods"]) == {"ref", "mavis", "mavis-beam", "mavis-step", "mavis-conditioned", "moodpo", "mva", "rsoup", "mod", "morlhf", "bon-ref"}
+    assert set(summary["methods"]) == {"ref", "mavis", "mavis-beam", "mavis-step", "mavis-conditioned", "moodpo", "mva", "mahalo", "mahalo-step",
+                                       "rsoup", "mod", "morlhf", "bon-ref"}
     assert sorted(tuple(p["lambda"]) for p in summary["methods"]["mva"]["points"]) == [(-0.5, 1.5), (0.0, 1.0), (0.5, 0.5), (1.0, 0.0), (1.5, -0.5)]
     step_point = json.loads((out / "points" / "mavis-step@1-0.json").read_text())
     assert "step-level" in step_point["kl_note"] and step_point["kl"]["mean"] >= (math.log(2) - 0.5) - 1e-6

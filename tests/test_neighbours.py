@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_tiny_tokenizer, save_tiny_model
+from conftest import save_tiny_model
 
 PROMPTS = ["hello world", "why is the cat good", "what dog ran ?"]
 
@@ -124,3 +124,72 @@ def test_decorrelated_adapter_trains_with_the_penalty_logged(tmp_path):
     assert any("penalty" in h and h["penalty"] >= 0 for h in log)
     with pytest.raises(ValueError, match="earlier adapter"):
         train_decorrelated_adapter(str(d), PROMPTS, {"positive": 1.0}, tmp_path / "c", rl, against=[], chat=False)
+
+
+# ---------------------------------------------------------------------------------- the multi-head policy
+
+
+def test_preference_pairs_and_dpo_loss():
+    from mavis_align.baselines.multihead import dpo_loss, preference_pairs
+
+    pairs = preference_pairs(["p", "q"], [["a", "b", "c"], ["x", "y", "z"]],
+                             {"o1": [[0.1, 0.9, 0.5], [0.3, 0.31, 0.3]], "o2": [[0.5, 0.2, 0.1], [0.0, 1.0, 0.5]]}, min_margin=0.05)
+    assert [(x["objective"], x["prompt"], x["chosen"], x["rejected"]) for x in pairs] == [
+        ("o1", "p", "b", "a"), ("o2", "p", "a", "c"), ("o2", "q", "y", "x")]  # q's o1 rewards are within the margin
+    pc, pr, rc, rr = torch.tensor([-3.0, -1.0]), torch.tensor([-4.0, -1.5]), torch.tensor([-3.5, -1.0]), torch.tensor([-3.5, -1.2])
+    want = -torch.nn.functional.logsigmoid(0.1 * torch.tensor([0.5 - (-0.5), 0.0 - (-0.3)])).mean()
+    assert float(dpo_loss(pc, pr, rc, rr, 0.1)) == pytest.approx(float(want))
+
+
+def test_multihead_policy_trains_each_head_on_its_objective_and_one_hot_lambda_is_that_head(tmp_path, monkeypatch):
+    """Heads start as the base head; DPO on objective a's pairs moves head a only (head b's delta stays 0)
+    and raises a's implicit reward margin; the policy loaded at lambda = e_a has exactly head a's logits,
+    at (0.5, 0.5) the mean of the two heads' logits."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from mavis_align.baselines import MultiHeadConfig, load_multihead_policy, train_multihead_policy
+    from mavis_align.baselines.multihead import HeadDeltas, _encode, head_logits, sequence_logprob
+    from mavis_align.models import load_causal_lm
+
+    d = tmp_path / "m"
+    save_tiny_model(d)
+    out = tmp_path / "mh"
+    out.mkdir()
+    prompts = ["hello world", "why is the cat good", "what dog ran ?", "the mat"]
+    # responses and rewards given (the sampling step is resumable from this file): only objective a has pairs
+    (out / "responses.json").write_text(json.dumps({
+        "prompts": prompts, "responses": [["good dog", "bad cat sat"]] * 4,
+        "scores": {"a": [[1.0, 0.0]] * 4, "b": [[0.5, 0.5]] * 4}}))
+    cfg = MultiHeadConfig(head_rank=4, lora_rank=4, epochs=4, batch_size=2, learning_rate=5e-3, dpo_beta=0.5)
+    train_multihead_policy(str(d), prompts, ["a", "b"], out, cfg, chat=False, progress=False)
+    meta = json.loads((out / "mavis_policy.json").read_text())
+    assert meta["multihead"] == {"objectives": ["a", "b"], "pairs": {"a": 4, "b": 0}}
+    heads = load_file(str(out / "heads.safetensors"))
+    assert float(heads["B"][1].abs().max()) == 0.0 and float(heads["B"][0].abs().max()) > 0
+    log = json.loads((out / "log_history.json").read_text())
+    assert log[-1]["loss"] < log[0]["loss"]
+
+    base, tok = load_causal_lm(str(d))
+    trunk = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    hd = HeadDeltas(heads["A"].shape[2], heads["B"].shape[1], 2, 4)
+    hd.load_state_dict(heads)
+    ids, att, rm = _encode(tok, ["hello world"], ["good dog"])
+    with torch.no_grad():
+        la, lb = head_logits(trunk, hd, ids, att, 0), head_logits(trunk, hd, ids, att, 1)
+        for lam, want in (({"a": 1.0}, la), ({"a": 1.0, "b": 0.0}, la), ({"b": 2.0}, lb), ({"a": 0.5, "b": 0.5}, (la + lb) / 2)):
+            model, _ = load_multihead_policy(out, lam)
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=att).logits, want, atol=1e-4, rtol=1e-4)
+        # the trained head prefers the chosen response more than pi_ref does
+        with trunk.disable_adapter():
+            ref = trunk(input_ids=ids, attention_mask=att).logits
+        ids_r, att_r, rm_r = _encode(tok, ["hello world"], ["bad cat sat"])
+        with trunk.disable_adapter():
+            ref_r = trunk(input_ids=ids_r, attention_mask=att_r).logits
+        margin = (sequence_logprob(la, ids, rm) - sequence_logprob(ref, ids, rm)) - (
+            sequence_logprob(head_logits(trunk, hd, ids_r, att_r, 0), ids_r, rm_r) - sequence_logprob(ref_r, ids_r, rm_r))
+        assert float(margin) > 0
+    with pytest.raises(ValueError, match="heads"):
+        load_multihead_policy(out, {"c": 1.0})
+    with pytest.raises(FileNotFoundError, match="multi-head"):
+        load_multihead_policy(tmp_path, {"a": 1.0})

@@ -370,8 +370,20 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from .models import load_tokenizer
     from .rewards import get_rewards
 
-    if bool(args.weights) == bool(args.conditioned):
-        raise ValueError("give either --weights (one policy for one weighting) or --conditioned (one policy for every weighting)")
+    if sum(map(bool, (args.weights, args.conditioned, args.multihead))) != 1:
+        raise ValueError("give one of --weights (one policy for one weighting), --conditioned (one policy for every weighting) "
+                         "or --multihead (one trunk, one head per objective)")
+    if args.multihead:
+        from .baselines import MultiHeadConfig, train_multihead_policy
+
+        tok = load_tokenizer(args.model)
+        get_rewards(list(args.multihead))
+        prompts = [p.text for p in load_prompts(args.dataset, "train", seed=args.data_seed, tokenizer=tok, limit=args.limit)]
+        mh = MultiHeadConfig(max_new_tokens=args.max_new_tokens, learning_rate=args.lr, lora_rank=args.lora_rank, seed=args.seed,
+                             samples_per_prompt=args.num_generations)
+        out = train_multihead_policy(args.model, prompts, list(args.multihead), args.out, mh, chat=not args.no_chat)
+        print(f"policy in {out}: " + (Path(out) / "mavis_policy.json").read_text())
+        return 0
     weights = parse_weights(args.weights) if args.weights else None
     get_rewards(list(weights or args.conditioned))
     tok = load_tokenizer(args.model)
@@ -650,6 +662,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: one preference-conditioned policy over these objectives (repeatable, >= 2), told its weights in a system "
                         "instruction, trained over weights on a grid (MOODPO-like; sweep method `moodpo`)")
     p.add_argument("--grid-step", type=float, default=0.2, help="--conditioned: grid of the training weights")
+    p.add_argument("--multihead", action="append", metavar="NAME",
+                   help="instead: a MAHALO-style multi-head policy, one LoRA trunk and one LM head per objective trained with DPO "
+                        "on pairs of pi_ref samples ranked by that objective's reward (repeatable; sweep methods `mahalo`, `mahalo-step`; "
+                        "--num-generations samples per prompt)")
     p.add_argument("--decorrelate-against", action="append", metavar="FOLDER",
                    help="MVA-style: penalise the dependence (Gaussian MI of the LoRA updates) between this adapter and these "
                         "earlier policies' adapters (repeatable; sweep method `mva` combines and extrapolates them)")

@@ -12,6 +12,8 @@ A sweep is described by a YAML file (unknown keys are errors)::
     moodpo: PATH                             # one preference-conditioned policy (baselines.train_conditioned_policy)
     mva: {helpful: PATH, harmless: PATH}     # decorrelated per-objective adapters (finetune --decorrelate-against), method mva:
     extrapolate: 0.2                         #   combined like rsoup on the grid, plus lambda_1 = 1 + e and -e (2 objectives)
+    mahalo: PATH                             # a multi-head policy (finetune --multihead): heads mixed by lambda (mahalo),
+                                             #   and as the proposal of step-level value guidance (mahalo-step)
     methods: [ref, mavis, mavis-beam, mavis-step, mavis-conditioned, moodpo, rsoup, mod, morlhf, bon-ref, bon-rsoup]
     step_chunk: 10                           # mavis-step: step-level guidance, steps of 10 tokens from pi_ref,
     step_candidates: 4                       #   4 candidates per step, the best kept (or `tilt`: drawn by beta)
@@ -47,7 +49,7 @@ from pathlib import Path
 from ..generation import DEFAULT_TOP_K
 from .metrics import hypervolume, pareto_front
 
-SWEEP_METHODS = {"mavis", "mavis-beam", "mavis-step", "mavis-conditioned", "moodpo", "mva", "rsoup", "mod", "bon-rsoup", "bon-mod"}
+SWEEP_METHODS = {"mavis", "mavis-beam", "mavis-step", "mavis-conditioned", "moodpo", "mva", "mahalo", "mahalo-step", "rsoup", "mod", "bon-rsoup", "bon-mod"}
 SINGLE_METHODS = {"ref", "bon-ref", "morlhf"}
 
 
@@ -61,6 +63,7 @@ class SweepSpec:
     conditioned: str = ""  # a preference-conditioned value model (train --conditioned) over the objectives
     moodpo: str = ""  # a preference-conditioned policy (train-policy --conditioned) over the objectives
     mva: dict = field(default_factory=dict)  # decorrelated per-objective adapters (finetune --decorrelate-against)
+    mahalo: str = ""  # a multi-head policy (finetune --multihead) over the objectives
     extrapolate: float = 0.2  # mva: extra points lambda_1 = 1 + e and -e beyond the simplex (2 objectives; 0 = none)
     methods: list[str] = field(default_factory=lambda: ["ref", "mavis"])
     grid_step: float = 0.2
@@ -94,10 +97,12 @@ class SweepSpec:
         if self.step_chunk < 1 or self.step_candidates < 1 or self.step_select not in ("best", "tilt"):
             raise ValueError(f"step_chunk and step_candidates must be >= 1 and step_select best or tilt, got "
                              f"{self.step_chunk}, {self.step_candidates}, {self.step_select!r}")
-        needs = {"mavis": "values", "mavis-beam": "values", "mavis-step": "values", "mavis-conditioned": "conditioned", "moodpo": "moodpo", "mva": "mva", "rsoup": "policies", "mod": "policies", "bon-rsoup": "policies", "bon-mod": "policies", "morlhf": "morlhf"}
+        needs = {"mavis": "values", "mavis-beam": "values", "mavis-step": "values", "mavis-conditioned": "conditioned", "moodpo": "moodpo", "mva": "mva", "mahalo": "mahalo", "mahalo-step": "mahalo", "rsoup": "policies", "mod": "policies", "bon-rsoup": "policies", "bon-mod": "policies", "morlhf": "morlhf"}
         for m in self.methods:
             if m in needs and not getattr(self, needs[m]):
                 raise ValueError(f"method {m!r} needs `{needs[m]}` in the sweep file")
+        if "mahalo-step" in self.methods and not self.values:
+            raise ValueError("method 'mahalo-step' needs `values` in the sweep file (its process reward models)")
         if not self.extrapolate >= 0:
             raise ValueError(f"extrapolate must be >= 0, got {self.extrapolate}")
         for key in ("values", "policies", "mva"):
@@ -168,8 +173,10 @@ JUDGE_FIELDS = ("judge", "judge_against", "criteria")  # the judge record is red
 MAVIS_METHODS = ("mavis", "mavis-beam", "mavis-step", "mavis-conditioned")
 # which methods' points a changed setting makes stale (any other changed setting: every point)
 FIELD_METHODS = {"beta": MAVIS_METHODS, "betas": MAVIS_METHODS, "normalize": MAVIS_METHODS, "values": ("mavis", "mavis-beam", "mavis-step"),
-                 "step_chunk": ("mavis-step",), "step_candidates": ("mavis-step",), "step_select": ("mavis-step",),
-                 "conditioned": ("mavis-conditioned",), "moodpo": ("moodpo",), "mva": ("mva",), "extrapolate": ("mva",)}
+                 "step_chunk": ("mavis-step", "mahalo-step"), "step_candidates": ("mavis-step", "mahalo-step"),
+                 "step_select": ("mavis-step", "mahalo-step"),
+                 "conditioned": ("mavis-conditioned",), "moodpo": ("moodpo",), "mva": ("mva",), "extrapolate": ("mva",),
+                 "mahalo": ("mahalo", "mahalo-step")}
 
 
 def point_method(path: Path) -> str:
@@ -245,6 +252,7 @@ def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
                 vms.append(ValueModel.load(path))
                 names.append(obj if len(vms[-1].objectives) == 1 else None)
             cache["decoder"] = MavisDecoder(ref_model, tok, vms, names)
+            cache["value_names"] = names
         return cache["decoder"]
 
     def conditioned_decoder():
@@ -304,6 +312,19 @@ def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
 
             # the instruction is read before the prompt; generations keep the user prompt, so KL is against pi_ref on it alone
             return ModelPolicy("moodpo", cache["moodpo"], tok, plain, chat=spec.chat, system=preference_instruction(w))
+        if method in ("mahalo", "mahalo-step"):
+            from ..baselines import load_multihead_policy
+
+            model, _ = load_multihead_policy(spec.mahalo, w, base_model=load_causal_lm(spec.model))
+            trained_on = json.loads((Path(spec.mahalo) / "mavis_policy.json").read_text())["multihead"]["objectives"]
+            if sorted(trained_on) != sorted(spec.objectives):
+                raise ValueError(f"`mahalo: {spec.mahalo}` has heads {trained_on}, the sweep's objectives are {spec.objectives}")
+            if method == "mahalo":
+                return ModelPolicy("mahalo", model, tok, plain, chat=spec.chat)
+            # PRM-guided decoding: steps proposed by the multi-head policy at lambda, kept by the value models
+            steps = MavisDecoder(model, tok, decoder().value_models, cache["value_names"])
+            return DecoderPolicy("mahalo-step", steps, SamplingConfig(max_new_tokens=spec.max_new_tokens, beta=beta_for(lam), normalize=spec.normalize),
+                                 weights=w, chat=spec.chat, chunk=spec.step_chunk, candidates=spec.step_candidates, select=spec.step_select)
         if method == "mva":
             from ..baselines import combine
 

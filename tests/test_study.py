@@ -141,6 +141,15 @@ def test_claim_fronts_needs_dominance_and_closeness_to_morlhf():
     assert report.claim_fronts(f)["verdict"] == report.FAILS
 
 
+def test_claim_neighbours_compares_each_rival_and_lists_extrapolated_points():
+    f = fronts(mavis=(0.3, [(0.5, 0.6, 0.6, 5)]), mva=(0.31, [(0.5, 0.5, 0.5, 1), (1.2, 0.7, 0.1, 2)]), mahalo=(0.1, [(0.5, 0.4, 0.4, 1)]))
+    c = report.claim_neighbours(f)
+    assert c["rivals"] == ["mahalo", "mva"] and c["verdict"] == report.MIXED
+    assert c["off_grid"] == {"mva": [{"lambda": [1.2, pytest.approx(-0.2)], "weighted": pytest.approx(0.82), "rewards": {"a": 0.7, "b": 0.1}, "kl": 2}]}
+    assert report.claim_neighbours(fronts(mavis=(0.3, []), **{"mavis-step": (0.2, [])}))["verdict"] == report.HOLDS
+    assert report.claim_neighbours(fronts(mavis=(0.3, []), rsoup=(0.2, []))) is None
+
+
 def test_claim_search_compares_weighted_reward_per_lambda():
     f = fronts(**{"mavis-beam": (0.3, [(1.0, 0.9, 0.0, 9), (0.0, 0.0, 0.5, 9)]), "bon-ref": (0.2, [(1.0, 0.5, 0.0, 0.8), (0.0, 0.0, 0.7, 0.8)]),
                   "bon-rsoup": (0.2, [(1.0, 0.6, 0.0, 0.8), (0.0, 0.0, 0.4, 0.8)])})
@@ -195,18 +204,25 @@ def test_whole_study_on_tiny_models_writes_a_report_and_resumes(tmp_path):
         sweep={"grid_step": 0.5, "beta": "matched", "extra_betas": [3.0], "n": 2, "methods": ["ref", "mavis", "mavis-beam", "rsoup", "mod", "morlhf", "bon-ref", "bon-rsoup"]},
         distill={"backbone": str(d), "epochs": 1.0, "beta": 2.0},
         conditioned={"head_hidden": 8, "epochs": 1.0, "round_epochs": 1.0, "grid": [1.0, 0.0], "prompts_per_weighting": 3, "policy_grid_step": 0.5},
+        neighbours={"multihead": {"epochs": 1, "head_rank": 4, "lora_rank": 4, "max_new_tokens": 5, "min_margin": 0.0}, "multihead_prompts": 4,
+                    "step_chunk": 2, "step_candidates": 2, "extrapolate": 0.5},
     )
     out = tmp_path / "study"
     run_study(spec, out, stages=["mavis", "baselines"], progress=False)  # an interrupted study ...
     assert (out / "baselines" / "rl-morlhf-0.5" / "mavis_policy.json").exists() and not (out / "single").exists()
     report_path = run_study(spec, out, progress=False, report=tmp_path / "results")  # ... resumed
     text = report_path.read_text()
-    for k in range(1, 8):
+    for k in range(1, 9):
         assert f"## Claim {k}" in text
     # claim 7: one conditioned value model by policy iteration (iter0 + one round on trees at each λ of the grid) and one conditioned policy
     assert (out / "conditioned" / "iter1" / "trees-1.h5").exists() and (out / "conditioned" / "iter1" / "value" / "best" / "meta.json").exists()
     assert (out / "conditioned" / "moodpo" / "mavis_policy.json").exists()
     assert {"mavis-conditioned", "moodpo"} <= set(json.loads((out / "sweep" / "fronts.json").read_text())["methods"])
+    # claim 8: the neighbouring systems trained and swept (mva with its two extrapolated weightings)
+    assert (out / "neighbours" / "mahalo" / "heads.safetensors").exists() and (out / "neighbours" / "mva-positive" / "mavis_policy.json").exists()
+    sweep_methods = json.loads((out / "sweep" / "fronts.json").read_text())["methods"]
+    assert {"mavis-step", "mahalo", "mahalo-step", "mva"} <= set(sweep_methods) and len(sweep_methods["mva"]["points"]) == 5
+    assert "λ = 1.5/-0.5 (beyond the simplex)" in text
     verdicts = json.loads((out / "verdicts.json").read_text())["claims"]
     assert all(v["verdict"] in ("holds", "does not hold", "mixed") for v in verdicts.values())
     assert (tmp_path / "results" / "REPORT.md").exists() and (tmp_path / "results" / "single_objective.png").stat().st_size > 0
@@ -216,7 +232,7 @@ def test_whole_study_on_tiny_models_writes_a_report_and_resumes(tmp_path):
     shared = out / "sweep-beta3" / "points" / "rsoup@0.5-0.5.json"  # baselines' points are copied, not recomputed
     assert shared.read_text() == (out / "sweep" / "points" / "rsoup@0.5-0.5.json").read_text()
     costs = json.loads((out / "costs.json").read_text())
-    assert set(costs) == {"mavis", "baselines", "conditioned", "single", "sweep", "distill"}
+    assert set(costs) == {"mavis", "baselines", "conditioned", "neighbours", "single", "sweep", "distill"}
     assert any(k.startswith("collect:") for k in json.loads((out / "mavis" / "costs.json").read_text()))
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/points/*.json")}
     run_study(spec, out, progress=False)  # everything finished: nothing is evaluated again

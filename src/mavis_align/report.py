@@ -216,8 +216,28 @@ def claim_conditioned(fronts: dict) -> dict | None:
     Rule: hypervolume(mavis) > hypervolume(mavis-conditioned) and > hypervolume(moodpo), for those
     in the sweep (same reference point as claim 3).
     """
+    return _against(fronts, ("mavis-conditioned", "moodpo"), 7)
+
+
+NEIGHBOURS = ("mavis-step", "mahalo", "mahalo-step", "mva")
+
+
+def claim_neighbours(fronts: dict) -> dict | None:
+    """Claim 8 (issue 17, not a paper claim): MAVIS's token-level front beats the neighbouring systems
+    run in the same harness. None when the sweep has none of them.
+
+    Rule: hypervolume(mavis) > hypervolume of each of mavis-step (step-level value guidance), mahalo
+    (multi-head DPO policy), mahalo-step (its heads + step-level guidance) and mva (decorrelated
+    adapters, extrapolated), for those in the sweep (same reference point as claim 3). KL differs
+    between methods and is reported beside every point; step-level KLs are upper bounds.
+    """
+    return _against(fronts, NEIGHBOURS, 8)
+
+
+def _against(fronts: dict, candidates, number: int) -> dict | None:
+    """MAVIS's hypervolume against each rival present, and the per-lambda weighted rewards (KL)."""
     objs, methods = fronts["objectives"], fronts["methods"]
-    rivals = [m for m in ("mavis-conditioned", "moodpo") if m in methods]
+    rivals = [m for m in candidates if m in methods]
     if not rivals or "mavis" not in methods:
         return None
     hv = {m: methods[m]["hypervolume"] for m in ["mavis", *rivals]}
@@ -230,7 +250,11 @@ def claim_conditioned(fronts: dict) -> dict | None:
             if q is not None:
                 row[m], row[f"{m}_kl"] = weighted(q, objs), q["kl"]
         rows.append(row)
-    return {"claim": 7, "verdict": _combine(wins), "hypervolume": hv, "rows": rows, "rivals": rivals}
+    extra = {m: [p for p in methods[m]["points"] if not any(_same(p["lambda"], q["lambda"]) for q in methods["mavis"]["points"])]
+             for m in rivals}  # e.g. mva's extrapolated lambdas
+    return {"claim": number, "verdict": _combine(wins), "hypervolume": hv, "rows": rows, "rivals": rivals,
+            "off_grid": {m: [{"lambda": p["lambda"], "weighted": weighted(p, objs), "rewards": p["rewards"], "kl": p["kl"]} for p in v]
+                         for m, v in extra.items() if v}}
 
 
 def across_betas(verdicts: list[str]) -> str:
@@ -339,6 +363,7 @@ def build(out: Path, spec) -> tuple[dict, dict]:
             f = json.loads((folder / "fronts.json").read_text())
             sweeps[folder.name] = {"fronts": f, "spec": json.loads((folder / "sweep.json").read_text()),
                                    "claim3": claim_fronts(f), "claim4": claim_search(f), "claim7": claim_conditioned(f),
+                                   "claim8": claim_neighbours(f),
                                    "fronts_md": (folder / "fronts.md").read_text(),
                                    "judge_md": (folder / "judge.md").read_text() if (folder / "judge.md").exists() else None}
     fronts = sweeps["sweep"]["fronts"]
@@ -349,6 +374,11 @@ def build(out: Path, spec) -> tuple[dict, dict]:
         cond = out / "conditioned"
         claims[7]["value_quality"] = {p.parent.parent.name: json.loads((p.parent / "result.json").read_text()).get("quality")
                                       for p in sorted(cond.glob("iter*/value/best")) if (p.parent / "result.json").exists()}
+    if sweeps["sweep"]["claim8"] is not None:
+        claims[8] = {**sweeps["sweep"]["claim8"], "verdict": across_betas([v["claim8"]["verdict"] for v in sweeps.values() if v["claim8"]])}
+        nb = out / "neighbours"
+        claims[8]["training"] = {p.parent.name: {k: v for k, v in json.loads(p.read_text()).items() if k in ("train_seconds", "multihead", "decorrelated")}
+                                 for p in sorted(nb.glob("*/mavis_policy.json"))}
     ev = out / "distill" / "eval"
     claims[5] = claim_distill({m: json.loads((ev / f"separate-{m}.json").read_text()) for m in objs},
                               {m: json.loads((ev / f"distilled-{m}.json").read_text()) for m in objs}, json.loads((ev / "speed.json").read_text()))
@@ -366,6 +396,8 @@ def build(out: Path, spec) -> tuple[dict, dict]:
 
 
 def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
+    from .study import STAGES
+
     r, e = spec.recipe, spec.evaluation
     objs = list(r.objectives)
     sc, st = ctx["scale"], ctx["stages"]
@@ -382,11 +414,12 @@ def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
              4: "search: MAVIS beam search (N beams) beats best-of-N of the baselines",
              5: f"distillation: multi-head model within {PAPER_DISTILL_GAP} reward of the separate ones, faster",
              6: "cost: value-model training compute of the same order as fine-tuning the baselines",
-             7: "preference-conditioned (v3): MAVIS front beats one conditioned value model V(s, λ) and one conditioned policy (hypervolume)"}
+             7: "preference-conditioned (v3): MAVIS front beats one conditioned value model V(s, λ) and one conditioned policy (hypervolume)",
+             8: "neighbours (not a paper claim): MAVIS front beats step-level guidance, MAHALO-style heads and MVA-style adapters (hypervolume)"}
     for k in sorted(claims):
         L.append(f"| {k} | {names[k]} | **{claims[k]['verdict']}** |")
     L += ["", "Each verdict follows the rule printed under its claim. To recompute only some stages after a change, add",
-          "`--stages single,sweep,report` (stages: mavis, baselines, conditioned, single, sweep, distill, report); finished work is reused."]
+          "`--stages single,sweep,report` (stages: " + ", ".join(STAGES) + "); finished work is reused."]
     L += ["", "## Scale and setup", "",
           f"- Base model π_ref: `{r.model}`; objectives (rewards): {', '.join(objs)}; data set `{r.dataset}`.",
           f"- Value models: backbone `{r.backbone}`; iteration 0 on {r.train_prompts} train prompts' trees (tree {json.dumps(r.tree)}); "
@@ -505,6 +538,8 @@ def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
           "by Ctrl-C / SIGTERM; a process killed with SIGKILL loses its share, and other work on the machine inflates them.", ""]
     if 7 in claims:
         L += _claim7_section(claims[7], ctx, spec)
+    if 8 in claims:
+        L += _claim8_section(claims[8], ctx, spec)
     for name, sw in ctx["sweeps"].items():
         if sw.get("judge_md"):
             L += [f"## Pairwise judge win rates (`{name}/`)", "", sw["judge_md"]]
@@ -521,17 +556,7 @@ def _claim7_section(c: dict, ctx: dict, spec) -> list[str]:
          f"λ_1 ∈ {cond.get('grid', [1.0, 0.5, 0.0])}, {cond.get('prompts_per_weighting', '?')} prompts each; decoded by the same engine. "
          "`moodpo`: one LoRA policy told its weights in a system instruction, trained with GRPO (the RL baselines' settings) over weights on a "
          f"{cond.get('policy_grid_step', 0.2)} grid (the authors use online DPO); its KL is measured against π_ref on the user prompt alone.", ""]
-    for name, sw in ctx["sweeps"].items():
-        c7 = sw.get("claim7")
-        if not c7:
-            continue
-        L += [f"### MAVIS β = {sw['spec']['beta']:g} (`{name}/`): {c7['verdict']}", "", "| method | hypervolume |", "|---|---|"]
-        L += [f"| {m} | {v:.4f} |" for m, v in sorted(c7["hypervolume"].items(), key=lambda kv: -kv[1])]
-        L += ["", "| λ | MAVIS Σλ·R (KL) | " + " | ".join(c7["rivals"]) + " |", "|---" * (len(c7["rivals"]) + 2) + "|"]
-        for row in c7["rows"]:
-            L.append(f"| {'/'.join(f'{x:g}' for x in row['lambda'])} | {_f(row['mavis'])} ({row['mavis_kl']:.1f}) | "
-                     + " | ".join(f"{_f(row[m])} ({row[m + '_kl']:.1f})" if m in row else "-" for m in c7["rivals"]) + " |")
-        L.append("")
+    L += _front_tables(c, ctx, "claim7")
     def num(x) -> str:
         return "-" if x is None else f"{x:.3f}"
 
@@ -542,6 +567,48 @@ def _claim7_section(c: dict, ctx: dict, spec) -> list[str]:
             L.append(f"- conditioned value model {it}: held-out (at λ = e_m) " + "; ".join(
                 f"{m} R² {num(v.get('r2'))}, concordance {num(v.get('concordance'))} ({v.get('pairs', 0)} pairs)" for m, v in per.items())
                 + (f"; at mixed λ R² {num(mixed.get('r2'))}, concordance {num(mixed.get('concordance'))}" if mixed else ""))
+    return L + [""]
+
+
+def _front_tables(c: dict, ctx: dict, key: str) -> list[str]:
+    """Per sweep: hypervolumes, then MAVIS's weighted reward (KL) beside each rival's at every lambda."""
+    L = []
+    for name, sw in ctx["sweeps"].items():
+        cl = sw.get(key)
+        if not cl:
+            continue
+        L += [f"### MAVIS β = {sw['spec']['beta']:g} (`{name}/`): {cl['verdict']}", "", "| method | hypervolume |", "|---|---|"]
+        L += [f"| {m} | {v:.4f} |" for m, v in sorted(cl["hypervolume"].items(), key=lambda kv: -kv[1])]
+        L += ["", "| λ | MAVIS Σλ·R (KL) | " + " | ".join(cl["rivals"]) + " |", "|---" * (len(cl["rivals"]) + 2) + "|"]
+        for row in cl["rows"]:
+            L.append(f"| {'/'.join(f'{x:g}' for x in row['lambda'])} | {_f(row['mavis'])} ({row['mavis_kl']:.1f}) | "
+                     + " | ".join(f"{_f(row[m])} ({row[m + '_kl']:.1f})" if m in row else "-" for m in cl["rivals"]) + " |")
+        for m, pts in (cl.get("off_grid") or {}).items():
+            for p in pts:
+                L.append(f"| {m} at λ = {'/'.join(f'{x:g}' for x in p['lambda'])} (beyond the simplex) | rewards "
+                         + ", ".join(f"{o} {_f(v)}" for o, v in p["rewards"].items()) + f"; KL {p['kl']:.1f} | |")
+        L.append("")
+    return L
+
+
+def _claim8_section(c: dict, ctx: dict, spec) -> list[str]:
+    """Claim 8: the neighbouring systems (issue 17) in the same harness."""
+    n = spec.neighbours
+    a, b = spec.pair
+    mh = n.get("multihead", {})
+    L = ["## Claim 8: the neighbouring systems (MAHALO-style, MVA-style, step-level guidance)", "", _rule(claim_neighbours), "",
+         f"`mavis-step`: step-level value guidance: {n.get('step_candidates', 4)} candidate steps of {n.get('step_chunk', 10)} tokens sampled "
+         f"from π_ref, the {n.get('step_select', 'best')} kept by Σλ V (the MAVIS value models as process reward models); its KL is the "
+         "best-of-N bound per step (an upper bound). "
+         f"`mahalo`: one LoRA trunk with one low-rank LM-head delta per objective (rank {mh.get('head_rank', 16)}), each head trained by DPO "
+         f"on (best, worst) pairs of {mh.get('samples_per_prompt', 4)} π_ref samples of {n.get('multihead_prompts', 64)} train prompts ranked by "
+         "its objective's reward; heads mixed by λ. `mahalo-step`: its heads at λ as the step proposal, kept by the value models. "
+         f"`mva`: the adapter of `rl-{a}` and one for {b} trained with GRPO (the RL baselines' settings) plus {n.get('mi_weight', 1.0)} × "
+         "the Gaussian mutual information of their LoRA updates; combined as θ_ref + Σλ_m Δθ_m, also at "
+         f"λ_1 = {1 + float(n.get('extrapolate', 0.2)):g} and {-float(n.get('extrapolate', 0.2)):g} (extrapolation).", ""]
+    L += _front_tables(c, ctx, "claim8")
+    for name, t in (c.get("training") or {}).items():
+        L.append(f"- `{name}`: trained in {t.get('train_seconds', 0):.0f} s" + (f"; DPO pairs per head {t['multihead']['pairs']}" if "multihead" in t else ""))
     return L + [""]
 
 

@@ -10,6 +10,10 @@ whole, a rerun skips what is finished, and the long stages resume from their own
                            has a `conditioned:` section): one value model V(s, λ) by soft policy
                            iteration (iter0 on the shared pi_ref trees, then rounds on MAVIS trees
                            collected at a grid of λ), and one prompt-conditioned policy (moodpo/)
+    neighbours/            the neighbouring systems on the `pair` (when the recipe has a `neighbours:`
+                           section): a MAHALO-style multi-head policy (mahalo/, DPO per head) and an
+                           MVA-style adapter decorrelated from rl-<pair[0]> (mva-<pair[1]>/); in the sweep
+                           with step-level value guidance (mavis-step, mahalo-step)
     single/points/*.json   claims 1-2: pi_ref, RL_m and MAVIS(V_m^i, beta) for every beta of the grid
     sweep/                 claims 3-4: Pareto sweep over lambda (mavis, beam, rsoup, mod, morlhf, best-of-N)
     distill/               claim 5: the final value models distilled into one multi-head model, compared
@@ -33,7 +37,7 @@ from .schema import Shape, check, read_yaml_mapping, shape_of
 from .study_layout import final_value_dir, load_points, point_name
 from .train.iterate import Recipe, add_cost, extends_recipe, recipe_prompts
 
-STAGES = ("mavis", "baselines", "conditioned", "single", "sweep", "distill", "report")
+STAGES = ("mavis", "baselines", "conditioned", "neighbours", "single", "sweep", "distill", "report")
 
 
 @dataclass
@@ -49,6 +53,7 @@ class StudySpec:
     sweep: dict = field(default_factory=dict)
     distill: dict = field(default_factory=dict)
     conditioned: dict = field(default_factory=dict)  # empty: no preference-conditioned comparisons
+    neighbours: dict = field(default_factory=dict)  # empty: no MAHALO / MVA / step-level comparisons
 
     def __post_init__(self) -> None:
         from .baselines import RLConfig
@@ -83,7 +88,7 @@ class StudySpec:
 
 def study_shape() -> Shape:
     """The schema of a study recipe: :class:`StudySpec`'s fields with their nested settings."""
-    from .baselines import RLConfig
+    from .baselines import MultiHeadConfig, RLConfig
     from .train.iterate import recipe_shape
 
     return shape_of(
@@ -97,6 +102,8 @@ def study_shape() -> Shape:
         distill=Shape({"backbone": str, "epochs": float, "beta": float, "lr": float, "batch_size": int}, "distill"),
         conditioned=Shape({"head_hidden": int, "lr": float, "epochs": float, "round_epochs": float, "grid": list[float],
                            "prompts_per_weighting": int, "rounds": int, "policy_grid_step": float, "policy": bool}, "conditioned"),
+        neighbours=Shape({"multihead": shape_of(MultiHeadConfig), "multihead_prompts": int, "mi_weight": float, "extrapolate": float,
+                          "step_chunk": int, "step_candidates": int, "step_select": str}, "neighbours"),
     )
 
 
@@ -215,7 +222,8 @@ def _run_study(spec: StudySpec, out: str | Path, *, stages: list[str] | None, pr
     unknown = [s for s in todo if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; known: {list(STAGES)}")
-    runners = {"mavis": _stage_mavis, "baselines": _stage_baselines, "conditioned": _stage_conditioned, "single": _stage_single, "sweep": _stage_sweep, "distill": _stage_distill}
+    runners = {"mavis": _stage_mavis, "baselines": _stage_baselines, "conditioned": _stage_conditioned, "neighbours": _stage_neighbours,
+               "single": _stage_single, "sweep": _stage_sweep, "distill": _stage_distill}
     for stage in STAGES:
         if stage not in todo:
             continue
@@ -332,6 +340,41 @@ def _stage_conditioned(spec: StudySpec, out: Path, progress: bool) -> None:
                                  spec.rl_config, grid_step=float(c.get("policy_grid_step", 0.2)), chat=r.chat, progress=progress)
 
 
+def _stage_neighbours(spec: StudySpec, out: Path, progress: bool) -> None:
+    """The neighbouring systems on the `pair` (a, b): an MVA-style adapter for b trained with the
+    dependence penalty against the RL baseline rl-a (the first adapter of the sequence), with the RL
+    baselines' settings and prompts; and a MAHALO-style multi-head policy (DPO per head on pairs of
+    pi_ref samples of ``multihead_prompts`` train prompts)."""
+    from .baselines import MultiHeadConfig, train_decorrelated_adapter, train_multihead_policy
+
+    n = spec.neighbours
+    if not n:
+        return
+    r = spec.recipe
+    a, b = spec.pair
+    folder = out / "neighbours"
+    folder.mkdir(parents=True, exist_ok=True)
+    first = out / "baselines" / f"rl-{a}"
+    if not (first / "mavis_policy.json").exists():
+        raise FileNotFoundError(f"{first} is missing: run the `baselines` stage first (the MVA sequence starts from it)")
+    if progress:
+        print(f"[reproduce] MVA-style adapter for {b}, decorrelated from rl-{a}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        train_decorrelated_adapter(r.model, recipe_prompts(r, "train", int(spec.baselines.get("prompts", 160))), {b: 1.0}, folder / f"mva-{b}",
+                                   spec.rl_config, against=[first], mi_weight=float(n.get("mi_weight", 1.0)), chat=r.chat, progress=progress)
+    finally:
+        add_cost(folder, f"mva-{b}", time.perf_counter() - t0)
+    if progress:
+        print(f"[reproduce] MAHALO-style multi-head policy over {spec.pair}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        train_multihead_policy(r.model, recipe_prompts(r, "train", int(n.get("multihead_prompts", 64))), [a, b], folder / "mahalo",
+                               MultiHeadConfig(**n.get("multihead", {})), chat=r.chat, progress=progress)
+    finally:
+        add_cost(folder, "mahalo", time.perf_counter() - t0)
+
+
 class _Evaluation:
     """Base model, prompts and rewards loaded once; evaluates and stores named points."""
 
@@ -446,6 +489,16 @@ def _stage_sweep(spec: StudySpec, out: Path, progress: bool) -> None:
         if spec.conditioned.get("policy", True):
             sweep.moodpo = str(out / "conditioned" / "moodpo")
             sweep.methods += [m for m in ("moodpo",) if m not in sweep.methods]
+    if spec.neighbours:  # the neighbouring systems: MAHALO-style heads (+ step-level guidance), MVA-style adapters
+        n = spec.neighbours
+        a, b = spec.pair
+        sweep.mahalo = str(out / "neighbours" / "mahalo")
+        sweep.mva = {a: str(base / f"rl-{a}"), b: str(out / "neighbours" / f"mva-{b}")}
+        sweep.extrapolate = float(n.get("extrapolate", 0.2))
+        sweep.step_chunk, sweep.step_candidates = int(n.get("step_chunk", 10)), int(n.get("step_candidates", 4))
+        sweep.step_select = str(n.get("step_select", "best"))
+        sweep.methods += [m for m in ("mavis-step", "mahalo", "mahalo-step", "mva") if m not in sweep.methods]
+        sweep.__post_init__()
     _sweep_into(out / "sweep", sweep, progress)
     for beta in s.get("extra_betas", []):
         # the same sweep with another MAVIS beta: only the MAVIS points differ, the others are copied

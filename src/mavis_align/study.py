@@ -277,12 +277,9 @@ def _stage_conditioned(spec: StudySpec, out: Path, progress: bool) -> None:
     but at λ: iteration 0 at λ drawn from the simplex, round i on MAVIS(V^{i-1}(·, λ_j), λ_j) trees
     for each λ_j of ``grid`` (λ_1 values); and one preference-conditioned policy (GRPO, the RL
     baselines' settings and prompts)."""
-    from dataclasses import asdict as _asdict
-
     from .baselines import train_conditioned_policy
-    from .collect import CollectSpec, TreeConfig, collect
     from .train import TrainConfig, train_value_model
-    from .train.iterate import placement_names, value_model_options
+    from .train.iterate import collect_trees, value_model_options
     from .values import ValueModel, build_value_model
 
     c = spec.conditioned
@@ -314,24 +311,14 @@ def _stage_conditioned(spec: StudySpec, out: Path, progress: bool) -> None:
     grid = [float(x) for x in c.get("grid", [1.0, 0.5, 0.0])]
     n_prompts = int(c.get("prompts_per_weighting", max(1, r.train_prompts * 2 // len(grid))))
     prompts = recipe_prompts(r, "train", n_prompts)
-    tree_cfg = TreeConfig(**r.tree)
     for i, round_ in enumerate(r.rounds[: int(c.get("rounds", len(r.rounds)))], start=1):
         prev = folder / f"iter{i - 1}" / "value" / "best"
         files = []
         for j, lam in enumerate(grid):
             path = folder / f"iter{i}" / f"trees-{lam:g}.h5"
             files.append(path)
-            if path.exists():
-                continue
-            tc = TreeConfig(**{**_asdict(tree_cfg), "beta": float(round_.beta), "top_k": int(r.eval.get("top_k", DEFAULT_TOP_K))})
-            cs = CollectSpec(model=r.model, values=[str(prev)], weights={a: lam, b: round(1 - lam, 6)}, rewards=[a, b], dataset=r.dataset, split="train",
-                             limit=n_prompts, data_seed=r.data_seed, prompt_field=r.prompt_field, chat=r.chat, tree=tc, seed=r.seed + 1000 * i + j,
-                             group_size=r.group_size, val_fraction=r.val_fraction, **placement_names())
-            t0 = time.perf_counter()
-            try:
-                collect(cs, path, prompts, resume=True, backend=r.backend, workers=r.workers, progress=progress)
-            finally:
-                add_cost(folder, f"collect:{path.relative_to(folder)}", time.perf_counter() - t0)
+            collect_trees(r, path, prompts, limit=n_prompts, values=[str(prev)], weights={a: lam, b: round(1 - lam, 6)}, beta=float(round_.beta),
+                          rewards=[a, b], seed=r.seed + 1000 * i + j, cost_root=folder, progress=progress)
         train(folder / f"iter{i}" / "value", files, prev, float(c.get("round_epochs", 10.0)), float(round_.zeta))
     if c.get("policy", True):
         if progress:

@@ -162,6 +162,25 @@ def _eval_config(recipe: Recipe):
                           temperature=float(e.get("temperature", 1.0)), beta=float(e.get("beta", 2.0)), normalize=bool(e.get("normalize", True)))
 
 
+def collect_trees(recipe: Recipe, path: Path, prompts: list, *, limit: int, values: list[str], weights, beta: float, rewards: list[str],
+                  seed: int, cost_root: Path, progress: bool) -> None:
+    """Collect (or resume) the recipe's trees for ``prompts`` (the first ``limit`` train prompts) into ``path``: from pi_ref without
+    ``values``, else from MAVIS(values, weights, beta) at the recipe's evaluation top-k; the wall
+    time is added to ``cost_root/costs.json`` as ``collect:<path relative to cost_root>``. Skips a
+    finished file."""
+    if path.exists():
+        return
+    tc = TreeConfig(**{**recipe.tree, **({"beta": beta, "top_k": int(recipe.eval.get("top_k", DEFAULT_TOP_K))} if values else {})})
+    spec = CollectSpec(model=recipe.model, values=values, weights=weights, rewards=rewards, dataset=recipe.dataset, split="train",
+                       limit=limit, data_seed=recipe.data_seed, prompt_field=recipe.prompt_field, chat=recipe.chat, tree=tc, seed=seed,
+                       group_size=recipe.group_size, val_fraction=recipe.val_fraction, **placement_names())
+    t0 = time.perf_counter()
+    try:
+        collect(spec, path, prompts, resume=True, backend=recipe.backend, workers=recipe.workers, progress=progress)
+    finally:
+        add_cost(cost_root, f"collect:{path.relative_to(cost_root)}", time.perf_counter() - t0)
+
+
 def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_after_stage: int | None = None) -> dict:
     """Run (or resume) every stage of ``recipe`` into ``out``; returns the summary.
 
@@ -209,7 +228,6 @@ def _run_iterations(recipe: Recipe, out: str | Path, *, progress: bool, stop_aft
     write_run_record(out, recipe.to_dict(), recipe.seed)
     train_prompts = recipe_prompts(recipe, "train", recipe.train_prompts)
     eval_prompts = recipe_prompts(recipe, "val", recipe.eval_prompts)
-    tree_cfg = TreeConfig(**recipe.tree)
     worked = 0
 
     def stage_done() -> bool:
@@ -218,17 +236,8 @@ def _run_iterations(recipe: Recipe, out: str | Path, *, progress: bool, stop_aft
         return stop_after_stage is not None and worked >= stop_after_stage
 
     def collect_into(path: Path, values: list[str], weights, beta: float, rewards: list[str], seed: int) -> None:
-        if path.exists():
-            return
-        tc = TreeConfig(**{**asdict(tree_cfg), **({"beta": beta, "top_k": int(recipe.eval.get("top_k", DEFAULT_TOP_K))} if values else {})})
-        spec = CollectSpec(model=recipe.model, values=values, weights=weights, rewards=rewards, dataset=recipe.dataset, split="train",
-                           limit=recipe.train_prompts, data_seed=recipe.data_seed, prompt_field=recipe.prompt_field, chat=recipe.chat, tree=tc, seed=seed,
-                           group_size=recipe.group_size, val_fraction=recipe.val_fraction, **placement_names())
-        t0 = time.perf_counter()
-        try:
-            collect(spec, path, train_prompts, resume=True, backend=recipe.backend, workers=recipe.workers, progress=progress)
-        finally:
-            add_cost(out, f"collect:{path.relative_to(out)}", time.perf_counter() - t0)
+        collect_trees(recipe, path, train_prompts, limit=recipe.train_prompts, values=values, weights=weights, beta=beta, rewards=rewards, seed=seed, cost_root=out,
+                      progress=progress)
 
     def train_into(folder: Path, trees: Path, objective: str, init: Path | None, round_: IterationSpec | None, seed: int) -> None:
         if (folder / "result.json").exists():

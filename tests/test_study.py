@@ -3,6 +3,8 @@ hand-built evaluator results (no models)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from mavis_align import report
@@ -148,6 +150,20 @@ def test_claim_neighbours_compares_each_rival_and_lists_extrapolated_points():
     assert c["off_grid"] == {"mva": [{"lambda": [1.2, pytest.approx(-0.2)], "weighted": pytest.approx(0.82), "rewards": {"a": 0.7, "b": 0.1}, "kl": 2}]}
     assert report.claim_neighbours(fronts(mavis=(0.3, []), **{"mavis-step": (0.2, [])}))["verdict"] == report.HOLDS
     assert report.claim_neighbours(fronts(mavis=(0.3, []), rsoup=(0.2, []))) is None
+
+
+def test_matched_kl_interpolates_mavis_between_ref_and_its_betas():
+    ref = (0.0, [(0.5, 0.4, 0.4, 0.0)])
+    primary = fronts(ref=ref, mavis=(0.3, [(0.5, 0.6, 0.6, 8.0)]), **{"mavis-step": (0.2, [(0.5, 0.55, 0.55, 4.0)])},
+                     mva=(0.2, [(0.5, 0.3, 0.3, 1.0), (1.2, 0.9, 0.1, 2.0)]))
+    primary["methods"]["ref"]["points"][0]["lambda"] = None
+    beta5 = fronts(mavis=(0.3, [(0.5, 0.7, 0.7, 20.0)]))
+    se = lambda method, lam: 0.03  # noqa: E731
+    rows = report.matched_kl({"sweep": {"fronts": primary, "se": se}, "sweep-beta5": {"fronts": beta5, "se": se}}, ["mavis-step", "mva"])
+    assert [(r["method"], r["lambda"][0]) for r in rows] == [("mavis-step", 0.5), ("mva", 0.5)]  # no MAVIS point at the extrapolated lambda
+    assert rows[0]["mavis_at_kl"] == pytest.approx(0.5) and rows[0]["diff"] == pytest.approx(0.05) and rows[0]["inside"]
+    assert rows[0]["z"] == pytest.approx(0.05 / math.sqrt(2 * 0.03**2))
+    assert rows[1]["mavis_at_kl"] == pytest.approx(0.425)
 
 
 def test_claim_search_compares_weighted_reward_per_lambda():

@@ -234,6 +234,33 @@ def claim_neighbours(fronts: dict) -> dict | None:
     return _against(fronts, NEIGHBOURS, 8)
 
 
+def matched_kl(sweeps: dict[str, dict], rivals: list[str], primary: str = "sweep") -> list[dict]:
+    """Every rival point of the primary sweep beside MAVIS at the same KL: MAVIS's weighted reward at
+    that lambda interpolated on the upper envelope of pi_ref (KL 0) and every sweep's MAVIS point
+    at that lambda (one per beta). ``sweeps``: name -> {"fronts", "se"}; se(method, lambda) is the
+    standard error of that point's sum lambda R."""
+    objs = sweeps[primary]["fronts"]["objectives"]
+    ref = next(iter(sweeps[primary]["fronts"]["methods"].get("ref", {}).get("points", [])), None)
+    rows = []
+    for m in rivals:
+        for pt in sweeps[primary]["fronts"]["methods"].get(m, {}).get("points", []):
+            lam = pt["lambda"]
+            curve = []
+            if ref is not None:
+                curve.append((0.0, weighted({**ref, "lambda": lam}, objs), sweeps[primary]["se"]("ref", lam)))
+            for sw in sweeps.values():
+                q = next((p for p in sw["fronts"]["methods"].get("mavis", {}).get("points", []) if _same(p["lambda"], lam)), None)
+                if q is not None:
+                    curve.append((q["kl"], weighted(q, objs), sw["se"]("mavis", lam)))
+            if len(curve) < 2:
+                continue  # e.g. an extrapolated lambda: MAVIS has no point there
+            at, at_se, inside = reward_at_kl(_envelope(curve), pt["kl"])
+            mine, mine_se = weighted(pt, objs), sweeps[primary]["se"](m, lam)
+            rows.append({"method": m, "lambda": lam, "weighted": mine, "se": mine_se, "kl": pt["kl"], "mavis_at_kl": at, "mavis_se": at_se,
+                         "inside": inside, "diff": mine - at, "z": (mine - at) / _se(mine_se, at_se) if _se(mine_se, at_se) > 0 else None})
+    return rows
+
+
 def _against(fronts: dict, candidates, number: int) -> dict | None:
     """MAVIS's hypervolume against each rival present, and the per-lambda weighted rewards (KL)."""
     objs, methods = fronts["objectives"], fronts["methods"]
@@ -376,6 +403,8 @@ def build(out: Path, spec) -> tuple[dict, dict]:
                                       for p in sorted(cond.glob("iter*/value/best")) if (p.parent / "result.json").exists()}
     if sweeps["sweep"]["claim8"] is not None:
         claims[8] = {**sweeps["sweep"]["claim8"], "verdict": across_betas([v["claim8"]["verdict"] for v in sweeps.values() if v["claim8"]])}
+        with_se = {name: {"fronts": sw["fronts"], "se": _weighted_se(out / name, sw["fronts"]["objectives"])} for name, sw in sweeps.items()}
+        claims[8]["matched_kl"] = matched_kl(with_se, claims[8]["rivals"])
         nb = out / "neighbours"
         claims[8]["training"] = {p.parent.name: {k: v for k, v in json.loads(p.read_text()).items() if k in ("train_seconds", "multihead", "decorrelated")}
                                  for p in sorted(nb.glob("*/mavis_policy.json"))}
@@ -570,6 +599,23 @@ def _claim7_section(c: dict, ctx: dict, spec) -> list[str]:
     return L + [""]
 
 
+def _weighted_se(folder: Path, objectives: list[str]):
+    """A function (method, lambda) -> se of sum_m lambda_m R_m, sqrt(sum lambda_m^2 se_m^2), from a
+    sweep folder's point files (the ref point serves every lambda); 0 when the point is missing."""
+    from .evaluate.pareto import lam_key
+
+    ses = {}
+    for f in sorted((folder / "points").glob("*.json")):
+        p = json.loads(f.read_text())
+        ses[(p["method"], None if p.get("lambda") is None else lam_key(p["lambda"]))] = [p["rewards"][o]["se"] for o in objectives]
+
+    def se(method: str, lam) -> float:
+        per = ses.get((method, None if method == "ref" else lam_key(lam)))
+        return 0.0 if per is None else math.sqrt(sum((w * x) ** 2 for w, x in zip(lam, per)))
+
+    return se
+
+
 def _front_tables(c: dict, ctx: dict, key: str) -> list[str]:
     """Per sweep: hypervolumes, then MAVIS's weighted reward (KL) beside each rival's at every lambda."""
     L = []
@@ -607,6 +653,19 @@ def _claim8_section(c: dict, ctx: dict, spec) -> list[str]:
          "the Gaussian mutual information of their LoRA updates; combined as θ_ref + Σλ_m Δθ_m, also at "
          f"λ_1 = {1 + float(n.get('extrapolate', 0.2)):g} and {-float(n.get('extrapolate', 0.2)):g} (extrapolation).", ""]
     L += _front_tables(c, ctx, "claim8")
+    if c.get("matched_kl"):
+        L += ["### At matched KL", "",
+              "Each rival point beside MAVIS at the same KL and λ: MAVIS's Σλ·R interpolated on the upper envelope of π_ref (KL 0) and its "
+              "sweep points at that λ (one per β), as in claim 1. Step-level KLs are upper bounds (the best-of-N bound per step), so MAVIS "
+              "is read at a KL at least as high as the rival's true one.", "",
+              "| method | λ | its Σλ·R ± se (KL) | MAVIS at that KL | difference (z) |", "|---|---|---|---|---|"]
+        for row in c["matched_kl"]:
+            lam = "/".join(f"{x:g}" for x in row["lambda"])
+            z = "-" if row["z"] is None else f"{row['z']:+.1f}"
+            beyond = "" if row["inside"] else " (beyond MAVIS's largest KL: its last point)"
+            L.append(f"| {row['method']} | {lam} | {_f(row['weighted'])} ± {_f(row['se'])} ({row['kl']:.1f}) | {_f(row['mavis_at_kl'])}{beyond} | "
+                     f"{row['diff']:+.3f} (z={z}) |")
+        L.append("")
     for name, t in (c.get("training") or {}).items():
         L.append(f"- `{name}`: trained in {t.get('train_seconds', 0):.0f} s" + (f"; DPO pairs per head {t['multihead']['pairs']}" if "multihead" in t else ""))
     return L + [""]

@@ -768,6 +768,8 @@ def write_report(out: str | Path, spec, *, copy_to: str | Path | None = None, co
         for sweep in sorted(out.glob("sweep*")):
             keep += [str(p.relative_to(out)) for p in [sweep / "fronts.json", sweep / "fronts.md", sweep / "sweep.json", *sorted(sweep.glob("points/*.json"))]]
         keep += [str(p.relative_to(out)) for p in sorted(out.glob("baselines/*/mavis_policy.json"))]
+        keep += [str(p.relative_to(out)) for p in [*sorted(out.glob("conditioned/*/mavis_policy.json")), *sorted(out.glob("neighbours/*/mavis_policy.json")),
+                                                   *sorted(out.glob("*/costs.json"))]]
         for rel in keep:
             if (out / rel).exists():
                 (data / rel).parent.mkdir(parents=True, exist_ok=True)

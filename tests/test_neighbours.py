@@ -193,3 +193,40 @@ def test_multihead_policy_trains_each_head_on_its_objective_and_one_hot_lambda_i
         load_multihead_policy(out, {"c": 1.0})
     with pytest.raises(FileNotFoundError, match="multi-head"):
         load_multihead_policy(tmp_path, {"a": 1.0})
+
+
+# ---------------------------------------------------------------------------------- GRPO resume (all RL baselines)
+
+
+def test_grpo_training_resumes_from_its_last_checkpoint_after_an_interruption(tmp_path, monkeypatch):
+    """Interrupted after step 2 of 3, a rerun continues from checkpoint 2 and ends where an uninterrupted run ends."""
+    from safetensors.torch import load_file
+    from trl import GRPOTrainer
+
+    from mavis_align.baselines import RLConfig, train_rl_policy
+
+    d = tmp_path / "m"
+    save_tiny_model(d)
+    rl = RLConfig(steps=3, prompts_per_step=2, num_generations=2, max_completion_length=5, save_every=1)
+    whole = train_rl_policy(str(d), PROMPTS * 2, {"concise": 1.0}, tmp_path / "whole", rl, chat=False, progress=False)
+    assert not (whole / "trainer").exists()  # checkpoints are removed once the adapter is saved
+
+    real_step = GRPOTrainer.training_step
+
+    def interrupted(self, *args, **kwargs):
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(GRPOTrainer, "training_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_rl_policy(str(d), PROMPTS * 2, {"concise": 1.0}, tmp_path / "cut", rl, chat=False, progress=False)
+    assert (tmp_path / "cut" / "trainer" / "checkpoint-2").is_dir() and not (tmp_path / "cut" / "mavis_policy.json").exists()
+    monkeypatch.setattr(GRPOTrainer, "training_step", real_step)
+    cut = train_rl_policy(str(d), PROMPTS * 2, {"concise": 1.0}, tmp_path / "cut", rl, chat=False, progress=False)
+    log = json.loads((cut / "log_history.json").read_text())
+    assert [h["step"] for h in log if "reward" in h] == [1, 2, 3]
+    a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(cut / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)

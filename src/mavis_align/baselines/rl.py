@@ -32,6 +32,8 @@ class RLConfig:
         learning_rate, lora_rank, lora_alpha, lora_dropout: LoRA training.
         kl_beta: weight of the KL(pi || pi_ref) penalty (TRL's ``beta``).
         temperature: sampling temperature during training.
+        save_every: a resumable checkpoint (LoRA weights, optimizer, RNG states) every this many
+            steps; a rerun of an interrupted training continues from the last one (0: none).
     """
 
     steps: int = 40
@@ -45,6 +47,7 @@ class RLConfig:
     kl_beta: float = 0.05
     temperature: float = 1.0
     seed: int = 0
+    save_every: int = 10
 
 
 def weighted_reward_fn(rewards, weights: dict[str, float]):
@@ -179,7 +182,8 @@ def _grpo(model, tok, columns: dict, reward_fn, out: Path, config: RLConfig, met
     args = GRPOConfig(
         output_dir=str(out / "trainer"), per_device_train_batch_size=per_step, num_generations=config.num_generations,
         max_completion_length=config.max_completion_length, learning_rate=config.learning_rate, beta=config.kl_beta,
-        max_steps=config.steps, logging_steps=1, save_strategy="no", report_to=[] if report_to == "none" else [report_to],
+        max_steps=config.steps, logging_steps=1, report_to=[] if report_to == "none" else [report_to],
+        save_strategy="steps" if config.save_every > 0 else "no", save_steps=max(1, config.save_every), save_total_limit=1,
         # the Trainer's device and mixed precision follow the placement (--device/--dtype): on a GPU
         # the frozen base runs in bf16/fp16 autocast, the LoRA weights train in fp32
         use_cpu=place.device.type == "cpu", bf16=on_gpu and place.dtype == torch.bfloat16, fp16=on_gpu and place.dtype == torch.float16,
@@ -199,15 +203,32 @@ def _grpo(model, tok, columns: dict, reward_fn, out: Path, config: RLConfig, met
 
         trainer_cls = PenalisedGRPO
     trainer = trainer_cls(model=model, reward_funcs=[reward_fn], args=args, train_dataset=data, processing_class=tok, peft_config=lora)
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
+
+    # an interrupted run continues from its last checkpoint; the wall time of earlier calls is kept beside it
+    trainer_dir = out / "trainer"
+    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    clock = trainer_dir / "elapsed.json"
+    before = json.loads(clock.read_text())["seconds"] if last is not None and clock.exists() else 0.0
     t0 = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - t0
+
+    class KeepTime(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            clock.write_text(json.dumps({"seconds": before + time.perf_counter() - t0, "step": state.global_step}))
+
+    trainer.add_callback(KeepTime())
+    trainer.train(resume_from_checkpoint=last)
+    seconds = before + time.perf_counter() - t0
     trainer.model.save_pretrained(str(out / "adapter"), safe_serialization=True)
     history = [h for h in trainer.state.log_history if "reward" in h or "kl" in h or "penalty" in h]
     (out / "log_history.json").write_text(json.dumps(history, indent=2) + "\n")
     meta = {**meta, "config": asdict(config), "train_seconds": round(seconds, 1), "placement": place.describe(),
             "run": run_record({**{k: v for k, v in meta.items() if k != "chat"}, **asdict(config)}, config.seed)}
     (out / "mavis_policy.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    import shutil
+
+    shutil.rmtree(trainer_dir, ignore_errors=True)  # finished: the adapter is saved, the checkpoints are not needed
     return out
 
 

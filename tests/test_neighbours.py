@@ -230,3 +230,17 @@ def test_grpo_training_resumes_from_its_last_checkpoint_after_an_interruption(tm
     b = load_file(str(cut / "adapter" / "adapter_model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_multihead_sampled_responses_are_reused_only_with_the_same_settings(tmp_path):
+    from mavis_align.baselines import MultiHeadConfig, train_multihead_policy
+
+    d = tmp_path / "m"
+    save_tiny_model(d)
+    out = tmp_path / "mh"
+    out.mkdir()
+    stale = {"settings": {"samples_per_prompt": 99}, "prompts": ["hello world"], "responses": [["good", "bad"]], "scores": {"a": [[1.0, 0.0]]}}
+    (out / "responses.json").write_text(json.dumps(stale))
+    # other settings: the cache is ignored and sampling starts again (here it stops at the unknown reward "a")
+    with pytest.raises(ValueError, match="unknown reward 'a'"):
+        train_multihead_policy(str(d), ["hello world"], ["a"], out, MultiHeadConfig(max_new_tokens=4), chat=False, progress=False)

@@ -161,18 +161,23 @@ def train_multihead_policy(base: str, prompts: list[str], objectives: list[str],
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_causal_lm(base)
     cache = out / "responses.json"
-    if cache.exists():
-        data = json.loads(cache.read_text())
-        if sorted(data["scores"]) != sorted(objectives):
-            raise ValueError(f"{cache} scores {sorted(data['scores'])}, not the objectives {objectives}: delete it to resample")
-    else:
+    settings = {"base": base, "prompts": list(prompts), "samples_per_prompt": config.samples_per_prompt, "max_new_tokens": config.max_new_tokens,
+                "seed": config.seed, "chat": chat, "objectives": sorted(objectives)}
+    data = json.loads(cache.read_text()) if cache.exists() else None
+    if data is not None and data.get("settings", settings) != settings:
+        if progress:
+            print(f"{cache} was sampled with other settings: sampling again", flush=True)
+        data = None
+    if data is not None and sorted(data["scores"]) != sorted(objectives):
+        raise ValueError(f"{cache} scores {sorted(data['scores'])}, not the objectives {objectives}: delete it to resample")
+    if data is None:
         rewards = get_rewards(list(objectives))
         many = [p for p in prompts for _ in range(config.samples_per_prompt)]
         gens = MavisDecoder(model, tok).generate(many, config=SamplingConfig(max_new_tokens=config.max_new_tokens), seed=config.seed,
                                                  chat=chat, progress=progress)
         texts = [g.text for g in gens]
         k = config.samples_per_prompt
-        data = {"prompts": list(prompts), "responses": [texts[i * k : (i + 1) * k] for i in range(len(prompts))],
+        data = {"settings": settings, "prompts": list(prompts), "responses": [texts[i * k : (i + 1) * k] for i in range(len(prompts))],
                 "scores": {r.name: [[float(x) for x in r(many[i * k : (i + 1) * k], texts[i * k : (i + 1) * k])] for i in range(len(prompts))]
                            for r in rewards}}
         write_json(cache, data)

@@ -177,12 +177,12 @@ def test_sweep_with_every_baseline_resumes(tmp_path):
     for p in points:
         if p != victim:
             assert p.stat().st_mtime_ns == stamps[p.name]  # finished points were not recomputed
-    # another MAVIS beta: only the MAVIS points are stale and measured again
+    # another MAVIS beta: only the MAVIS points are stale and measured again (best-of-N steps do not read beta)
     stamps = {p.name: p.stat().st_mtime_ns for p in sorted((out / "points").glob("*.json"))}
     run_sweep(SweepSpec(**{**spec.__dict__, "beta": 3.0}), out, progress=False)
     for name, t in stamps.items():
         now = (out / "points" / name).stat().st_mtime_ns
-        assert (now != t) == name.startswith("mavis"), name
+        assert (now != t) == (name.startswith("mavis") and not name.startswith("mavis-step")), name
     assert json.loads((out / "sweep.json").read_text())["beta"] == 3.0
     with pytest.raises(ValueError, match="needs `values`"):
         SweepSpec(objectives=["a", "b"], methods=["mavis"])
@@ -225,3 +225,21 @@ def test_sweep_settings_added_later_keep_old_points_and_normalize_is_mavis_only(
     (tmp_path / "points" / "moodpo@1-0.json").write_text("{}")
     drop_stale_points(tmp_path, SweepSpec(**{**grown.__dict__, "methods": ["ref", "mavis", "moodpo", "bon-ref"]}))
     assert sorted(p.name for p in (tmp_path / "points").iterdir()) == ["moodpo@1-0.json", "ref@ref.json"]
+
+
+def test_step_level_points_go_stale_with_beta_only_when_they_draw_by_the_tilt(tmp_path):
+    from mavis_align.evaluate.pareto import SweepSpec, drop_stale_points, stale_methods
+
+    spec = SweepSpec(objectives=["a", "b"], methods=["ref", "mavis", "mavis-step", "mahalo-step"], values={"a": "x", "b": "y"}, mahalo="h")
+    assert stale_methods({"beta"}, spec) == {"mavis", "mavis-beam", "mavis-conditioned"}  # best-of-N steps ignore beta
+    assert stale_methods({"beta"}, SweepSpec(**{**spec.__dict__, "step_select": "tilt"})) >= {"mavis-step", "mahalo-step"}
+    assert {"mavis-step", "mahalo-step"} <= stale_methods({"values"}, spec)  # the step methods' process rewards are the value models
+    assert stale_methods({"dataset"}, spec) is None
+    (tmp_path / "points").mkdir()
+    drop_stale_points(tmp_path, spec)
+    for name in ("ref@ref.json", "mavis@1-0.json", "mavis-step@1-0.json", "mahalo-step@1-0.json"):
+        (tmp_path / "points" / name).write_text("{}")
+    drop_stale_points(tmp_path, SweepSpec(**{**spec.__dict__, "beta": 2.0}))
+    assert sorted(p.name for p in (tmp_path / "points").iterdir()) == ["mahalo-step@1-0.json", "mavis-step@1-0.json", "ref@ref.json"]
+    drop_stale_points(tmp_path, SweepSpec(**{**spec.__dict__, "beta": 2.0, "values": {"a": "x2", "b": "y"}}))
+    assert sorted(p.name for p in (tmp_path / "points").iterdir()) == ["ref@ref.json"]

@@ -498,17 +498,21 @@ def _sweep_into(folder: Path, sweep, progress: bool, reuse: Path | None = None) 
     that differs only in MAVIS's settings) are copied instead of recomputed."""
     import shutil
 
-    from .evaluate.pareto import MAVIS_ONLY_FIELDS, drop_stale_points, run_sweep
+    from .evaluate.pareto import MAVIS_ONLY_FIELDS, drop_stale_points, point_method, run_sweep, stale_methods
 
     drop_stale_points(folder, sweep)
     if reuse is not None and (reuse / "sweep.json").exists():
+        old, new = json.loads((reuse / "sweep.json").read_text()), json.loads((folder / "sweep.json").read_text())
+
         def common(d: dict) -> dict:
             return {k: v for k, v in d.items() if k not in MAVIS_ONLY_FIELDS}
 
-        if common(json.loads((reuse / "sweep.json").read_text())) == common(json.loads((folder / "sweep.json").read_text())):
+        if common(old) == common(new):
+            # every point the differing MAVIS settings do not concern is the same measurement
+            stale = stale_methods({k for k in MAVIS_ONLY_FIELDS if old.get(k) != new.get(k)}, sweep)
             (folder / "points").mkdir(exist_ok=True)
             for f in (reuse / "points").glob("*.json"):
-                if not f.name.startswith("mavis") and not (folder / "points" / f.name).exists():
+                if stale is not None and point_method(f) not in stale and not (folder / "points" / f.name).exists():
                     shutil.copy(f, folder / "points" / f.name)
     run_sweep(sweep, folder, progress=progress)
 

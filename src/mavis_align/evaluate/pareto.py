@@ -172,11 +172,26 @@ PLACEMENT_FIELDS = ("device", "dtype")  # where the points are computed: changin
 JUDGE_FIELDS = ("judge", "judge_against", "criteria")  # the judge record is redone, the points kept
 MAVIS_METHODS = ("mavis", "mavis-beam", "mavis-step", "mavis-conditioned")
 # which methods' points a changed setting makes stale (any other changed setting: every point)
-FIELD_METHODS = {"beta": MAVIS_METHODS, "betas": MAVIS_METHODS, "normalize": MAVIS_METHODS, "values": ("mavis", "mavis-beam", "mavis-step"),
-                 "step_chunk": ("mavis-step", "mahalo-step"), "step_candidates": ("mavis-step", "mahalo-step"),
-                 "step_select": ("mavis-step", "mahalo-step"),
+STEP_METHODS = ("mavis-step", "mahalo-step")
+TILT_FIELDS = ("beta", "betas", "normalize")  # read by step-level methods only when they draw by the tilt
+FIELD_METHODS = {"beta": MAVIS_METHODS + ("mahalo-step",), "betas": MAVIS_METHODS + ("mahalo-step",), "normalize": MAVIS_METHODS + ("mahalo-step",),
+                 "values": ("mavis", "mavis-beam", "mavis-step", "mahalo-step"),
+                 "step_chunk": STEP_METHODS, "step_candidates": STEP_METHODS, "step_select": STEP_METHODS,
                  "conditioned": ("mavis-conditioned",), "moodpo": ("moodpo",), "mva": ("mva",), "extrapolate": ("mva",),
                  "mahalo": ("mahalo", "mahalo-step")}
+
+
+def stale_methods(changed: set[str], spec: SweepSpec) -> set[str] | None:
+    """The methods whose points the ``changed`` settings make stale (:data:`FIELD_METHODS`); None: every method."""
+    if changed - set(FIELD_METHODS):
+        return None
+    out: set[str] = set()
+    for k in changed:
+        methods = set(FIELD_METHODS[k])
+        if k in TILT_FIELDS and spec.step_select == "best":
+            methods -= set(STEP_METHODS)  # keeping the best step reads neither beta nor NORMALIZE
+        out |= methods
+    return out
 
 
 def point_method(path: Path) -> str:
@@ -198,10 +213,9 @@ def drop_stale_points(out: str | Path, spec: SweepSpec) -> None:
         defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(SweepSpec)}
         old = {**json.loads(json.dumps(defaults, default=str)), **json.loads(saved.read_text())}
         changed = {k for k in new if k not in PLACEMENT_FIELDS + JUDGE_FIELDS and k != "methods" and old.get(k) != new[k]}
-        everything = bool(changed - set(FIELD_METHODS))
-        stale = {m for k in changed & set(FIELD_METHODS) for m in FIELD_METHODS[k]}
+        stale = stale_methods(changed, spec)
         for f in (out / "points").glob("*.json") if changed else []:
-            if everything or point_method(f) in stale:
+            if stale is None or point_method(f) in stale:
                 f.unlink()
     out.mkdir(parents=True, exist_ok=True)
     write_json(saved, new)

@@ -35,7 +35,7 @@ from .generation import DEFAULT_TOP_K
 from .provenance import write_json
 from .schema import Shape, check, read_yaml_mapping, shape_of
 from .study_layout import final_value_dir, load_points, point_name
-from .train.iterate import Recipe, add_cost, extends_recipe, recipe_prompts
+from .train.iterate import Recipe, costing, extends_recipe, recipe_prompts
 
 STAGES = ("mavis", "baselines", "conditioned", "neighbours", "single", "sweep", "distill", "report")
 
@@ -232,13 +232,10 @@ def _run_study(spec: StudySpec, out: str | Path, *, stages: list[str] | None, pr
 
             command = f"mavis-align reproduce --recipe {spec.name} --out {out}" + (f" --report {report}" if report is not None else "")
             return write_report(out, spec, copy_to=report, command=command)
-        t0 = time.perf_counter()
         if progress:
             print(f"[reproduce] stage {stage}", flush=True)
-        try:
+        with costing(out, stage):
             runners[stage](spec, out, progress)
-        finally:
-            add_cost(out, stage, time.perf_counter() - t0)
     return out / "REPORT.md"
 
 
@@ -295,17 +292,14 @@ def _stage_conditioned(spec: StudySpec, out: Path, progress: bool) -> None:
     def train(dest: Path, trees: list[Path], init: Path | None, epochs: float, zeta: float) -> None:
         if (dest / "result.json").exists():
             return
-        t0 = time.perf_counter()
         if init is None:
             opts = {**value_model_options(r), "head_hidden": int(c.get("head_hidden", 64))}
             vm = build_value_model([a, b], **opts, conditioned=True, seed=r.seed + 23)
         else:
             vm = ValueModel.load(init)
         cfg = TrainConfig(**{**base_cfg, "epochs": epochs, "zeta": zeta, "warmup_steps": 0 if init else 20})
-        try:
+        with costing(folder, f"train:{dest.relative_to(folder)}"):
             train_value_model(vm, trees, dest, cfg, resume=(dest / "checkpoint").exists(), progress=progress)
-        finally:
-            add_cost(folder, f"train:{dest.relative_to(folder)}", time.perf_counter() - t0)
 
     train(folder / "iter0" / "value", [out / "mavis" / "iter0" / "trees.h5"], None, float(c.get("epochs", 20.0)), 0.0)
     grid = [float(x) for x in c.get("grid", [1.0, 0.5, 0.0])]
@@ -346,20 +340,14 @@ def _stage_neighbours(spec: StudySpec, out: Path, progress: bool) -> None:
         raise FileNotFoundError(f"{first} is missing: run the `baselines` stage first (the MVA sequence starts from it)")
     if progress:
         print(f"[reproduce] MVA-style adapter for {b}, decorrelated from rl-{a}", flush=True)
-    t0 = time.perf_counter()
-    try:
+    with costing(folder, f"mva-{b}"):
         train_decorrelated_adapter(r.model, recipe_prompts(r, "train", int(spec.baselines.get("prompts", 160))), {b: 1.0}, folder / f"mva-{b}",
                                    spec.rl_config, against=[first], mi_weight=float(n.get("mi_weight", 1.0)), chat=r.chat, progress=progress)
-    finally:
-        add_cost(folder, f"mva-{b}", time.perf_counter() - t0)
     if progress:
         print(f"[reproduce] MAHALO-style multi-head policy over {spec.pair}", flush=True)
-    t0 = time.perf_counter()
-    try:
+    with costing(folder, "mahalo"):
         train_multihead_policy(r.model, recipe_prompts(r, "train", int(n.get("multihead_prompts", 64))), [a, b], folder / "mahalo",
                                MultiHeadConfig(**n.get("multihead", {})), chat=r.chat, progress=progress)
-    finally:
-        add_cost(folder, "mahalo", time.perf_counter() - t0)
 
 
 class _Evaluation:

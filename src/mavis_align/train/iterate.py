@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -154,6 +155,16 @@ def add_cost(out: Path, key: str, seconds: float) -> None:
     path.write_text(json.dumps(costs, indent=2, sort_keys=True) + "\n")
 
 
+@contextmanager
+def costing(out: Path, key: str):
+    """Time the block and :func:`add_cost` its wall seconds to ``out/costs.json[key]``, also when it fails or is interrupted."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        add_cost(out, key, time.perf_counter() - t0)
+
+
 def _eval_config(recipe: Recipe):
     from ..generation import SamplingConfig
 
@@ -174,11 +185,8 @@ def collect_trees(recipe: Recipe, path: Path, prompts: list, *, limit: int, valu
     spec = CollectSpec(model=recipe.model, values=values, weights=weights, rewards=rewards, dataset=recipe.dataset, split="train",
                        limit=limit, data_seed=recipe.data_seed, prompt_field=recipe.prompt_field, chat=recipe.chat, tree=tc, seed=seed,
                        group_size=recipe.group_size, val_fraction=recipe.val_fraction, **placement_names())
-    t0 = time.perf_counter()
-    try:
+    with costing(cost_root, f"collect:{path.relative_to(cost_root)}"):
         collect(spec, path, prompts, resume=True, backend=recipe.backend, workers=recipe.workers, progress=progress)
-    finally:
-        add_cost(cost_root, f"collect:{path.relative_to(cost_root)}", time.perf_counter() - t0)
 
 
 def run_iterations(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_after_stage: int | None = None) -> dict:
@@ -253,12 +261,11 @@ def _run_iterations(recipe: Recipe, out: str | Path, *, progress: bool, stop_aft
 
         tracker = make_tracker(recipe.report_to, project=f"mavis-align-{recipe.name}", run=str(folder.relative_to(out)),
                                config={"recipe": recipe.name, **asdict(cfg)}, out=folder)
-        t0 = time.perf_counter()
-        try:
-            train_value_model(vm, [trees], folder, cfg, resume=(folder / "checkpoint").exists(), progress=progress, tracker=tracker)
-        finally:
-            tracker.finish()
-            add_cost(out, f"train:{folder.relative_to(out)}", time.perf_counter() - t0)
+        with costing(out, f"train:{folder.relative_to(out)}"):
+            try:
+                train_value_model(vm, [trees], folder, cfg, resume=(folder / "checkpoint").exists(), progress=progress, tracker=tracker)
+            finally:
+                tracker.finish()
 
     summary: dict = {"recipe": recipe.name, "iterations": []}
     (out / "eval").mkdir(exist_ok=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .rl import RLConfig
+from .rl import RLConfig, train_rl_policy
 
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")
 RHO2_MAX = 1.0 - 1e-6  # keeps the penalty finite when an update is a multiple of another
@@ -102,10 +102,6 @@ def train_decorrelated_adapter(base: str, prompts: list[str], weights: dict[str,
     """A per-objective LoRA policy (as :func:`~mavis_align.baselines.rl.train_rl_policy`) whose GRPO
     loss adds ``mi_weight`` × the summed :func:`dependence_penalty` against each adapter in ``against``
     (frozen). Skips the work when ``out/mavis_policy.json`` exists."""
-    from ..models import format_prompts, load_causal_lm
-    from ..rewards import get_rewards
-    from .rl import _grpo, weighted_reward_fn
-
     out = Path(out)
     if (out / "mavis_policy.json").exists():
         return out
@@ -117,14 +113,10 @@ def train_decorrelated_adapter(base: str, prompts: list[str], weights: dict[str,
     if any(m["base"] != base for m in metas):
         raise ValueError(f"adapters to decorrelate from must share the base {base!r}: {[m['base'] for m in metas]}")
     frozen = [adapter_deltas(f) for f in against]
-    model, tok = load_causal_lm(base)
-    rewards = get_rewards(list(weights))
-    data = {"prompt": format_prompts(tok, prompts, chat=chat), "raw_prompt": list(prompts)}
 
     def penalty(peft_model) -> torch.Tensor:
         mine = lora_deltas(peft_model)
         return mi_weight * sum(dependence_penalty(mine, other) for other in frozen)
 
-    meta = {"base": base, "weights": weights, "chat": chat, "prompts": len(prompts),
-            "decorrelated": {"against": [str(f) for f in against], "mi_weight": mi_weight, "estimator": "mean Gaussian MI of ΔW entries"}}
-    return _grpo(model, tok, data, weighted_reward_fn(rewards, weights), out, config, meta, progress, report_to, penalty=penalty)
+    record = {"decorrelated": {"against": [str(f) for f in against], "mi_weight": mi_weight, "estimator": "mean Gaussian MI of ΔW entries"}}
+    return train_rl_policy(base, prompts, weights, out, config, chat=chat, progress=progress, report_to=report_to, penalty=penalty, meta=record)

@@ -111,10 +111,12 @@ def per_row_weighted_reward_fn(rewards, objectives: list[str]):
 
 
 def train_rl_policy(base: str, prompts: list[str], weights: dict[str, float], out: str | Path, config: RLConfig = RLConfig(),
-                    *, chat: bool = True, progress: bool = True, report_to: str = "none") -> Path:
+                    *, chat: bool = True, progress: bool = True, report_to: str = "none", penalty=None, meta: dict | None = None) -> Path:
     """Fine-tune ``base`` with LoRA on the lambda-weighted reward; returns the adapter folder.
 
     ``report_to``: none, trackio, wandb or tensorboard, handed to TRL's ``report_to``.
+    ``penalty``: ``fn(peft_model) -> scalar tensor`` added to the loss (see :func:`_grpo`); ``meta``:
+    extra fields recorded in ``mavis_policy.json``.
 
     Skips the work when ``out/mavis_policy.json`` exists (a finished run).
     """
@@ -127,8 +129,8 @@ def train_rl_policy(base: str, prompts: list[str], weights: dict[str, float], ou
     model, tok = load_causal_lm(base)
     rewards = get_rewards(list(weights))
     data = {"prompt": format_prompts(tok, prompts, chat=chat), "raw_prompt": list(prompts)}
-    return _grpo(model, tok, data, weighted_reward_fn(rewards, weights), out, config, {"base": base, "weights": weights, "chat": chat,
-                                                                                      "prompts": len(prompts)}, progress, report_to)
+    record = {"base": base, "weights": weights, "chat": chat, "prompts": len(prompts), **(meta or {})}
+    return _grpo(model, tok, data, weighted_reward_fn(rewards, weights), out, config, record, progress, report_to, penalty=penalty)
 
 
 def train_conditioned_policy(base: str, prompts: list[str], objectives: list[str], out: str | Path, config: RLConfig = RLConfig(),

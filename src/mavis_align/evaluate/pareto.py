@@ -329,10 +329,10 @@ def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
         if method in ("mahalo", "mahalo-step"):
             from ..baselines import load_multihead_policy
 
-            model, _ = load_multihead_policy(spec.mahalo, w, base_model=load_causal_lm(spec.model))
             trained_on = json.loads((Path(spec.mahalo) / "mavis_policy.json").read_text())["multihead"]["objectives"]
             if sorted(trained_on) != sorted(spec.objectives):
                 raise ValueError(f"`mahalo: {spec.mahalo}` has heads {trained_on}, the sweep's objectives are {spec.objectives}")
+            model, _ = load_multihead_policy(spec.mahalo, w, base_model=load_causal_lm(spec.model))
             if method == "mahalo":
                 return ModelPolicy("mahalo", model, tok, plain, chat=spec.chat)
             # PRM-guided decoding: steps proposed by the multi-head policy at lambda, kept by the value models

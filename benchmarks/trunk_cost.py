@@ -14,11 +14,10 @@ plain decoding (1 token through all L layers), for N in {4, 8, 16} at batch 1 an
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from decode_profile import median_ms  # benchmarks/ is on sys.path when a script here runs
 from transformers import DynamicCache
 
 from mavis_align.models import load_causal_lm
@@ -27,16 +26,6 @@ from mavis_align.values import truncated_backbone
 
 K, PROMPT_TOKENS, REPEATS = 15, 80, 20
 OUT = Path(__file__).parent / "results" / "trunk_cost.json"
-
-
-def median_ms(fn, n: int = REPEATS) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -56,7 +45,7 @@ def main() -> None:
             model(input_ids=ids[:, :1], position_ids=pos1, cache=cache, use_cache=True)
             cache.crop(-1)
 
-        base = median_ms(base_step)
+        base = median_ms(base_step, REPEATS)
         for n in (4, 8, 16):
             trunk = truncated_backbone(model, n)
             tc = DynamicCache()
@@ -70,7 +59,7 @@ def main() -> None:
                 trunk(input_ids=ids[:, :1], position_ids=pos1, cache=tc, use_cache=True)
                 tc.crop(-1)
 
-            cand, one = median_ms(candidates), median_ms(chosen)
+            cand, one = median_ms(candidates, REPEATS), median_ms(chosen, REPEATS)
             today = base + cand + one
             # fused: the candidates' block is the chosen token's first n layers; the base runs the rest.
             # Upper layers cost at most base * (L - n) / L plus nothing else (the LM head is inside `base`).

@@ -195,7 +195,8 @@ def step_guided_search(
         alive = [alive[s] for s in slots]
         specs = [specs[s] for s in slots]
         row_gens = [row_gens[s] for s in slots]  # each slot keeps its own generator
-        ended = [[(slots.index(r), v, f) for r, v, f in e] if e else e for e in ended]
+        moved = {old: new for new, old in enumerate(slots)}
+        ended = [[(moved[r], v, f) for r, v, f in e] for e in ended]
         row_weights = row_weights.index_select(0, torch.tensor(slots, device=device))
         order = [order[b] for b in keep_blocks]
         state.select(index)

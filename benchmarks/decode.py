@@ -1,6 +1,7 @@
 """Decoding speed: HF ``generate`` vs the native loop vs MAVIS (fast, naive, LogitsProcessor,
 multi-head), on the embedded default base model with value models of the default backbone
-(``--backbone``, default ``trunk:8``: the base model's first 8 layers, frozen, mean-pooled heads;
+(``--backbone``, default ``DEFAULT_VALUE_BACKBONE`` = ``trunk:4``: the base model's first 4 layers, frozen, heads on
+the prompt and response means (the default pool);
 three such models share one trunk forward per step).
 
 All methods run in this one process, one after another, with the same prompts; every number is

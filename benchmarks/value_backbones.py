@@ -1,10 +1,13 @@
 """Value-model backbones compared on the same trees, the same held-out prompts and the same machine.
 
 For each configuration (backbone, what the heads read, training settings) one 3-head value model
-(helpful, harmless, humor) is trained on one shared tree file (160 hh-mix train prompts, L=3,
-K_root=4, K=2, T=40; val split 0.2 by prompt) and reported with:
+(helpful, harmless, humor) is trained on shared tree files (L=3, K_root=4, K=2, T=40; val split 0.2
+by prompt): ``trees.h5`` holds hh-mix train prompts 0-160, ``trees-160-400.h5`` prompts 160-400
+(configurations with ``"trees": "400"`` train on both). Each is reported with:
 
-* held-out R² and sibling concordance per objective (``mavis_align.train.quality``), training seconds;
+* held-out R² and sibling concordance per objective (``mavis_align.train.quality``) on the val trees of
+  its files, training seconds; configurations trained on the first file alone are also scored on
+  the second file's val trees ("fresh": prompts no configuration was chosen on);
 * decode speed as a ratio to plain HF ``generate`` sampling measured in the same process, right
   before: MAVIS with M=3 separate value models of this configuration and with one 3-head model,
   batch 1 and 8, every sequence forced to the full length (equal work);
@@ -37,10 +40,12 @@ from mavis_align.models import format_prompts, load_causal_lm, load_tokenizer
 from mavis_align.provenance import run_record, write_json
 from mavis_align.rewards import get_rewards
 from mavis_align.train import TrainConfig, train_value_model
+from mavis_align.train.regression import held_out_quality
 from mavis_align.values import ValueModel, build_value_model
 
 OBJECTIVES = ["helpful", "harmless", "humor"]
 TREES = {"prompts": 160, "val_fraction": 0.2, "tree": {"num_layers": 3, "k_root": 4, "k": 2, "max_new_tokens": 40, "max_rows": 64}}
+MORE_TREES = {"prompts": [160, 400], "seed": 1}  # the second file: same settings, the next 240 prompts, another seed
 SMALL_TRAIN = {"lr": 1e-3, "epochs": 3, "batch_size": 16, "warmup_steps": 10, "eval_every": 0, "keep_leaf_fraction": 0.5}
 HEAD_TRAIN = {"lr": 1e-3, "epochs": 40, "batch_size": 64, "warmup_steps": 10, "eval_every": 0, "keep_leaf_fraction": 1.0}
 CONFIGS = {
@@ -54,10 +59,14 @@ CONFIGS = {
     "trunk:16 mean": {"backbone": "trunk:16", "pool": "mean", "train": HEAD_TRAIN},
     "trunk:4 mean ridge": {"backbone": "trunk:4", "pool": "mean", "train": {"solver": "ridge", "keep_leaf_fraction": 1.0}},
     "truncate:2": {"backbone": "truncate:2", "pool": "last", "train": SMALL_TRAIN},
+    "trunk:4 prompt+response ridge": {"backbone": "trunk:4", "pool": "prompt+response", "train": {"solver": "ridge", "keep_leaf_fraction": 1.0}},
+    "trunk:4 mean ridge, 400": {"backbone": "trunk:4", "pool": "mean", "train": {"solver": "ridge", "keep_leaf_fraction": 1.0}, "trees": "400"},
+    "trunk:4 prompt+response ridge, 400": {"backbone": "trunk:4", "pool": "prompt+response", "train": {"solver": "ridge", "keep_leaf_fraction": 1.0},
+                                           "trees": "400"},
 }
 DEFAULT_RUN = ["tiny", "tiny-256", "trunk:8 last", "trunk:2 mean", "trunk:4 mean", "trunk:4 mean ridge", "trunk:8 mean", "trunk:8 mean+last",
-               "trunk:16 mean"]
-STEER = ["tiny", "trunk:4 mean", "trunk:4 mean ridge", "trunk:8 mean"]
+               "trunk:16 mean", "trunk:4 prompt+response ridge", "trunk:4 mean ridge, 400", "trunk:4 prompt+response ridge, 400"]
+STEER = ["tiny", "trunk:4 mean", "trunk:4 mean ridge", "trunk:8 mean", "trunk:4 prompt+response ridge, 400"]
 BETAS = [1.0, 2.0, 5.0]
 TOP_K = 15
 EVAL = {"prompts": 16, "samples": 2, "max_new_tokens": 40, "seed": 0}
@@ -78,13 +87,41 @@ def trees_file(out: Path) -> Path:
     return path
 
 
-def train(out: Path, name: str, trees: Path) -> dict:
+def more_trees_file(out: Path) -> Path:
+    """Trees of hh-mix train prompts 160-400 (resumable, like the first file)."""
+    start, stop = MORE_TREES["prompts"]
+    path = out / f"trees-{start}-{stop}.h5"
+    if not path.exists():
+        tok = load_tokenizer("smollm2-135m-instruct")
+        prompts = [p.text for p in load_prompts("hh-mix", "train", seed=0, tokenizer=tok, limit=stop)][start:]
+        spec = CollectSpec(rewards=OBJECTIVES, dataset="hh-mix", split="train", limit=stop, tree=TreeConfig(**TREES["tree"]),
+                           seed=MORE_TREES["seed"], val_fraction=TREES["val_fraction"])
+        collect(spec, path, prompts, resume=True)
+    return path
+
+
+def tree_files(out: Path, name: str) -> list[Path]:
+    return [trees_file(out)] + ([more_trees_file(out)] if CONFIGS[name].get("trees") == "400" else [])
+
+
+def train(out: Path, name: str) -> dict:
     cfg = CONFIGS[name]
     folder = out / "models" / slug(name)
     if not (folder / "result.json").exists():
         vm = build_value_model(OBJECTIVES, backbone=cfg["backbone"], pool=cfg["pool"], seed=0)
-        train_value_model(vm, [trees], folder, TrainConfig(**cfg["train"], seed=0), resume=(folder / "checkpoint").exists())
+        train_value_model(vm, tree_files(out, name), folder, TrainConfig(**cfg["train"], seed=0), resume=(folder / "checkpoint").exists())
     return json.loads((folder / "result.json").read_text())
+
+
+def fresh_quality(out: Path, name: str) -> dict | None:
+    """Held-out quality of a configuration trained on the first file, on the second file's val trees."""
+    if CONFIGS[name].get("trees") == "400":
+        return None
+    path = out / "fresh" / f"{slug(name)}.json"
+    if not path.exists():
+        vm = ValueModel.load(out / "models" / slug(name) / "best")
+        write_json(path, held_out_quality(vm, [more_trees_file(out)]))
+    return json.loads(path.read_text())
 
 
 def speed(out: Path, name: str, model, tok, n_tokens: int = 32, reps: int = 2) -> list[dict]:
@@ -173,6 +210,8 @@ def report(out: Path, names: list[str], steered: list[str], results_dir: Path) -
             continue
         res = json.loads((folder / "result.json").read_text())
         row = {"name": name, **CONFIGS[name], "train_seconds": res["seconds_this_run"], "quality": res["quality"]}
+        if (out / "fresh" / f"{slug(name)}.json").exists():
+            row["fresh_quality"] = json.loads((out / "fresh" / f"{slug(name)}.json").read_text())
         sp = out / "speed" / f"{slug(name)}.json"
         if sp.exists():
             row["speed"] = json.loads(sp.read_text())
@@ -180,22 +219,33 @@ def report(out: Path, names: list[str], steered: list[str], results_dir: Path) -
             st = {p.stem: json.loads(p.read_text()) for p in sorted((out / "steer" / slug(name)).glob("beta*.json"))}
             row["steering"] = st
         rows.append(row)
-    meta = run_record({"trees": TREES, "configs": {n: CONFIGS[n] for n in names}, "betas": BETAS, "top_k": TOP_K, "eval": EVAL,
+    meta = run_record({"trees": TREES, "more_trees": MORE_TREES, "configs": {n: CONFIGS[n] for n in names}, "betas": BETAS, "top_k": TOP_K, "eval": EVAL,
                        "threads": torch.get_num_threads()}, 0)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "value_backbones.json").write_text(json.dumps({"run": meta, "pi_ref": ref, "rows": rows}, indent=2) + "\n")
-    n_val = rows[0]["quality"]["trees"] if rows else 0
-    L = [f"Held-out quality (one 3-head model per configuration; {n_val} held-out trees of the {TREES['prompts']}) and decode speed "
-         "(× HF `generate` sampling measured in the same process right before; 32 new tokens forced).", "",
-         "| configuration | train s | R² helpful / harmless / humor | sibling concordance helpful / harmless / humor (pairs) | M=3 b1 | M=3 b8 | 3-head b1 | 3-head b8 |",
-         "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        q = r["quality"]["per_objective"]
+    L = ["Held-out quality (one 3-head model per configuration; held-out = the val trees of the files it trained on: 160 prompts' file, or "
+         "both files = 400 prompts) and decode speed (× HF `generate` sampling measured in the same process right before; 32 new tokens forced).", "",
+         "| configuration | trained on | held-out trees | train s | R² helpful / harmless / humor | sibling concordance helpful / harmless / humor (pairs) "
+         "| M=3 b1 | M=3 b8 | 3-head b1 | 3-head b8 |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def quality_cells(quality: dict) -> str:
+        q = quality["per_objective"]
         r2 = " / ".join(f"{q[o]['r2']:.2f}" for o in OBJECTIVES)
         conc = " / ".join(f"{q[o]['concordance']:.3f} ± {q[o]['concordance_se']:.3f} ({q[o]['pairs']})" for o in OBJECTIVES)
+        return f"{quality['trees']} | {{train}} | {r2} | {conc}"
+
+    for r in rows:
         sp = {(s["method"], s["batch"]): s["ratio_vs_hf_generate"] for s in r.get("speed", [])}
         cells = [f"{sp[(m, b)]:.2f}" if (m, b) in sp else "-" for m in ("mavis_M3_separate", "mavis_3head") for b in (1, 8)]
-        L.append(f"| {r['name']} | {r['train_seconds']:.0f} | {r2} | {conc} | " + " | ".join(cells) + " |")
+        files = "400 prompts" if r.get("trees") == "400" else "160 prompts"
+        L.append(f"| {r['name']} | {files} | " + quality_cells(r["quality"]).format(train=f"{r['train_seconds']:.0f}") + " | " + " | ".join(cells) + " |")
+    fresh = [r for r in rows if r.get("fresh_quality")]
+    if fresh:
+        L += ["", "The same models (trained on the 160 prompts' file) scored on the val trees of the second file (prompts 160-400, never used to "
+              "choose a configuration):", "", "| configuration | held-out trees | - | R² helpful / harmless / humor | sibling concordance (pairs) |",
+              "|---|---|---|---|---|"]
+        L += [f"| {r['name']} | " + quality_cells(r["fresh_quality"]).format(train="-") + " |" for r in fresh]
     if ref:
         L += ["", f"Steering: λ = {{m: 1}}, top-k {TOP_K}, {EVAL['prompts']} held-out test prompts × {EVAL['samples']} samples, ≤ {EVAL['max_new_tokens']} tokens; "
               "reward of the steered objective ± se (z vs π_ref), KL (eq. 7, nats).", "",
@@ -223,7 +273,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/value_backbones")
     ap.add_argument("--only", default=",".join(DEFAULT_RUN), help=f"configurations (known: {', '.join(CONFIGS)})")
     ap.add_argument("--steer", default=",".join(STEER), help="configurations to steer with (slow)")
-    ap.add_argument("--stages", default="train,speed,steer,report")
+    ap.add_argument("--stages", default="train,fresh,speed,steer,report")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
@@ -236,10 +286,15 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if "train" in stages:
-        trees = trees_file(out)
         for name in names:
-            res = train(out, name, trees)
+            res = train(out, name)
             print(name, json.dumps({o: (q["r2"], q["concordance"]) for o, q in res["quality"]["per_objective"].items()}), flush=True)
+            gc.collect()
+    if "fresh" in stages:
+        for name in names:
+            q = fresh_quality(out, name)
+            if q:
+                print(name, "fresh", json.dumps({o: (v["r2"], v["concordance"]) for o, v in q["per_objective"].items()}), flush=True)
             gc.collect()
     if stages & {"speed", "steer"}:
         model, tok = load_causal_lm()

@@ -103,14 +103,14 @@ def test_collect_label_train_distill_cli(tmp_path, tiny_lm, tiny_tokenizer, caps
     assert main(["train", "--trees", str(trees), "--objective", "concise", "--objective", "humor", "--out", str(out),
                  "--backbone", str(tmp_path / "m"), "--base-model", str(tmp_path / "m"), "--epochs", "1", "--batch-size", "4"]) == 0
     assert json.loads((out / "result.json").read_text())["objectives"] == ["concise", "humor"]
-    # the default kind of backbone: the base model's first layers, frozen, mean-pooled heads, quality reported
+    # the default kind of backbone: the base model's first layers, frozen, prompt+response heads, quality reported
     trunk = tmp_path / "vt"
     assert main(["train", "--trees", str(trees), "--objective", "concise", "--out", str(trunk), "--backbone", "trunk:1",
                  "--base-model", str(tmp_path / "m"), "--epochs", "2", "--batch-size", "4"]) == 0
     res = json.loads((trunk / "result.json").read_text())
     assert res["feature_seconds"] is not None and "concise" in res["quality"]["per_objective"]
     meta = json.loads((trunk / "best" / "meta.json").read_text())
-    assert meta["pool"] == "mean" and meta["frozen_backbone"] and meta["backbone"] == "trunk:1"
+    assert meta["pool"] == "prompt+response" and meta["frozen_backbone"] and meta["backbone"] == "trunk:1"
     assert "sibling concordance" in capsys.readouterr().out
     # one preference-conditioned model over both objectives, then decoding with it at a weighting
     cond = tmp_path / "vc"

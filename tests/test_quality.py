@@ -15,7 +15,8 @@ from mavis_align.collect.dataset import NodeExample
 from mavis_align.decoding.steppers import CachedValueScorer, bind_objectives, naive_value_fn, trunk_groups
 from mavis_align.train.quality import quality_report, r_squared, sibling_concordance, sibling_pairs
 from mavis_align.train.regression import TrainConfig, prefix_carriers, train_value_model, trunk_features
-from mavis_align.values import ValueModel, ValueModelError, tokenizer_fingerprint, truncated_backbone
+from mavis_align.values import (ValueModel, ValueModelError, prompt_response_features, prompt_response_means, tokenizer_fingerprint,
+                                truncated_backbone)
 
 
 def test_r_squared_closed_forms():
@@ -61,8 +62,8 @@ def test_quality_report_is_json_ready():
     assert q["r2"] == pytest.approx(1 - ((target) ** 2).mean() / target.var())
 
 
-def _example(ids, tree, node=1, parent=0, value=0.0):
-    return NodeExample(list(ids), np.array([value]), 0.0, tree, node, 1, False, 0.0, parent)
+def _example(ids, tree, node=1, parent=0, value=0.0, prompt_length=0):
+    return NodeExample(list(ids), np.array([value]), 0.0, tree, node, 1, False, 0.0, parent, prompt_length=prompt_length)
 
 
 def test_prefix_carriers_share_sequences_within_a_tree():
@@ -89,13 +90,28 @@ def test_trunk_features_equal_each_examples_own_forward():
     for t in range(3):
         root = rng.integers(4, 20, size=6).tolist()
         for n in range(1, 6):
-            ex.append(_example(root[: n + 1] + rng.integers(4, 20, size=n % 3).tolist(), t, node=n))
+            ex.append(_example(root[: n + 1] + rng.integers(4, 20, size=n % 3).tolist(), t, node=n, prompt_length=2))
     feats = trunk_features(vm, ex, pad_id=1, batch_size=4)
-    assert feats.shape == (len(ex), 2, vm.hidden_size)
+    assert feats.shape == (len(ex), 4, vm.hidden_size)
     for i, e in enumerate(ex):
         own = vm.backbone(input_ids=torch.tensor([e.input_ids])).last_hidden_state[0]
         assert torch.allclose(feats[i, 0], own[-1], atol=1e-5), i
         assert torch.allclose(feats[i, 1], own.mean(0), atol=1e-5), i
+        assert torch.allclose(feats[i, 2], own[:2].mean(0), atol=1e-5), i
+        assert torch.allclose(feats[i, 3], own[2:].mean(0), atol=1e-5), i
+
+
+def test_prompt_response_features_by_hand():
+    p, r = torch.tensor([[3.0, 4.0]]), torch.tensor([[4.0, 3.0]])
+    centre = torch.tensor([[3.0, 0.0], [0.0, 3.0]])
+    x = prompt_response_features(p, r, centre)
+    # p, r, u(p - c_p) * u(r - c_r) = (0, 1) * (1, 0), cos(p, r) = 24/25, cos of the centred = 0
+    assert torch.allclose(x, torch.tensor([[3.0, 4.0, 4.0, 3.0, 0.0, 0.0, 0.96, 0.0]]))
+    # causal means: prompt = first 2 real tokens, response = the rest (none yet: zeros); left padding skipped
+    h = torch.arange(1.0, 6.0)[None, :, None]  # states 1..5
+    mask = torch.tensor([[0, 1, 1, 1, 1]])
+    prompt, response = prompt_response_means(h, mask, torch.tensor([2]))
+    assert prompt[0, :, 0].tolist() == [0.0, 2.0, 2.5, 2.5, 2.5] and response[0, :, 0].tolist() == [0.0, 0.0, 0.0, 4.0, 4.5]
 
 
 def test_running_mean_pool_reads_real_tokens_only(tiny_tokenizer):
@@ -163,11 +179,13 @@ def test_sibling_loss_settings_are_checked():
 
 
 def test_value_models_on_one_frozen_trunk_share_one_forward():
-    models = [frozen_model(("a",), seed=1, pool="mean"), frozen_model(("b", "c"), head_hidden=4, seed=2, pool="mean+last")]
+    models = [frozen_model(("a",), seed=1, pool="mean"), frozen_model(("b", "c"), head_hidden=4, seed=2, pool="mean+last"),
+              frozen_model(("e",), seed=4, pool="prompt+response")]
     for vm in models:
         with torch.no_grad():
             for p in vm.head.parameters():
                 p.normal_()
+    models[2].set_pool_centre(torch.randn(models[2].hidden_size), torch.randn(models[2].hidden_size))
     other = frozen_model(("d",), seed=3)
     with torch.no_grad():
         for p in other.backbone.parameters():
@@ -177,7 +195,7 @@ def test_value_models_on_one_frozen_trunk_share_one_forward():
     assert models[0].trunk_key == models[1].trunk_key != other.trunk_key
     bindings = bind_objectives(models)
     scorer = CachedValueScorer(models, bindings)
-    assert scorer.groups == [[0, 1], [2]] == trunk_groups(models, [0, 1, 2])
+    assert scorer.groups == [[0, 1, 2], [3]] == trunk_groups(models, [0, 1, 2, 3])
     prompts = torch.tensor([[1, 1, 5, 6], [7, 8, 9, 10]])
     mask = (prompts != 1).long()
     scorer.start(prompts, mask)
@@ -185,7 +203,11 @@ def test_value_models_on_one_frozen_trunk_share_one_forward():
     first = scorer.score(cands)
     scorer.append(torch.tensor([5, 9]))
     second = scorer.score(cands)
-    naive = naive_value_fn(models, bindings)
+    fn = naive_value_fn(models, bindings)
+
+    def naive(seqs):  # prompts are the rows' first 2 (row 0) or 4 (row 1) tokens: their first token tells
+        return fn(seqs, prompt_lengths=[2 if s[0] == 5 else 4 for s in seqs])
+
     rows = [[5, 6], [7, 8, 9, 10]]
     expect1 = naive([r + [c] for r, cs in zip(rows, cands.tolist()) for c in cs]).view(2, 3, -1)
     expect2 = naive([r + [t, c] for r, t, cs in zip(rows, [5, 9], cands.tolist()) for c in cs]).view(2, 3, -1)
@@ -221,6 +243,30 @@ def test_fit_ridge_recovers_a_linear_map_and_picks_penalties_by_group_cv():
     assert len(cv) == 3 and len(cv[0]) == 2
     with pytest.raises(ValueError, match="at least 2 trees"):
         fit_ridge(x, y, [0] * 300)
+
+
+def test_prompt_response_model_fits_its_centre_and_roundtrips(tmp_path, cat_trees):
+    vm = frozen_model(("cat",), pool="prompt+response")
+    assert vm.head.weight.shape[1] == 3 * vm.hidden_size + 2
+    res = train_value_model(vm, [cat_trees], tmp_path / "v", TrainConfig(solver="ridge"), progress=False)
+    assert res["quality"]["per_objective"]["cat"]["pairs"] > 0
+    back = ValueModel.load(tmp_path / "v" / "best")
+    assert back.pool == "prompt+response" and back.meta["pool_centre_fitted"] and float(back.pool_centre.abs().sum()) > 0
+    assert torch.equal(back.pool_centre, vm.pool_centre)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.allclose(back(ids, prompt_lengths=torch.tensor([2])).values, vm(ids, prompt_lengths=torch.tensor([2])).values, atol=1e-6)
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        back(ids)
+    # trained further (policy iteration), the centre stays: the heads keep reading the same features
+    centre = back.pool_centre.clone()
+    train_value_model(back, [cat_trees], tmp_path / "w", TrainConfig(solver="ridge", seed=1, keep_leaf_fraction=1.0), progress=False)
+    assert torch.equal(back.pool_centre, centre)
+    # its centre is fitted on trunk features: a trainable backbone cannot use it
+    tok = make_tiny_tokenizer()
+    free = ValueModel(truncated_backbone(make_tiny_lm(len(tok), seed=3, layers=2), 1), ["cat"], tokenizer_fingerprint(tok), {}, tok,
+                      pool="prompt+response")
+    with pytest.raises(ValueError, match="frozen trunk"):
+        train_value_model(free, [cat_trees], tmp_path / "x", TrainConfig(epochs=1), progress=False)
 
 
 def test_ridge_solver_fits_frozen_linear_heads_only(tmp_path, cat_trees):

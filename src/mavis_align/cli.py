@@ -558,7 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--init", help="start from this value model (policy iteration)")
     p.add_argument("--backbone", default=DEFAULT_VALUE_BACKBONE, help="backbone of a new model (see `mavis-align ls backbones`)")
-    p.add_argument("--pool", default=None, choices=["last", "mean", "mean+last"], help="what the heads read: the last state (paper) or the mean state (default: mean for trunk:N, else last)")
+    p.add_argument("--pool", default=None, choices=["last", "mean", "mean+last", "prompt+response"],
+                   help="what the heads read: the last state (paper), the mean state, or prompt and response means with their interaction "
+                        "(prompt+response, frozen trunks only); default: prompt+response for trunk:N, else last")
     p.add_argument("--head-hidden", type=int, default=0, help="0: linear heads; d > 0: two-layer MLP heads of width d")
     p.add_argument("--conditioned", action="store_true",
                    help="one preference-conditioned model V(s, λ) over all --objective (λ enters the head; width --head-hidden, default 64); "
@@ -604,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trees", action="append", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--backbone", default=DEFAULT_VALUE_BACKBONE)
-    p.add_argument("--pool", default=None, choices=["last", "mean", "mean+last"])
+    p.add_argument("--pool", default=None, choices=["last", "mean", "mean+last", "prompt+response"])
     p.add_argument("--head-hidden", type=int, default=0)
     p.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     p.add_argument("--lr", type=float, default=1e-3)

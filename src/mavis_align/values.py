@@ -9,7 +9,8 @@ On disk (no pickle anywhere)::
     folder/
       meta.json            format, version, objectives, tokenizer fingerprint, backbone, training
       backbone/            config.json + model.safetensors (``save_pretrained``)
-      heads.safetensors    linear heads: weight [M, H], bias [M]; MLP heads (``head_hidden`` d > 0):
+      heads.safetensors    linear heads: weight [M, D], bias [M] (D = pool_width of the pool, H for
+                           "last"); pool "prompt+response" adds pool.centre [2, H]; MLP heads (``head_hidden`` d > 0):
                            w1 [M, d, H], b1 [M, d], w2 [M, d], b2 [M]; preference-conditioned heads
                            (``conditioned``): see :class:`ConditionedHeads`
       tokenizer/           the tokenizer, so the folder is self-contained
@@ -32,12 +33,64 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 FORMAT = "mavis-align-value-model"
+POOL_CENTRE_KEY = "pool.centre"  # in heads.safetensors: (c_p, c_r) [2, H] of a "prompt+response" model
 FORMAT_VERSION = 1
 
 # What the heads read at position t: "last" = the hidden state h_t (the paper's regression head),
-# "mean" = the mean of h_1..h_t over real tokens, "mean+last" = both, concatenated. A mean is
-# carried forward incrementally at decode time (a running sum per row), so it costs nothing extra.
-POOLS = ("last", "mean", "mean+last")
+# "mean" = the mean of h_1..h_t over real tokens, "mean+last" = both, concatenated;
+# "prompt+response" = the mean p of the prompt's states, the mean r of the response's states up to t,
+# and their interaction (:func:`prompt_response_features`): a linear head on p and r alone cannot say
+# how well this response fits this prompt, which is what rewards such as relevance (cosine of prompt
+# and response embeddings) or "refuses a harmful request" measure. Means are carried forward
+# incrementally at decode time (running sums per row), so they cost nothing extra.
+POOLS = ("last", "mean", "mean+last", "prompt+response")
+
+
+def pool_width(pool: str, hidden_size: int) -> int:
+    """Width of what the heads read for ``pool`` on a trunk of width ``hidden_size``."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    return {"last": hidden_size, "mean": hidden_size, "mean+last": 2 * hidden_size, "prompt+response": 3 * hidden_size + 2}[pool]
+
+
+def prompt_response_features(prompt: torch.Tensor, response: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """The "prompt+response" head input: [p, r, u(p − c_p) ⊙ u(r − c_r), cos(p, r), cos(p − c_p, r − c_r)].
+
+    Args:
+        prompt: [..., H] mean state of the prompt's tokens; response: [..., H] mean state of the
+            response tokens so far (zeros before the first); centre: [2, H] (c_p, c_r), the training
+            features' means (zeros until fitted). u(x) = x / |x|.
+    Returns:
+        [..., 3H + 2] float32. A linear head on it is a bilinear form in the centred directions
+        of p and r (Σ_h w_h û_p,h û_r,h) plus linear terms in p and r.
+    """
+    p, r = prompt.float(), response.float()
+    up, ur = nn.functional.normalize(p, dim=-1, eps=1e-12), nn.functional.normalize(r, dim=-1, eps=1e-12)
+    cp = nn.functional.normalize(p - centre[0], dim=-1, eps=1e-12)
+    cr = nn.functional.normalize(r - centre[1], dim=-1, eps=1e-12)
+    cos = (up * ur).sum(-1, keepdim=True)
+    cos_c = (cp * cr).sum(-1, keepdim=True)
+    return torch.cat([p, r, cp * cr, cos, cos_c], dim=-1)
+
+
+def prompt_response_means(hidden: torch.Tensor, attention_mask: torch.Tensor | None, prompt_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal means of the prompt's and the response's states at every position (float32).
+
+    Args:
+        hidden: [B, T, H]; attention_mask: [B, T] with 1 on real tokens (left or right padding) or
+            None; prompt_lengths: [B] number of real prompt tokens that start each row.
+    Returns:
+        (prompt [B, T, H], response [B, T, H]): at position t the mean over the prompt tokens up to t
+        and over the response tokens up to t (zeros where there are none yet).
+    """
+    h = hidden.float()
+    real = torch.ones(h.shape[:2], device=h.device) if attention_mask is None else attention_mask.to(h.device, torch.float32)
+    index = real.cumsum(1) - 1  # position among the real tokens
+    in_prompt = real * (index < prompt_lengths.to(h.device)[:, None]).float()
+    in_response = real - in_prompt
+    prompt = (h * in_prompt[..., None]).cumsum(1) / in_prompt.cumsum(1).clamp(min=1.0)[..., None]
+    response = (h * in_response[..., None]).cumsum(1) / in_response.cumsum(1).clamp(min=1.0)[..., None]
+    return prompt, response
 
 # A value model whose backbone is frozen (``meta["frozen_backbone"]``) records a fingerprint of the
 # backbone's weights: models with equal fingerprints share one trunk forward at decode time, and
@@ -203,7 +256,9 @@ class ValueModel(nn.Module):
         self.head_hidden = int(head_hidden)
         self.pool = pool
         self.conditioned = bool(conditioned)
-        self.head = make_heads(self.hidden_size * (2 if pool == "mean+last" else 1), len(objectives), self.head_hidden, self.conditioned)
+        self.head = make_heads(pool_width(pool, self.hidden_size), len(objectives), self.head_hidden, self.conditioned)
+        if pool == "prompt+response":  # (c_p, c_r) of :func:`prompt_response_features`; fitted by training
+            self.register_buffer("pool_centre", torch.zeros(2, self.hidden_size))
         if self.meta.get("frozen_backbone"):
             self.backbone.requires_grad_(False)
 
@@ -237,19 +292,30 @@ class ValueModel(nn.Module):
         place = placement_of(device, dtype)
         self.backbone.to(device=place.device, dtype=place.dtype)
         self.head.to(device=place.device, dtype=torch.float32)
+        if self.pool == "prompt+response":
+            self.pool_centre = self.pool_centre.to(device=place.device, dtype=torch.float32)
         return self
 
-    def values_from_hidden(self, hidden: torch.Tensor, mean: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    def set_pool_centre(self, prompt_mean: torch.Tensor, response_mean: torch.Tensor) -> None:
+        """Fix (c_p, c_r) of a "prompt+response" model ([H] each), e.g. the training features' means."""
+        if self.pool != "prompt+response":
+            raise ValueError(f"pool={self.pool!r} has no centre")
+        self.pool_centre = torch.stack([prompt_mean, response_mean]).float().to(self.pool_centre.device)
+
+    def values_from_hidden(self, hidden: torch.Tensor, mean: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                           prompt: torch.Tensor | None = None, response: torch.Tensor | None = None) -> torch.Tensor:
         """Heads applied to backbone states -> values [..., M] (float32).
 
         Args:
             hidden: [..., H] the state at the scored position; mean: [..., H] the mean state of
-                the real tokens up to and including it (needed unless ``pool`` is "last").
+                the real tokens up to and including it (pools "mean" and "mean+last").
             weights: [B, M] objective weights over this model's objectives, rows summing to 1
                 (B = hidden's first axis); required by a :attr:`conditioned` model, whose outputs
                 u [..., M] give V(s, λ) = Σ_m λ_m u_m. Ignored by the others.
+            prompt, response: [..., H] the mean states of the prompt and of the response so far
+                (pool "prompt+response", see :func:`prompt_response_means`).
         """
-        x = self.head_input(hidden, mean).to(self._head_dtype())
+        x = self.head_input(hidden, mean, prompt, response).to(self._head_dtype())
         if not self.conditioned:
             return self.head(x).float()
         if weights is None:
@@ -258,10 +324,15 @@ class ValueModel(nn.Module):
             raise ValueError(f"objective weights have {weights.shape[-1]} columns; this value model has {len(self.objectives)} objectives")
         return self.head(x, broadcast_weights(weights.to(x.device, x.dtype), x.shape)).float()
 
-    def head_input(self, hidden: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
-        """What the heads read, [..., H] or [..., 2H] (see :data:`POOLS`)."""
+    def head_input(self, hidden: torch.Tensor, mean: torch.Tensor | None = None, prompt: torch.Tensor | None = None,
+                   response: torch.Tensor | None = None) -> torch.Tensor:
+        """What the heads read, [..., :func:`pool_width`] (see :data:`POOLS`)."""
         if self.pool == "last":
             return hidden
+        if self.pool == "prompt+response":
+            if prompt is None or response is None:
+                raise ValueError("a value model with pool='prompt+response' needs the mean states of the prompt and of the response")
+            return prompt_response_features(prompt, response, self.pool_centre)
         if mean is None:
             raise ValueError(f"a value model with pool={self.pool!r} needs the running mean of the hidden states")
         return mean if self.pool == "mean" else torch.cat([mean, hidden], dim=-1)
@@ -287,6 +358,7 @@ class ValueModel(nn.Module):
         cache=None,
         use_cache: bool = False,
         weights: torch.Tensor | None = None,
+        prompt_lengths: torch.Tensor | None = None,
     ) -> ValueOutput:
         """Values of every prefix.
 
@@ -297,10 +369,13 @@ class ValueModel(nn.Module):
             position_ids: [B, T].
             cache: a transformers ``Cache`` holding the past, or None.
             weights: [B, M] objective weights (a :attr:`conditioned` model needs them).
+            prompt_lengths: [B] real prompt tokens at the start of each row (pool "prompt+response").
         Returns:
             ValueOutput with values [B, T, M] (float32) and the cache.
         """
-        mean = None
+        mean = prompt = response = None
+        if self.pool == "prompt+response" and prompt_lengths is None:
+            raise ValueError("pool='prompt+response' needs prompt_lengths: where each row's prompt ends")
         if self.pool != "last":
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError(f"pool={self.pool!r}: the mean needs every earlier state; score a cached prefix with CachedValueScorer")
@@ -309,17 +384,21 @@ class ValueModel(nn.Module):
         out = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache
         )
-        if self.pool != "last":
+        if self.pool == "prompt+response":
+            prompt, response = prompt_response_means(out.last_hidden_state, attention_mask, prompt_lengths)
+        elif self.pool != "last":
             mean = running_mean(out.last_hidden_state, attention_mask)
-        values = self.values_from_hidden(out.last_hidden_state, mean, weights)
+        values = self.values_from_hidden(out.last_hidden_state, mean, weights, prompt, response)
         return ValueOutput(values, getattr(out, "cache", None) if use_cache else None)
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, weights: torch.Tensor | None = None,
+              prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """V(s) at the last real token of each row, for left- or right-padded batches.
 
         Args:
             input_ids: [B, T]; attention_mask: [B, T] with 1 on real tokens.
             weights: [B, M] objective weights (a :attr:`conditioned` model needs them).
+            prompt_lengths: [B] (pool "prompt+response", see :meth:`forward`).
         Returns:
             [B, M] float32.
         """
@@ -327,7 +406,8 @@ class ValueModel(nn.Module):
         if bool((attention_mask.sum(-1) == 0).any()):
             raise ValueError("every row needs at least one real token")
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        values = self.forward(input_ids, attention_mask=attention_mask, position_ids=position_ids, weights=weights).values
+        values = self.forward(input_ids, attention_mask=attention_mask, position_ids=position_ids, weights=weights,
+                              prompt_lengths=prompt_lengths).values
         T = attention_mask.shape[1]
         # index of the last 1 in each row
         last = T - 1 - torch.argmax(attention_mask.flip(-1), dim=-1)
@@ -369,7 +449,10 @@ class ValueModel(nn.Module):
         try:
             backbone = self.plain_backbone()
             backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
-            save_file(heads_state(self.head), str(tmp / "heads.safetensors"))
+            state = heads_state(self.head)
+            if self.pool == "prompt+response":
+                state[POOL_CENTRE_KEY] = self.pool_centre.detach().float().cpu().contiguous()
+            save_file(state, str(tmp / "heads.safetensors"))
             meta = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -448,7 +531,9 @@ class ValueModel(nn.Module):
         conditioned = meta.get("conditioned", False)
         if not isinstance(conditioned, bool) or (conditioned and d < 1):
             raise ValueModelError(f"{meta_path}: conditioned must be true or false (true needs head_hidden >= 1), got {conditioned!r}")
-        expected = {k: tuple(v.shape) for k, v in make_heads(h * (2 if pool == "mean+last" else 1), m, d, conditioned).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in make_heads(pool_width(pool, h), m, d, conditioned).state_dict().items()}
+        if pool == "prompt+response":
+            expected[POOL_CENTRE_KEY] = (2, h)
         if {k: tuple(v.shape) for k, v in heads.items()} != expected:
             raise ValueModelError(
                 f"{heads_path}: expected { {k: list(v) for k, v in expected.items()} } for objectives {meta['objectives']} "
@@ -463,7 +548,10 @@ class ValueModel(nn.Module):
 
             tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
         model = cls(backbone, meta["objectives"], meta["tokenizer_fingerprint"], extra, tokenizer, head_hidden=d, pool=pool, conditioned=conditioned)
+        centre = heads.pop(POOL_CENTRE_KEY, None)
         model.head.load_state_dict(heads)
+        if centre is not None:
+            model.pool_centre = centre.float()
         return model.place(device, dtype).eval()
 
 
@@ -579,9 +667,9 @@ DEFAULT_VALUE_BACKBONE = "trunk:4"
 
 
 def default_pool(backbone: str) -> str:
-    """A frozen trunk reads the mean state (measured best, benchmarks/value_backbones.py); trained
-    backbones keep the paper's last-state head."""
-    return "mean" if backbone.startswith("trunk:") else "last"
+    """A frozen trunk reads the prompt and response means and their interaction (measured best,
+    benchmarks/value_backbones.py); trained backbones keep the paper's last-state head."""
+    return "prompt+response" if backbone.startswith("trunk:") else "last"
 
 
 def build_value_model(

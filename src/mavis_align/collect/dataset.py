@@ -47,6 +47,7 @@ class NodeExample:
     prefix_lpr: float = 0.0  # sum of log(pi_gen/pi_ref) over the response tokens up to the end of s
     parent: int = -1  # tree-local parent node (siblings share tree and parent)
     weights: np.ndarray | None = None  # [M] λ of the MAVIS policy that generated the tree; None: pi_ref (any λ)
+    prompt_length: int = 0  # tokens of input_ids that are the prompt (pool "prompt+response" reads it)
 
     @property
     def future_lpr(self) -> float:
@@ -99,12 +100,14 @@ def node_examples(
             out.append(NodeExample(
                 tree.prompt_ids + tree.response(ni), np.asarray(data.values[ti][ni], dtype=np.float64),
                 float(data.lprs[ti][ni]), ti, ni, tree.nodes[ni].depth, leaf, float(prefix), tree.nodes[ni].parent,
+                prompt_length=len(tree.prompt_ids),
             ))
     return out, objectives
 
 
 def collate(examples: Sequence[NodeExample], pad_id: int, zeta: float = 0.0, kl_target: str = "future") -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids / attention_mask [B, T], target [B, M], lpr [B] (the one used)."""
+    """Right-padded batch: input_ids / attention_mask [B, T], target [B, M], lpr [B] (the one used),
+    prompt_length [B]."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -113,4 +116,5 @@ def collate(examples: Sequence[NodeExample], pad_id: int, zeta: float = 0.0, kl_
         mask[i, : len(e.input_ids)] = 1
     target = torch.tensor(np.stack([e.target(zeta, kl_target) for e in examples]), dtype=torch.float32)
     lpr = torch.tensor([e.future_lpr if kl_target == "future" else e.lpr for e in examples], dtype=torch.float32)
-    return {"input_ids": ids, "attention_mask": mask, "target": target, "lpr": lpr}
+    prompt_length = torch.tensor([e.prompt_length for e in examples], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "target": target, "lpr": lpr, "prompt_length": prompt_length}

@@ -229,8 +229,9 @@ class CachedValueScorer:
             weight somewhere in the batch; None = all.
 
     Models with the same frozen trunk (equal :attr:`ValueModel.trunk_key`) share one trunk forward
-    and one cache: only their heads differ. For models that read the mean state (``pool`` "mean"
-    or "mean+last") each trunk keeps a running sum of its states per row.
+    and one cache: only their heads differ. For models that read mean states (``pool`` "mean",
+    "mean+last", "prompt+response") each trunk keeps a running sum of its states per row and the
+    sum over the prompt (the response's sum is their difference).
     """
 
     def __init__(self, models: Sequence[ValueModel], bindings: Sequence[ObjectiveBinding], active: Sequence[int] | None = None):
@@ -259,6 +260,8 @@ class CachedValueScorer:
         self.pending: torch.Tensor | None = None
         self.caches = {}
         self.sums: dict[int, torch.Tensor] = {}
+        self.prompt_sums: dict[int, torch.Tensor] = {}
+        self.prompt_counts = self.mask.sum(-1).float()
         ids = input_ids.to(self.device)
         for group in self.groups:
             cache = DynamicCache()
@@ -266,6 +269,7 @@ class CachedValueScorer:
             self.caches[group[0]] = cache
             if group[0] in self.pooled:
                 self.sums[group[0]] = (out.last_hidden_state.float() * self.mask[..., None]).sum(1)
+                self.prompt_sums[group[0]] = self.sums[group[0]]
 
     def append(self, tokens: torch.Tensor) -> None:
         """Record the token chosen for each row ([B]); it is fed with the next :meth:`score`."""
@@ -324,15 +328,18 @@ class CachedValueScorer:
                 input_ids=block, attention_mask=self._block_mask(n_app, k, dtype), position_ids=pos, cache=self.caches[group[0]], use_cache=True,
             ).last_hidden_state
             _crop(self.caches[group[0]], k)
-            hidden, mean = states[:, n_app:], None
+            hidden, mean, prompt, response = states[:, n_app:], None, None, None
             if group[0] in self.sums:
                 if n_app:
                     self.sums[group[0]] = self.sums[group[0]] + states[:, 0].float()
-                # mean over the prefix (incl. the pending token) and the candidate itself
-                mean = (self.sums[group[0]][:, None] + hidden.float()) / (seen + 1)[:, None, None]
+                # means over the prefix (incl. the pending token) and the candidate itself
+                total = self.sums[group[0]][:, None] + hidden.float()
+                mean = total / (seen + 1)[:, None, None]
+                prompt = (self.prompt_sums[group[0]] / self.prompt_counts.clamp(min=1.0)[:, None])[:, None].expand_as(total)
+                response = (total - self.prompt_sums[group[0]][:, None]) / (seen + 1 - self.prompt_counts)[:, None, None]
             for mi in group:
                 lam = model_weights(self.models[mi], mi, self.bindings, None if weights is None else weights.to(self.device))
-                values = self.models[mi].values_from_hidden(hidden, mean, lam)
+                values = self.models[mi].values_from_hidden(hidden, mean, lam, prompt, response)
                 for j, bd in enumerate(self.bindings):
                     if bd.model == mi:
                         out[:, :, j] = values[..., bd.head]
@@ -352,6 +359,8 @@ class CachedValueScorer:
         self.mask = self.mask.index_select(0, index)
         self.next_pos = self.next_pos.index_select(0, index)
         self.sums = {g: v.index_select(0, index) for g, v in self.sums.items()}
+        self.prompt_sums = {g: v.index_select(0, index) for g, v in self.prompt_sums.items()}
+        self.prompt_counts = self.prompt_counts.index_select(0, index)
 
     def merge(self, other: "CachedValueScorer") -> None:
         """Append the rows of ``other`` (same models and active set, started separately)."""
@@ -364,6 +373,8 @@ class CachedValueScorer:
         self.caches = {g: _merge_caches(self.caches[g], other.caches[g], pa, pb) for g in self.caches}
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
         self.sums = {g: torch.cat([v, other.sums[g]]) for g, v in self.sums.items()}
+        self.prompt_sums = {g: torch.cat([v, other.prompt_sums[g]]) for g, v in self.prompt_sums.items()}
+        self.prompt_counts = torch.cat([self.prompt_counts, other.prompt_counts])
 
 
 class SequenceValueScorer:
@@ -373,7 +384,8 @@ class SequenceValueScorer:
     Args:
         fn: maps a list of N full token sequences (prompt + response so far + candidate) to
             [N, M] values; if it has an attribute ``takes_weights`` set, it is called as
-            ``fn(seqs, weights)`` with the rows' objective weights [N, M] (one row per sequence).
+            ``fn(seqs, weights)`` with the rows' objective weights [N, M] (one row per sequence); with
+            ``takes_prompt_lengths`` it also gets ``prompt_lengths=`` (list of N ints: the prompt part of each).
         objectives: the M objective names.
     """
 
@@ -387,6 +399,7 @@ class SequenceValueScorer:
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         self.seqs = _rows(input_ids, attention_mask)
+        self.prompt_lengths = [len(seq) for seq in self.seqs]
 
     def append(self, tokens: torch.Tensor) -> None:
         for seq, t in zip(self.seqs, tokens.tolist()):
@@ -395,25 +408,27 @@ class SequenceValueScorer:
     def score(self, candidates: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         b, k = candidates.shape
         flat = [seq + [int(c)] for seq, row in zip(self.seqs, candidates.tolist()) for c in row]
+        kwargs = {"prompt_lengths": [n for n in self.prompt_lengths for _ in range(k)]} if getattr(self.fn, "takes_prompt_lengths", False) else {}
         if getattr(self.fn, "takes_weights", False):
             if weights is None:
                 raise ValueError("this value function needs the objective weights")
-            values = torch.as_tensor(self.fn(flat, weights.float().cpu().repeat_interleave(k, dim=0)), dtype=torch.float32)
+            values = torch.as_tensor(self.fn(flat, weights.float().cpu().repeat_interleave(k, dim=0), **kwargs), dtype=torch.float32)
         else:
-            values = torch.as_tensor(self.fn(flat), dtype=torch.float32)
+            values = torch.as_tensor(self.fn(flat, **kwargs), dtype=torch.float32)
         if values.shape != (b * k, len(self._objectives)):
             raise ValueError(f"value function returned shape {list(values.shape)}, expected {[b * k, len(self._objectives)]}")
         return values.reshape(b, k, -1)
 
     def reorder(self, index: torch.Tensor) -> None:
         self.seqs = [list(self.seqs[i]) for i in index.tolist()]
+        self.prompt_lengths = [self.prompt_lengths[i] for i in index.tolist()]
 
 
 def naive_value_fn(models: Sequence[ValueModel], bindings: Sequence[ObjectiveBinding]) -> Callable[[list[list[int]]], torch.Tensor]:
     """A :class:`SequenceValueScorer` function that runs every sequence through every model alone."""
 
     @torch.no_grad()
-    def fn(seqs: list[list[int]], weights: torch.Tensor | None = None) -> torch.Tensor:
+    def fn(seqs: list[list[int]], weights: torch.Tensor | None = None, prompt_lengths: list[int] | None = None) -> torch.Tensor:
         out = torch.zeros(len(seqs), len(bindings))
         for i, seq in enumerate(seqs):
             for mi, model in enumerate(models):
@@ -422,10 +437,12 @@ def naive_value_fn(models: Sequence[ValueModel], bindings: Sequence[ObjectiveBin
                     continue
                 device = next(model.parameters()).device
                 lam = model_weights(model, mi, bindings, None if weights is None else weights[i : i + 1])
-                v = model(torch.tensor([seq], device=device), weights=None if lam is None else lam.to(device)).values[0, -1]
+                plen = None if prompt_lengths is None else torch.tensor([prompt_lengths[i]], device=device)
+                v = model(torch.tensor([seq], device=device), weights=None if lam is None else lam.to(device), prompt_lengths=plen).values[0, -1]
                 for j, h in heads:
                     out[i, j] = v[h]
         return out
 
     fn.takes_weights = True
+    fn.takes_prompt_lengths = True
     return fn

@@ -64,7 +64,7 @@ class Recipe:
     chat: bool = True
     tree: dict = field(default_factory=dict)
     backbone: str = "trunk:4"
-    value_head: dict = field(default_factory=dict)  # {"pool": last|mean|mean+last, "hidden": 0 (linear) or MLP width}
+    value_head: dict = field(default_factory=dict)  # {"pool": last|mean|mean+last|prompt+response, "hidden": 0 (linear) or MLP width}
     train: dict = field(default_factory=dict)
     iterations: list[dict] = field(default_factory=list)  # rounds i >= 1
     eval: dict = field(default_factory=lambda: {"beta": 2.0, "top_k": DEFAULT_TOP_K, "max_new_tokens": 48, "samples": 1})

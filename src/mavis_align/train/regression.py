@@ -188,7 +188,7 @@ def _last_token_values(model: ValueModel, batch: dict, weights: torch.Tensor | N
     """[B, M] values at the last real token of right-padded sequences (``weights`` [B, M]: the λ of
     a preference-conditioned model)."""
     mask = batch["attention_mask"]
-    values = model(batch["input_ids"], attention_mask=mask, weights=weights).values
+    values = model(batch["input_ids"], attention_mask=mask, weights=weights, prompt_lengths=batch.get("prompt_length")).values
     last = mask.sum(-1) - 1
     return values[torch.arange(values.shape[0]), last]
 
@@ -242,18 +242,27 @@ def trunk_features(model: ValueModel, examples: Sequence[NodeExample], pad_id: i
     return _FEATURE_MEMO[key]
 
 
+FEATURES = ("state", "mean", "prompt mean", "response mean")  # the rows of one example's trunk features
+
+
 @torch.no_grad()
 def compute_trunk_features(model: ValueModel, examples: Sequence[NodeExample], pad_id: int, *, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
-    """Backbone states at the last token of every example -> [N, 2, H] float32: [:, 0] the state
-    itself, [:, 1] the mean state of the example's tokens (what :attr:`ValueModel.pool` reads).
+    """Backbone states at the last token of every example -> [N, 4, H] float32, the rows of
+    :data:`FEATURES`: the state itself, the mean state of the example's tokens, the mean state of its
+    prompt and of its response tokens (what :attr:`ValueModel.pool` reads).
 
     Runs each root-to-leaf sequence once (see :func:`prefix_carriers`), longest first.
     """
-    from ..values import running_mean
+    from ..values import prompt_response_means, running_mean
 
     carriers, where = prefix_carriers(examples)
+    prompt_length = [0] * len(carriers)
+    wanted: list[list[int]] = [[] for _ in carriers]
+    for e, (c, pos) in zip(examples, where):
+        prompt_length[c] = e.prompt_length
+        wanted[c].append(pos)
     device = next(model.backbone.parameters()).device
-    hidden: list[torch.Tensor | None] = [None] * len(carriers)
+    picked: list[dict[int, torch.Tensor]] = [{} for _ in carriers]
     was_training = model.training
     model.eval()
     order = sorted(range(len(carriers)), key=lambda c: -len(carriers[c]))
@@ -270,27 +279,45 @@ def compute_trunk_features(model: ValueModel, examples: Sequence[NodeExample], p
         for r, c in enumerate(idx):
             ids[r, : len(carriers[c])] = torch.tensor(carriers[c])
             mask[r, : len(carriers[c])] = 1
-        out = model.backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-        mean = running_mean(out, mask.to(device))
+        mask = mask.to(device)
+        out = model.backbone(input_ids=ids.to(device), attention_mask=mask).last_hidden_state
+        mean = running_mean(out, mask)
+        prompt, response = prompt_response_means(out, mask, torch.tensor([prompt_length[c] for c in idx]))
         for r, c in enumerate(idx):
-            hidden[c] = torch.stack([out[r, : len(carriers[c])].float(), mean[r, : len(carriers[c])]], dim=1).cpu()
+            pos = torch.tensor(sorted(set(wanted[c])), device=out.device)
+            rows = torch.stack([out[r, pos].float(), mean[r, pos], prompt[r, pos], response[r, pos]], dim=1).cpu()
+            picked[c] = dict(zip(pos.tolist(), rows))
         if bar is not None:
             bar.update(len(idx))
     if bar is not None:
         bar.close()
     model.train(was_training)
-    return torch.stack([hidden[c][p] for c, p in where])
+    return torch.stack([picked[c][p] for c, p in where])
 
 
 def values_from_features(model: ValueModel, features: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """[N, 2, H] from :func:`trunk_features` -> [N, M] (``weights`` [N, M]: λ of a conditioned model)."""
-    return model.values_from_hidden(features[:, 0], features[:, 1], weights)
+    """[N, 4, H] from :func:`trunk_features` -> [N, M] (``weights`` [N, M]: λ of a conditioned model)."""
+    return model.values_from_hidden(features[:, 0], features[:, 1], weights, features[:, 2], features[:, 3])
+
+
+def head_inputs(model: ValueModel, features: torch.Tensor) -> torch.Tensor:
+    """[N, 4, H] from :func:`trunk_features` -> what ``model``'s heads read, [N, D]."""
+    return model.head_input(features[:, 0], features[:, 1], features[:, 2], features[:, 3])
+
+
+def fit_pool_centre(model: ValueModel, features: torch.Tensor) -> None:
+    """A "prompt+response" model trained for the first time centres its interaction features on
+    the training features' mean prompt and response states (kept when it is trained further, so a
+    model initialised from the previous iteration reads the same features)."""
+    if model.pool == "prompt+response" and not model.meta.get("pool_centre_fitted"):
+        model.set_pool_centre(features[:, 2].mean(0), features[:, 3].mean(0))
+        model.meta["pool_centre_fitted"] = True
 
 
 @torch.no_grad()
 def predict_values(model: ValueModel, examples: Sequence[NodeExample], pad_id: int, *, batch_size: int = 32, features: torch.Tensor | None = None,
                    weights: torch.Tensor | None = None) -> torch.Tensor:
-    """V at the last token of every example -> [N, M] float32 (from ``features`` [N, 2, H] of
+    """V at the last token of every example -> [N, M] float32 (from ``features`` [N, 4, H] of
     :func:`trunk_features` when given; ``weights`` [N, M]: the λ of a conditioned model)."""
     if not examples:
         return torch.zeros(0, len(model.objectives))
@@ -478,7 +505,7 @@ def _train_ridge(model: ValueModel, train, val, train_feats, val_feats, train_ta
     write_run_record(out, {"train": cfg_dict, "train_examples": len(train), "val_examples": len(val), "model": model.meta, "trees": tree_files},
                      config.seed)
     t0 = time.perf_counter()
-    x = model.head_input(train_feats[:, 0], train_feats[:, 1]).cpu()
+    x = head_inputs(model, train_feats).cpu()
     weight, bias, alphas, cv = fit_ridge(x, train_targets.cpu(), [e.tree for e in train], seed=config.seed)
     with torch.no_grad():
         model.head.weight.copy_(weight.to(model.head.weight))
@@ -610,6 +637,10 @@ def train_value_model(
     train_feats = trunk_features(model, train, pad_id, progress=progress).to(device) if frozen else None
     val_feats = trunk_features(model, val, pad_id, progress=progress) if frozen and val else None
     feature_seconds = time.perf_counter() - t_feat
+    if frozen:
+        fit_pool_centre(model, train_feats)
+    elif model.pool == "prompt+response":
+        raise ValueError("pool='prompt+response' needs a frozen trunk (backbone trunk:N): its centre is fitted on the trunk's features")
     train_targets = example_targets(train, config.zeta, config.kl_target).to(device)
     if config.solver == "ridge":
         return _train_ridge(model, train, val, train_feats, val_feats, train_targets, out, config, pad_id, feature_seconds, progress,

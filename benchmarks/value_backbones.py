@@ -60,13 +60,13 @@ CONFIGS = {
     "trunk:4 mean ridge": {"backbone": "trunk:4", "pool": "mean", "train": {"solver": "ridge", "keep_leaf_fraction": 1.0}},
     "truncate:2": {"backbone": "truncate:2", "pool": "last", "train": SMALL_TRAIN},
     "trunk:4 prompt+response ridge": {"backbone": "trunk:4", "pool": "prompt+response", "train": {"solver": "ridge", "keep_leaf_fraction": 1.0}},
-    "trunk:4 mean ridge, 400": {"backbone": "trunk:4", "pool": "mean", "train": {"solver": "ridge", "keep_leaf_fraction": 1.0}, "trees": "400"},
-    "trunk:4 prompt+response ridge, 400": {"backbone": "trunk:4", "pool": "prompt+response", "train": {"solver": "ridge", "keep_leaf_fraction": 1.0},
+    "trunk:4 mean ridge 400p": {"backbone": "trunk:4", "pool": "mean", "train": {"solver": "ridge", "keep_leaf_fraction": 1.0}, "trees": "400"},
+    "trunk:4 prompt+response ridge 400p": {"backbone": "trunk:4", "pool": "prompt+response", "train": {"solver": "ridge", "keep_leaf_fraction": 1.0},
                                            "trees": "400"},
 }
 DEFAULT_RUN = ["tiny", "tiny-256", "trunk:8 last", "trunk:2 mean", "trunk:4 mean", "trunk:4 mean ridge", "trunk:8 mean", "trunk:8 mean+last",
-               "trunk:16 mean", "trunk:4 prompt+response ridge", "trunk:4 mean ridge, 400", "trunk:4 prompt+response ridge, 400"]
-STEER = ["tiny", "trunk:4 mean", "trunk:4 mean ridge", "trunk:8 mean", "trunk:4 prompt+response ridge, 400"]
+               "trunk:16 mean", "trunk:4 prompt+response ridge", "trunk:4 mean ridge 400p", "trunk:4 prompt+response ridge 400p"]
+STEER = ["tiny", "trunk:4 mean", "trunk:4 mean ridge", "trunk:8 mean", "trunk:4 prompt+response ridge 400p"]
 BETAS = [1.0, 2.0, 5.0]
 TOP_K = 15
 EVAL = {"prompts": 16, "samples": 2, "max_new_tokens": 40, "seed": 0}
@@ -120,6 +120,7 @@ def fresh_quality(out: Path, name: str) -> dict | None:
     path = out / "fresh" / f"{slug(name)}.json"
     if not path.exists():
         vm = ValueModel.load(out / "models" / slug(name) / "best")
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, held_out_quality(vm, [more_trees_file(out)]))
     return json.loads(path.read_text())
 

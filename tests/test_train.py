@@ -137,6 +137,32 @@ def test_lora_training_and_distillation(trees, tmp_path):
         distill([teacher_a], new_value_model(("x",)), [path], tmp_path / "e", progress=False)
 
 
+def test_distillation_with_prompt_response_teacher_and_student(trees, tmp_path):
+    """The default pool reads where each prompt ends: teachers and student get the prompt lengths,
+    and the student's interaction features are centred before it trains."""
+    from mavis_align.collect.store import write_trees
+    from mavis_align.values import truncated_backbone
+
+    path = tmp_path / "t.h5"
+    write_trees(path, trees, ["cat"], {"seed": 0})
+
+    def frozen(objectives, seed):
+        tok = make_tiny_tokenizer()
+        torch.manual_seed(seed)
+        vm = ValueModel(truncated_backbone(make_tiny_lm(len(tok), seed=3, layers=2), 1), list(objectives), tokenizer_fingerprint(tok),
+                        {"backbone": "trunk:1"}, tok, pool="prompt+response")
+        vm.freeze_backbone()
+        return vm
+
+    teacher = frozen(("cat",), 1)
+    train_value_model(teacher, [path], tmp_path / "t", TrainConfig(solver="ridge", keep_leaf_fraction=1.0), progress=False)
+    student = frozen(("cat",), 2)
+    res = distill([teacher], student, [path], tmp_path / "d", DistillConfig(lr=3e-3, epochs=4), progress=False)
+    assert res["val_mse_vs_teachers"] is not None and res["quality"]["per_objective"]["cat"]["pairs"] > 0
+    loaded = ValueModel.load(tmp_path / "d" / "student")
+    assert loaded.meta["pool_centre_fitted"] and float(loaded.pool_centre.abs().sum()) > 0
+
+
 def test_two_iterations_end_to_end(tmp_path):
     from mavis_align.train import Recipe, run_iterations
 

@@ -51,6 +51,7 @@ def completion_sequences(tree_files: Sequence[str | Path], split: str | None = N
 
 
 def _batch(seqs, pad_id: int):
+    """Right-padded ids and mask [B, T], response positions [B, T] (bool), prompt lengths [B]."""
     width = max(len(s) for s, _ in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -59,12 +60,36 @@ def _batch(seqs, pad_id: int):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
         resp[i, p : len(s)] = True
-    return ids, mask, resp
+    return ids, mask, resp, torch.tensor([p for _, p in seqs], dtype=torch.long)
 
 
 @torch.no_grad()
-def _teacher_values(teachers: Sequence[ValueModel], ids, mask) -> torch.Tensor:
-    return torch.cat([t(ids, attention_mask=mask).values for t in teachers], dim=-1)  # [B, T, M]
+def _teacher_values(teachers: Sequence[ValueModel], ids, mask, prompt_lengths) -> torch.Tensor:
+    return torch.cat([t(ids, attention_mask=mask, prompt_lengths=prompt_lengths).values for t in teachers], dim=-1)  # [B, T, M]
+
+
+@torch.no_grad()
+def fit_student_centre(student: ValueModel, seqs: Sequence[tuple[list[int], int]], pad_id: int, *, batch_size: int = 16) -> None:
+    """Centre a "prompt+response" student's interaction features on its own states over the
+    training sequences (mean prompt state per sequence, mean running response state per response
+    position), as value training does on its examples; other pools and fitted students are left alone."""
+    from ..values import prompt_response_means
+
+    if student.pool != "prompt+response" or student.meta.get("pool_centre_fitted"):
+        return
+    device = next(student.parameters()).device
+    sum_p = sum_r = None
+    n_p = n_r = 0
+    for s in range(0, len(seqs), batch_size):
+        ids, mask, resp, plen = (t.to(device) for t in _batch(seqs[s : s + batch_size], pad_id))
+        hidden = student.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        prompt, response = prompt_response_means(hidden, mask, plen)
+        p = prompt[torch.arange(len(plen), device=device), plen - 1].sum(0)
+        r = response[resp].sum(0)
+        sum_p, sum_r = (p, r) if sum_p is None else (sum_p + p, sum_r + r)
+        n_p, n_r = n_p + len(plen), n_r + int(resp.sum())
+    student.set_pool_centre(sum_p / max(n_p, 1), sum_r / max(n_r, 1))
+    student.meta["pool_centre_fitted"] = True
 
 
 def distill(
@@ -97,6 +122,7 @@ def distill(
     val = completion_sequences(tree_files, "val")
     device = next(student.parameters()).device  # teachers and student on one placement (mavis_align.placement)
     pad = student.tokenizer.pad_token_id if student.tokenizer is not None and student.tokenizer.pad_token_id is not None else 0
+    fit_student_centre(student, train, pad)
     steps = max(1, math.ceil(len(train) / config.batch_size * config.epochs))
     opt = Adafactor([p for p in student.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay,
                     scale_parameter=False, relative_step=False, warmup_init=False)
@@ -116,9 +142,9 @@ def distill(
         epoch, pos = divmod(step, per_epoch)
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 31 + epoch)).tolist()
         chunk = [train[i] for i in order[pos * config.batch_size : (pos + 1) * config.batch_size]]
-        ids, mask, resp = (t.to(device) for t in _batch(chunk, pad))
-        target = _teacher_values(teachers, ids, mask)
-        pred = student(ids, attention_mask=mask).values
+        ids, mask, resp, plen = (t.to(device) for t in _batch(chunk, pad))
+        target = _teacher_values(teachers, ids, mask, plen)
+        pred = student(ids, attention_mask=mask, prompt_lengths=plen).values
         loss = ((pred - target) ** 2)[resp].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -139,8 +165,8 @@ def distill(
         sq, n = torch.zeros(len(names)), 0
         with torch.no_grad():
             for s in range(0, len(val), 16):
-                ids, mask, resp = (t.to(device) for t in _batch(val[s : s + 16], pad))
-                d = (student(ids, attention_mask=mask).values - _teacher_values(teachers, ids, mask)) ** 2
+                ids, mask, resp, plen = (t.to(device) for t in _batch(val[s : s + 16], pad))
+                d = (student(ids, attention_mask=mask, prompt_lengths=plen).values - _teacher_values(teachers, ids, mask, plen)) ** 2
                 sq += d[resp].sum(0).cpu()
                 n += int(resp.sum())
         val_mse = dict(zip(names, (sq / max(n, 1)).tolist()))

@@ -33,8 +33,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 FORMAT = "mavis-align-value-model"
-POOL_CENTRE_KEY = "pool.centre"  # in heads.safetensors: (c_p, c_r) [2, H] of a "prompt+response" model
 FORMAT_VERSION = 1
+POOL_CENTRE_KEY = "pool.centre"  # in heads.safetensors: (c_p, c_r) [2, H] of a "prompt+response" model
 
 # What the heads read at position t: "last" = the hidden state h_t (the paper's regression head),
 # "mean" = the mean of h_1..h_t over real tokens, "mean+last" = both, concatenated;
@@ -83,14 +83,10 @@ def prompt_response_means(hidden: torch.Tensor, attention_mask: torch.Tensor | N
         (prompt [B, T, H], response [B, T, H]): at position t the mean over the prompt tokens up to t
         and over the response tokens up to t (zeros where there are none yet).
     """
-    h = hidden.float()
-    real = torch.ones(h.shape[:2], device=h.device) if attention_mask is None else attention_mask.to(h.device, torch.float32)
+    real = torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None else attention_mask.to(hidden.device, torch.float32)
     index = real.cumsum(1) - 1  # position among the real tokens
-    in_prompt = real * (index < prompt_lengths.to(h.device)[:, None]).float()
-    in_response = real - in_prompt
-    prompt = (h * in_prompt[..., None]).cumsum(1) / in_prompt.cumsum(1).clamp(min=1.0)[..., None]
-    response = (h * in_response[..., None]).cumsum(1) / in_response.cumsum(1).clamp(min=1.0)[..., None]
-    return prompt, response
+    in_prompt = real * (index < prompt_lengths.to(hidden.device)[:, None]).float()
+    return running_mean(hidden, in_prompt), running_mean(hidden, real - in_prompt)
 
 # A value model whose backbone is frozen (``meta["frozen_backbone"]``) records a fingerprint of the
 # backbone's weights: models with equal fingerprints share one trunk forward at decode time, and
@@ -296,11 +292,18 @@ class ValueModel(nn.Module):
             self.pool_centre = self.pool_centre.to(device=place.device, dtype=torch.float32)
         return self
 
+    @property
+    def needs_pool_centre(self) -> bool:
+        """A "prompt+response" model whose centre has not been fitted yet (see :meth:`set_pool_centre`)."""
+        return self.pool == "prompt+response" and not self.meta.get("pool_centre_fitted")
+
     def set_pool_centre(self, prompt_mean: torch.Tensor, response_mean: torch.Tensor) -> None:
-        """Fix (c_p, c_r) of a "prompt+response" model ([H] each), e.g. the training features' means."""
+        """Fix (c_p, c_r) of a "prompt+response" model ([H] each), e.g. the training features' means;
+        recorded in meta, so training it further keeps them (the heads keep reading the same features)."""
         if self.pool != "prompt+response":
             raise ValueError(f"pool={self.pool!r} has no centre")
         self.pool_centre = torch.stack([prompt_mean, response_mean]).float().to(self.pool_centre.device)
+        self.meta["pool_centre_fitted"] = True
 
     def values_from_hidden(self, hidden: torch.Tensor, mean: torch.Tensor | None = None, weights: torch.Tensor | None = None,
                            prompt: torch.Tensor | None = None, response: torch.Tensor | None = None) -> torch.Tensor:

@@ -243,7 +243,9 @@ class CachedValueScorer:
         for group in self.groups:  # equal fingerprints: one copy of the trunk in memory is enough
             for mi in group[1:]:
                 self.models[mi].backbone = self.models[group[0]].backbone
-        self.pooled = {g[0] for g in self.groups if any(self.models[mi].pool != "last" for mi in g)}
+        # what each trunk's heads read: its running sums are kept only when a head reads a mean
+        self.pools = {g[0]: {self.models[mi].pool for mi in g} for g in self.groups}
+        self.pooled = {g for g, pools in self.pools.items() if pools != {"last"}}
 
     @property
     def objectives(self) -> list[str]:
@@ -334,9 +336,11 @@ class CachedValueScorer:
                     self.sums[group[0]] = self.sums[group[0]] + states[:, 0].float()
                 # means over the prefix (incl. the pending token) and the candidate itself
                 total = self.sums[group[0]][:, None] + hidden.float()
-                mean = total / (seen + 1)[:, None, None]
-                prompt = (self.prompt_sums[group[0]] / self.prompt_counts.clamp(min=1.0)[:, None])[:, None].expand_as(total)
-                response = (total - self.prompt_sums[group[0]][:, None]) / (seen + 1 - self.prompt_counts)[:, None, None]
+                if self.pools[group[0]] & {"mean", "mean+last"}:
+                    mean = total / (seen + 1)[:, None, None]
+                if "prompt+response" in self.pools[group[0]]:
+                    prompt = (self.prompt_sums[group[0]] / self.prompt_counts.clamp(min=1.0)[:, None])[:, None].expand_as(total)
+                    response = (total - self.prompt_sums[group[0]][:, None]) / (seen + 1 - self.prompt_counts)[:, None, None]
             for mi in group:
                 lam = model_weights(self.models[mi], mi, self.bindings, None if weights is None else weights.to(self.device))
                 values = self.models[mi].values_from_hidden(hidden, mean, lam, prompt, response)

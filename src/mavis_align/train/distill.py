@@ -75,7 +75,7 @@ def fit_student_centre(student: ValueModel, seqs: Sequence[tuple[list[int], int]
     position), as value training does on its examples; other pools and fitted students are left alone."""
     from ..values import prompt_response_means
 
-    if student.pool != "prompt+response" or student.meta.get("pool_centre_fitted"):
+    if not student.needs_pool_centre:
         return
     device = next(student.parameters()).device
     sum_p = sum_r = None
@@ -89,7 +89,6 @@ def fit_student_centre(student: ValueModel, seqs: Sequence[tuple[list[int], int]
         sum_p, sum_r = (p, r) if sum_p is None else (sum_p + p, sum_r + r)
         n_p, n_r = n_p + len(plen), n_r + int(resp.sum())
     student.set_pool_centre(sum_p / max(n_p, 1), sum_r / max(n_r, 1))
-    student.meta["pool_centre_fitted"] = True
 
 
 def distill(

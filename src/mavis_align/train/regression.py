@@ -242,14 +242,11 @@ def trunk_features(model: ValueModel, examples: Sequence[NodeExample], pad_id: i
     return _FEATURE_MEMO[key]
 
 
-FEATURES = ("state", "mean", "prompt mean", "response mean")  # the rows of one example's trunk features
-
-
 @torch.no_grad()
 def compute_trunk_features(model: ValueModel, examples: Sequence[NodeExample], pad_id: int, *, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
-    """Backbone states at the last token of every example -> [N, 4, H] float32, the rows of
-    :data:`FEATURES`: the state itself, the mean state of the example's tokens, the mean state of its
-    prompt and of its response tokens (what :attr:`ValueModel.pool` reads).
+    """Backbone states at the last token of every example -> [N, 4, H] float32: the state itself,
+    the mean state of the example's tokens, the mean state of its prompt and of its response tokens
+    (what :attr:`ValueModel.pool` reads).
 
     Runs each root-to-leaf sequence once (see :func:`prefix_carriers`), longest first.
     """
@@ -309,9 +306,8 @@ def fit_pool_centre(model: ValueModel, features: torch.Tensor) -> None:
     """A "prompt+response" model trained for the first time centres its interaction features on
     the training features' mean prompt and response states (kept when it is trained further, so a
     model initialised from the previous iteration reads the same features)."""
-    if model.pool == "prompt+response" and not model.meta.get("pool_centre_fitted"):
+    if model.needs_pool_centre:
         model.set_pool_centre(features[:, 2].mean(0), features[:, 3].mean(0))
-        model.meta["pool_centre_fitted"] = True
 
 
 @torch.no_grad()

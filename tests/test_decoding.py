@@ -534,3 +534,16 @@ def test_step_guidance_through_the_decoder_and_evaluator(tiny_lm, tiny_tokenizer
         dec.step_search(PROMPTS, select="worst", config=cfg)
     with pytest.raises(ValueError, match="value model"):
         MavisDecoder(tiny_lm, tiny_tokenizer).step_search(PROMPTS, config=cfg)
+
+
+def test_mavis_responses_do_not_depend_on_batch_size(tiny_lm, tiny_tokenizer, value_models):
+    """Per-row generators: the demo and iteration evaluations decode in larger batches than
+    before, which must not change a single response."""
+    dec = MavisDecoder(tiny_lm, tiny_tokenizer, value_models)
+    cfg = SamplingConfig(max_new_tokens=6, top_k=5, beta=3.0)
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    one = dec.generate(prompts, weights={"a": 1}, config=cfg, seed=7, chat=False, batch_size=1)
+    big = dec.generate(prompts, weights={"a": 1}, config=cfg, seed=7, chat=False, batch_size=len(prompts))
+    assert [g.token_ids for g in one] == [g.token_ids for g in big]
+    for x, y in zip(one, big):
+        assert x.logprobs_gen == pytest.approx(y.logprobs_gen, abs=1e-4)

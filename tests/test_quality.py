@@ -280,3 +280,24 @@ def test_ridge_solver_fits_frozen_linear_heads_only(tmp_path, cat_trees):
         train_value_model(frozen_model(("cat",), head_hidden=4), [data], tmp_path / "w", TrainConfig(solver="ridge"), progress=False)
     with pytest.raises(ValueError, match="solver must be"):
         TrainConfig(solver="adam")
+
+
+def test_kl_penalised_training_also_reports_quality_against_rewards_alone(tmp_path, cat_trees):
+    """With zeta > 0 the eq. 6 targets of siblings also differ by zeta times their continuations'
+    log-ratios; result.json then carries the quality against the MC rewards alone beside it."""
+    from mavis_align.collect.dataset import node_examples
+    from mavis_align.collect.store import LabelledTrees
+    from mavis_align.train.regression import value_quality
+
+    rng = np.random.default_rng(0)
+    d = cat_trees
+    tilted = LabelledTrees(d.trees, d.values, [rng.uniform(0, 20, size=len(x)) for x in d.lprs], d.splits, d.texts)
+    res = train_value_model(frozen_model(("cat",), pool="mean"), [tilted], tmp_path / "z", TrainConfig(solver="ridge", zeta=0.05), progress=False)
+    val, _ = node_examples(tilted, "val", keep_leaf_fraction=1.0)
+    back = ValueModel.load(tmp_path / "z" / "best")
+    tok = make_tiny_tokenizer()
+    alone = value_quality(back, val, tok.pad_token_id, zeta=0.0)
+    assert res["quality_reward"]["per_objective"]["cat"] == pytest.approx(alone["per_objective"]["cat"])
+    assert res["quality_reward"]["per_objective"]["cat"]["r2"] != pytest.approx(res["quality"]["per_objective"]["cat"]["r2"])
+    plain = train_value_model(frozen_model(("cat",), pool="mean"), [d], tmp_path / "p", TrainConfig(solver="ridge"), progress=False)
+    assert plain["quality_reward"] is None

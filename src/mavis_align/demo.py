@@ -79,7 +79,9 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
     examples = []
     results = {}
     for label, weights in steering_settings(list(recipe.objectives)):
-        policy = DecoderPolicy(label, decoder if weights else MavisDecoder(model, tok), cfg if weights else plain, weights=weights, chat=recipe.chat)
+        # one decode batch per weighting (responses do not depend on the batch size: per-row generators)
+        policy = DecoderPolicy(label, decoder if weights else MavisDecoder(model, tok), cfg if weights else plain, weights=weights, chat=recipe.chat,
+                               batch_size=min(32, len(prompts) * samples))
         res = evaluate_policy(policy, prompts, rewards, model, tok, samples=samples, seed=seed, chat=recipe.chat, keep_examples=len(prompts) * samples)
         results[label] = res
         cells = [f"{res['rewards'][m]['mean']:.3f} ± {res['rewards'][m]['se']:.3f}" for m in recipe.objectives]

@@ -38,6 +38,8 @@ from ..schema import ListOf, Shape, check, read_yaml_mapping, shape_of
 from .quality import format_concordance, format_r2
 from .regression import TrainConfig, train_value_model
 
+EVAL_BATCH = 16  # rows per decode batch when an iteration is evaluated (responses do not depend on it: per-row generators)
+
 
 @dataclass
 class IterationSpec:
@@ -287,7 +289,7 @@ def _run_iterations(recipe: Recipe, out: str | Path, *, progress: bool, stop_aft
 
             m_, t_ = base()
             plain = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-            res = evaluate_policy(DecoderPolicy("ref", MavisDecoder(m_, t_), plain, chat=recipe.chat), eval_prompts, rewards, m_, t_,
+            res = evaluate_policy(DecoderPolicy("ref", MavisDecoder(m_, t_), plain, chat=recipe.chat, batch_size=EVAL_BATCH), eval_prompts, rewards, m_, t_,
                                   samples=samples, seed=recipe.seed, chat=recipe.chat)
             ref_path.write_text(json.dumps(res, indent=2) + "\n")
         ref = json.loads(ref_path.read_text())
@@ -298,15 +300,17 @@ def _run_iterations(recipe: Recipe, out: str | Path, *, progress: bool, stop_aft
             if not epath.exists():
                 m_, t_ = base()
                 dec = MavisDecoder(m_, t_, [ValueModel.load(vpath / "best")])
-                res = evaluate_policy(DecoderPolicy(f"mavis-{m}", dec, cfg, weights={m: 1.0}, chat=recipe.chat), eval_prompts, rewards, m_, t_,
+                res = evaluate_policy(DecoderPolicy(f"mavis-{m}", dec, cfg, weights={m: 1.0}, chat=recipe.chat, batch_size=EVAL_BATCH), eval_prompts, rewards, m_, t_,
                                       samples=samples, seed=recipe.seed, chat=recipe.chat)
                 epath.write_text(json.dumps(res, indent=2) + "\n")
             res = json.loads(epath.read_text())
             tr = json.loads((vpath / "result.json").read_text())
             q = ((tr.get("quality") or {}).get("per_objective") or {}).get(m, {})
+            qr = ((tr.get("quality_reward") or {}).get("per_objective") or {}).get(m, {})  # with zeta > 0: against the rewards alone
             row["objectives"][m] = {
                 "val_mse": tr.get("best_val_mse"), "train_seconds": tr.get("seconds_this_run"),
                 "r2": q.get("r2"), "concordance": q.get("concordance"), "concordance_se": q.get("concordance_se"), "pairs": q.get("pairs"),
+                "reward_concordance": qr.get("concordance"), "reward_concordance_se": qr.get("concordance_se"), "reward_pairs": qr.get("pairs"),
                 "reward": res["rewards"][m]["mean"], "reward_se": res["rewards"][m]["se"], "kl": res["kl"]["mean"],
                 "ref_reward": ref["rewards"][m]["mean"], "ref_kl": ref["kl"]["mean"], "beta": cfg.beta,
             }
@@ -315,14 +319,17 @@ def _run_iterations(recipe: Recipe, out: str | Path, *, progress: bool, stop_aft
 
     def write_summary() -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        lines = ["| iteration | objective | val MSE | held-out R² | sibling concordance (pairs) | reward (MAVIS) | reward (π_ref) | KL (MAVIS) |",
-                 "|---|---|---|---|---|---|---|---|"]
+        lines = ["| iteration | objective | val MSE | held-out R² | sibling concordance (pairs) | concordance, rewards alone (pairs) | reward (MAVIS) "
+                 "| reward (π_ref) | KL (MAVIS) |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for row in summary["iterations"]:
             for m, r in row["objectives"].items():
                 mse = f"{r['val_mse']:.4f}" if r["val_mse"] is not None else "-"
                 conc = format_concordance(r) + (f" ({r['pairs']})" if r.get("concordance") is not None else "")
                 r2 = format_r2(r)
-                lines.append(f"| {row['iteration']} | {m} | {mse} | {r2} | {conc} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['ref_reward']:.3f} | {r['kl']:.2f} |")
+                rc = r.get("reward_concordance")
+                conc_r = "-" if rc is None else f"{rc:.3f} ± {r.get('reward_concordance_se') or 0:.3f} ({r.get('reward_pairs')})"
+                lines.append(f"| {row['iteration']} | {m} | {mse} | {r2} | {conc} | {conc_r} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['ref_reward']:.3f} | {r['kl']:.2f} |")
         (out / "summary.md").write_text("\n".join(lines) + "\n")
 
     # ---- iteration 0

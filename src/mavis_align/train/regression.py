@@ -390,6 +390,16 @@ def value_quality(model: ValueModel, examples: Sequence[NodeExample], pad_id: in
     return report
 
 
+def reward_quality(model: ValueModel, examples: Sequence[NodeExample], pad_id: int, config, *, features: torch.Tensor | None = None) -> dict | None:
+    """With a KL penalty (``config.zeta`` > 0), the quality against the Monte-Carlo reward values
+    alone (ζ = 0) beside the one against the eq. 6 targets: siblings' targets also differ by ζ times
+    the sampled log-ratios of their continuations, which can hide whether V still orders the
+    rewards of one state's continuations (benchmarks/iteration_targets.py). None without a penalty."""
+    if not examples or not config.zeta:
+        return None
+    return value_quality(model, examples, pad_id, zeta=0.0, kl_target=config.kl_target, features=features)
+
+
 def held_out_quality(model: ValueModel, trees: Sequence[str | Path], *, zeta: float = 0.0, kl_target: str = "future") -> dict:
     """:func:`value_quality` of every head of ``model`` on the val split of the tree files that carry
     that head's labels (files of later iterations are often labelled with one objective only).
@@ -511,6 +521,7 @@ def _train_ridge(model: ValueModel, train, val, train_feats, val_feats, train_ta
     _atomic_dir(out / "final", lambda d: model.save(d))
     final_val = evaluate_mse(model, val, pad_id, config.zeta, kl_target=config.kl_target, features=val_feats) if val else None
     quality = value_quality(model, val, pad_id, zeta=config.zeta, kl_target=config.kl_target, features=val_feats) if val else None
+    quality_reward = reward_quality(model, val, pad_id, config, features=val_feats)
     with (out / "metrics.jsonl").open("w") as f:
         for alpha, row in zip(RIDGE_ALPHAS, cv):
             f.write(json.dumps({"ridge_alpha": alpha, "cv_mse_per_objective": dict(zip(model.objectives, row))}) + "\n")
@@ -520,7 +531,7 @@ def _train_ridge(model: ValueModel, train, val, train_feats, val_feats, train_ta
         "objectives": list(model.objectives), "solver": "ridge", "steps": 0, "train_examples": len(train), "val_examples": len(val),
         "ridge_alpha": model.meta["ridge_alpha"], "best_val_mse": final_val["val_mse"] if final_val else None, "best_step": 0,
         "seconds_this_run": round(time.perf_counter() - t0 + feature_seconds, 2), "feature_seconds": round(feature_seconds, 2),
-        "final_val": final_val, "quality": quality,
+        "final_val": final_val, "quality": quality, "quality_reward": quality_reward,
     }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     if tracker is not None:
@@ -529,6 +540,8 @@ def _train_ridge(model: ValueModel, train, val, train_feats, val_feats, train_ta
         from .quality import format_quality
 
         print(format_quality(quality))
+        if quality_reward:
+            print("against the MC reward values alone (ζ = 0):\n" + format_quality(quality_reward))
     return result
 
 
@@ -803,20 +816,23 @@ def train_value_model(
     _atomic_dir(out / "final", lambda d: model.save(d))
     checkpoint()
     final_val = evaluate_mse(model, val, pad_id, config.zeta, kl_target=config.kl_target, features=val_feats) if val else None
-    quality = None
+    quality = quality_reward = None
     if val:  # of the model that is used: best/
         best = ValueModel.load(out / "best", device=device, dtype=next(model.backbone.parameters()).dtype)
         quality = value_quality(best, val, pad_id, zeta=config.zeta, kl_target=config.kl_target, features=val_feats)
+        quality_reward = reward_quality(best, val, pad_id, config, features=val_feats)
     result = {
         "objectives": objectives, "steps": state["step"], "steps_this_run": done_here, "train_examples": len(train), "val_examples": len(val),
         "best_val_mse": state["best_val"], "best_step": state["best_step"], "seconds_this_run": round(time.perf_counter() - t0 + feature_seconds, 2),
         "feature_seconds": round(feature_seconds, 2) if frozen else None,
-        "final_val": final_val, "quality": quality,
+        "final_val": final_val, "quality": quality, "quality_reward": quality_reward,
     }
     if progress and quality:
         from .quality import format_quality
 
         print(format_quality(quality))
+        if quality_reward:
+            print("against the MC reward values alone (ζ = 0):\n" + format_quality(quality_reward))
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     if tracker is not None:
         tracker.log({"quality": (quality or {}).get("per_objective", {}), "best_val_mse": state["best_val"]}, step=state["step"])

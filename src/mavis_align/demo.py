@@ -91,12 +91,13 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
         harmful = next((e for e in res["examples"] if e["prompt"] == prompts[-1]), None) or res["examples"][-1]
         examples.append(f"- **{label}**: {harmful['response'][:200]!r}")
     text = "\n".join(lines + [
-        f"## Steering: {len(prompts)} held-out prompts ({half} ordinary, {half} harmful) x {samples} samples, beta={b}, top-k={cfg.top_k}",
+        f"## Steering: {len(prompts)} held-out prompts ({half} ordinary, {half} harmful) x {samples} samples, beta={b}, top-k={cfg.top_k}, "
+        f"tilt on {'NORMALIZEd' if cfg.normalize else 'raw'} values",
         "", "Mean reward ± standard error per objective; KL by paper eq. 7; z of each weighted objective's rise over π_ref "
         "(mean per-prompt difference / its standard error, paired by prompt; > 2 is a clear rise).", "", *table, "",
         f"Responses to {prompts[-1]!r}:", "", *examples, "",
     ])
     (out / "demo.md").write_text(text)
-    (out / "demo.json").write_text(json.dumps({"beta": b, "prompts": prompts, "results": results}, indent=2, default=str) + "\n")
+    (out / "demo.json").write_text(json.dumps({"beta": b, "normalize": cfg.normalize, "prompts": prompts, "results": results}, indent=2, default=str) + "\n")
     print(text)
     return text

@@ -1,0 +1,139 @@
+"""The tilt with and without NORMALIZE, at matched KL (paper eq. 14 vs the authors' 2026 code).
+
+The paper min-max normalises the k candidates' values v to [0, 1] before the tilt, so β is the
+largest log-odds shift at every step, whatever the spread of v; the authors' 2026 code drops it and
+tilts by β · v on the raw values (mavis-v3-notes.md). With value models that are unsure, NORMALIZE
+stretches small, noisy differences to the full range; the raw tilt moves π_ref in proportion to how
+much the candidates' values differ. This benchmark measures which buys more reward per nat of KL.
+
+    python benchmarks/tilt_scale.py [VALUE_MODEL] [--out runs/tilt_scale]
+
+VALUE_MODEL (default: the value-backbones benchmark's 400-prompt model) must hold heads for helpful,
+harmless and humor. Prompts: hh-mix test prompts 40 onwards (12 ordinary, 12 harmful), disjoint from
+the demo's and the reproduction study's test prompts, so settings chosen here can be checked there.
+λ = {m: 1}, top-k 15, ≤ 40 tokens, 2 samples per prompt, seed 0; z is paired by prompt against π_ref.
+Every row is saved as it finishes (a rerun resumes); results → benchmarks/results/tilt_scale.{json,md}.
+
+Also reports the spread that NORMALIZE removes: over π_ref's decoding states, the range
+(max − min) of each head's raw values among the top-k candidates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from mavis_align.data import load_prompts
+from mavis_align.decoding.decoder import MavisDecoder
+from mavis_align.demo import steering_z
+from mavis_align.evaluate import DecoderPolicy, evaluate_policy
+from mavis_align.generation import SamplingConfig
+from mavis_align.models import format_prompts, load_causal_lm
+from mavis_align.provenance import write_json, write_run_record
+from mavis_align.rewards import get_rewards
+from mavis_align.values import ValueModel
+
+OBJECTIVES = ["helpful", "harmless", "humor"]
+DEFAULT_MODEL = "runs/value_backbones/models/trunk4-prompt_response-ridge-400p/best"
+NORMALIZED_BETAS = [1.0, 2.0, 5.0]
+RAW_BETAS = [10.0, 25.0, 50.0, 100.0]
+TOP_K, MAX_NEW, SAMPLES, SEED, FIRST = 15, 40, 2, 0, 40
+
+
+def dev_prompts(tok, per_category: int) -> list[str]:
+    test = load_prompts("hh-mix", "test", seed=0, tokenizer=tok)[FIRST:]
+    return [p.text for p in test if p.category != "harmful"][:per_category] + [p.text for p in test if p.category == "harmful"][:per_category]
+
+
+@torch.no_grad()
+def candidate_spread(model, tok, vm: ValueModel, prompts: list[str], steps: int = 40) -> dict:
+    """Range of each head's raw values among π_ref's top-k candidates, over the states of one
+    π_ref sample per prompt (sequence scoring: the reference path, not the cached one)."""
+    gen = torch.Generator().manual_seed(SEED)
+    ranges: dict[str, list[float]] = {m: [] for m in vm.objectives}
+    for text in format_prompts(tok, prompts, chat=True):
+        ids = tok(text, return_tensors="pt").input_ids
+        plen = ids.shape[1]
+        for _ in range(steps):
+            logits = model(ids).logits[0, -1]
+            top = logits.topk(TOP_K).indices
+            cand = torch.cat([ids.expand(TOP_K, -1), top[:, None]], dim=1)
+            v = vm.score(cand, torch.ones_like(cand), prompt_lengths=torch.full((TOP_K,), plen))  # [k, M]
+            for j, m in enumerate(vm.objectives):
+                ranges[m].append(float(v[:, j].max() - v[:, j].min()))
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
+            if int(nxt) == tok.eos_token_id:
+                break
+            ids = torch.cat([ids, nxt[None]], dim=1)
+    return {m: {"median": statistics.median(r), "p90": sorted(r)[int(0.9 * (len(r) - 1))], "states": len(r)} for m, r in ranges.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("value_model", nargs="?", default=DEFAULT_MODEL)
+    ap.add_argument("--out", default="runs/tilt_scale")
+    ap.add_argument("--per-category", type=int, default=12)
+    ap.add_argument("--raw-betas", type=float, nargs="+", default=RAW_BETAS)
+    ap.add_argument("--normalized-betas", type=float, nargs="+", default=NORMALIZED_BETAS)
+    ap.add_argument("--results", default="benchmarks/results")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"value_model": args.value_model, "per_category": args.per_category, "raw_betas": args.raw_betas,
+              "normalized_betas": args.normalized_betas, "top_k": TOP_K, "max_new_tokens": MAX_NEW, "samples": SAMPLES, "first_prompt": FIRST}
+    write_run_record(out, config, SEED)
+    model, tok = load_causal_lm("smollm2-135m-instruct")
+    vm = ValueModel.load(args.value_model)
+    prompts = dev_prompts(tok, args.per_category)
+    rewards = get_rewards(OBJECTIVES)
+
+    spread_path = out / "spread.json"
+    if not spread_path.exists():
+        write_json(spread_path, candidate_spread(model, tok, vm, prompts[:: max(1, len(prompts) // 8)]))
+    spread = json.loads(spread_path.read_text())
+    print("raw value range among top-k candidates:", spread, flush=True)
+
+    def row(name: str, weights, cfg: SamplingConfig) -> dict:
+        path = out / f"{name}.json"
+        if not path.exists():
+            dec = MavisDecoder(model, tok, [vm]) if weights else MavisDecoder(model, tok)
+            res = evaluate_policy(DecoderPolicy(name, dec, cfg, weights=weights, chat=True), prompts, rewards, model, tok,
+                                  samples=SAMPLES, seed=SEED, chat=True, keep_examples=0)
+            write_json(path, {"rewards": res["rewards"], "kl": res["kl"]})
+        return json.loads(path.read_text())
+
+    ref = row("pi_ref", None, SamplingConfig(max_new_tokens=MAX_NEW))
+    rows = []
+    for m in OBJECTIVES:
+        for normalize, betas in ((True, args.normalized_betas), (False, args.raw_betas)):
+            for beta in betas:
+                name = f"{m}-{'norm' if normalize else 'raw'}-beta{beta:g}"
+                r = row(name, {m: 1.0}, SamplingConfig(max_new_tokens=MAX_NEW, top_k=TOP_K, beta=beta, normalize=normalize))
+                rows.append({"objective": m, "normalize": normalize, "beta": beta, "reward": r["rewards"][m]["mean"], "se": r["rewards"][m]["se"],
+                             "ref": ref["rewards"][m]["mean"], "z": steering_z(r["rewards"][m], ref["rewards"][m], SAMPLES),
+                             "kl": r["kl"]["mean"], "kl_se": r["kl"].get("se")})
+                print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    write_json(results / "tilt_scale.json", {"config": config, "prompts": len(prompts), "spread": spread, "ref": ref["rewards"], "rows": rows})
+    lines = [f"Tilt with NORMALIZE (paper) and on raw values (authors' 2026 code); value model `{args.value_model}`; "
+             f"{len(prompts)} hh-mix test prompts from #{FIRST} × {SAMPLES} samples, λ = {{m: 1}}, top-k {TOP_K}, ≤ {MAX_NEW} tokens; "
+             "z paired by prompt vs π_ref; KL eq. 7 in nats.", "",
+             "Raw value range among the top-k candidates over π_ref's states: "
+             + ", ".join(f"{m} median {s['median']:.4f} (p90 {s['p90']:.4f}, {s['states']} states)" for m, s in spread.items()), "",
+             "| objective | tilt | β | reward ± se | π_ref | z | KL ± se |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kl_se = f" ± {r['kl_se']:.1f}" if r["kl_se"] is not None else ""
+        lines.append(f"| {r['objective']} | {'NORMALIZE' if r['normalize'] else 'raw'} | {r['beta']:g} | {r['reward']:.3f} ± {r['se']:.3f} | "
+                     f"{r['ref']:.3f} | {r['z']:+.1f} | {r['kl']:.1f}{kl_se} |")
+    (results / "tilt_scale.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -79,7 +79,8 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
     examples = []
     results = {}
     for label, weights in steering_settings(list(recipe.objectives)):
-        # one decode batch per weighting (responses do not depend on the batch size: per-row generators)
+        # one decode batch per weighting (per-row generators keep every row's random draws; padding's
+        # float rounding can flip an occasional token against smaller batches)
         policy = DecoderPolicy(label, decoder if weights else MavisDecoder(model, tok), cfg if weights else plain, weights=weights, chat=recipe.chat,
                                batch_size=min(32, len(prompts) * samples))
         res = evaluate_policy(policy, prompts, rewards, model, tok, samples=samples, seed=seed, chat=recipe.chat, keep_examples=len(prompts) * samples)

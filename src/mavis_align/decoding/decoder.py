@@ -113,7 +113,9 @@ class MavisDecoder:
 
     def _batches(self, prompts: list[str], seed: int, batch_size: int, chat: bool | None, progress: bool, desc: str, system: str | None = None):
         """Yield (slice, input_ids, attention_mask, generators) per batch: prompt i draws from
-        ``row_generator(seed, i)``, so its tokens do not depend on the batch size or its neighbours.
+        ``row_generator(seed, i)``, so its random draws do not depend on the batch size or its
+        neighbours (the logits can: another batch pads differently, and on real models that float
+        rounding flips an occasional token; 1-4 of 24 demo responses at batch 1 / 8 / 24).
         ``system``: an instruction placed before every prompt (a system turn in chat format)."""
         from ..models import format_prompts
 
@@ -160,8 +162,10 @@ class MavisDecoder:
                 sum 1; default: equal weights over every loaded objective.
             beta: tilt strength for all prompts or one per prompt (default ``config.beta``).
             seed: prompt i samples from its own generator ``row_generator(seed, i)``: the same
-                prompts and seed give the same responses at any batch size, and prompt 0 the same
-                as a server request with this seed.
+                prompts, seed and batch size give the same responses; another batch size keeps
+                every row's random draws (exactly the same responses on the tiny fp32 test models;
+                on real models the padding's float rounding flips an occasional token), and
+                prompt 0 the same as a server request with this seed.
             naive: use the uncached per-sequence reference path (slow; for tests/benchmarks).
             system: an instruction the model reads before every prompt (a system turn in chat
                 format), e.g. a preference-conditioned policy's weights; ``Generation.prompt``

@@ -38,7 +38,7 @@ from ..schema import ListOf, Shape, check, read_yaml_mapping, shape_of
 from .quality import format_concordance, format_r2
 from .regression import TrainConfig, train_value_model
 
-EVAL_BATCH = 16  # rows per decode batch when an iteration is evaluated (responses do not depend on it: per-row generators)
+EVAL_BATCH = 16  # rows per decode batch when an iteration is evaluated (per-row generators: the draws do not depend on it)
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""The demo's steering rows (π_ref and each objective alone: same 12 held-out prompts, seed, β=2,
-k=15, 2 samples, paired z) with any value model in place of the demo's own, to tell whether the
+"""The demo's steering rows (π_ref and each objective alone: same 12 held-out prompts, seed,
+k=15, 2 samples, paired z; β and the tilt's form as given) with any value model in place of the demo's own, to tell whether the
 demo's weak rows come from its value models' training data or from its small evaluation.
 
     python benchmarks/demo_models.py runs/value_backbones/models/trunk4-prompt_response-ridge-400p/best
@@ -27,12 +27,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("value_model", help="a value-model folder with heads for helpful, harmless and humor")
     ap.add_argument("--beta", type=float, default=2.0)
+    ap.add_argument("--no-normalize", action="store_true", help="tilt the raw values (the demo's form since 2026-11-27: --beta 50 --no-normalize)")
     args = ap.parse_args()
     model, tok = load_causal_lm("smollm2-135m-instruct")
     vm = ValueModel.load(args.value_model)
     test = load_prompts("hh-mix", "test", seed=0, tokenizer=tok)  # the demo's prompts: 6 ordinary, 6 harmful
     prompts = [p.text for p in test if p.category != "harmful"][:6] + [p.text for p in test if p.category == "harmful"][:6]
-    cfg = SamplingConfig(max_new_tokens=40, top_k=15, beta=args.beta, normalize=True)
+    cfg = SamplingConfig(max_new_tokens=40, top_k=15, beta=args.beta, normalize=not args.no_normalize)
     rewards = get_rewards(OBJECTIVES)
     ref = None
     for label, weights in steering_settings(OBJECTIVES)[:4]:

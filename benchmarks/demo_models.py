@@ -13,7 +13,7 @@ import argparse
 
 from mavis_align.data import load_prompts
 from mavis_align.decoding.decoder import MavisDecoder
-from mavis_align.demo import steering_settings, steering_z
+from mavis_align.demo import balanced_prompts, steering_settings, steering_z
 from mavis_align.evaluate import DecoderPolicy, evaluate_policy
 from mavis_align.generation import SamplingConfig
 from mavis_align.models import load_causal_lm
@@ -32,7 +32,7 @@ def main() -> None:
     model, tok = load_causal_lm("smollm2-135m-instruct")
     vm = ValueModel.load(args.value_model)
     test = load_prompts("hh-mix", "test", seed=0, tokenizer=tok)  # the demo's prompts: 6 ordinary, 6 harmful
-    prompts = [p.text for p in test if p.category != "harmful"][:6] + [p.text for p in test if p.category == "harmful"][:6]
+    prompts = balanced_prompts(test, 6)
     cfg = SamplingConfig(max_new_tokens=40, top_k=15, beta=args.beta, normalize=not args.no_normalize)
     rewards = get_rewards(OBJECTIVES)
     ref = None

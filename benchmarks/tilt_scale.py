@@ -29,7 +29,7 @@ import torch
 
 from mavis_align.data import load_prompts
 from mavis_align.decoding.decoder import MavisDecoder
-from mavis_align.demo import steering_z
+from mavis_align.demo import balanced_prompts, steering_z
 from mavis_align.evaluate import DecoderPolicy, evaluate_policy
 from mavis_align.generation import SamplingConfig
 from mavis_align.models import format_prompts, load_causal_lm
@@ -45,8 +45,7 @@ TOP_K, MAX_NEW, SAMPLES, SEED, FIRST = 15, 40, 2, 0, 40
 
 
 def dev_prompts(tok, per_category: int) -> list[str]:
-    test = load_prompts("hh-mix", "test", seed=0, tokenizer=tok)[FIRST:]
-    return [p.text for p in test if p.category != "harmful"][:per_category] + [p.text for p in test if p.category == "harmful"][:per_category]
+    return balanced_prompts(load_prompts("hh-mix", "test", seed=0, tokenizer=tok)[FIRST:], per_category)
 
 
 @torch.no_grad()

@@ -38,6 +38,12 @@ def steering_z(steered: dict, ref: dict, samples: int = 1) -> float:
     return (steered["mean"] - ref["mean"]) / se if se > 0 else float("nan")
 
 
+def balanced_prompts(items, per_category: int) -> list[str]:
+    """The texts of the first ``per_category`` ordinary and the first ``per_category`` harmful prompts
+    (:class:`~mavis_align.data.Prompt` items), ordinary ones first: the demo's steering prompts."""
+    return [p.text for p in items if p.category != "harmful"][:per_category] + [p.text for p in items if p.category == "harmful"][:per_category]
+
+
 def packaged_recipe(name: str = "demo") -> Path:
     return Path(str(resources.files("mavis_align") / "recipes" / f"{name}.yaml"))
 
@@ -68,7 +74,7 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
     decoder = MavisDecoder(model, tok, vms)
     half = max(1, n_prompts // 2)
     test = load_prompts(recipe.dataset, "test", seed=recipe.data_seed, tokenizer=tok)
-    prompts = [p.text for p in test if p.category != "harmful"][:half] + [p.text for p in test if p.category == "harmful"][:half]
+    prompts = balanced_prompts(test, half)
     b = beta if beta is not None else float(recipe.eval.get("beta", 5.0))
     cfg = SamplingConfig(max_new_tokens=int(recipe.eval.get("max_new_tokens", 40)), top_k=int(recipe.eval.get("top_k", DEFAULT_TOP_K)), beta=b,
                          normalize=bool(recipe.eval.get("normalize", True)))

@@ -390,7 +390,8 @@ def value_quality(model: ValueModel, examples: Sequence[NodeExample], pad_id: in
     return report
 
 
-def reward_quality(model: ValueModel, examples: Sequence[NodeExample], pad_id: int, config, *, features: torch.Tensor | None = None) -> dict | None:
+def reward_quality(model: ValueModel, examples: Sequence[NodeExample], pad_id: int, config: TrainConfig, *,
+                   features: torch.Tensor | None = None) -> dict | None:
     """With a KL penalty (``config.zeta`` > 0), the quality against the Monte-Carlo reward values
     alone (ζ = 0) beside the one against the eq. 6 targets: siblings' targets also differ by ζ times
     the sampled log-ratios of their continuations, which can hide whether V still orders the
@@ -398,6 +399,15 @@ def reward_quality(model: ValueModel, examples: Sequence[NodeExample], pad_id: i
     if not examples or not config.zeta:
         return None
     return value_quality(model, examples, pad_id, zeta=0.0, kl_target=config.kl_target, features=features)
+
+
+def print_quality(quality: dict, quality_reward: dict | None) -> None:
+    """The console lines of a training run's held-out quality (and, with ζ > 0, against the rewards alone)."""
+    from .quality import format_quality
+
+    print(format_quality(quality))
+    if quality_reward:
+        print("against the MC reward values alone (ζ = 0):\n" + format_quality(quality_reward))
 
 
 def held_out_quality(model: ValueModel, trees: Sequence[str | Path], *, zeta: float = 0.0, kl_target: str = "future") -> dict:
@@ -537,11 +547,7 @@ def _train_ridge(model: ValueModel, train, val, train_feats, val_feats, train_ta
     if tracker is not None:
         tracker.log({"quality": (quality or {}).get("per_objective", {}), "val_mse": result["best_val_mse"]})
     if progress and quality:
-        from .quality import format_quality
-
-        print(format_quality(quality))
-        if quality_reward:
-            print("against the MC reward values alone (ζ = 0):\n" + format_quality(quality_reward))
+        print_quality(quality, quality_reward)
     return result
 
 
@@ -828,11 +834,7 @@ def train_value_model(
         "final_val": final_val, "quality": quality, "quality_reward": quality_reward,
     }
     if progress and quality:
-        from .quality import format_quality
-
-        print(format_quality(quality))
-        if quality_reward:
-            print("against the MC reward values alone (ζ = 0):\n" + format_quality(quality_reward))
+        print_quality(quality, quality_reward)
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     if tracker is not None:
         tracker.log({"quality": (quality or {}).get("per_objective", {}), "best_val_mse": state["best_val"]}, step=state["step"])

@@ -144,6 +144,84 @@ def test_mavis_policy_records_log_ratio(tmp_path):
     assert any(abs(l[leaf]) > 1e-3 for t, l in zip(trees, lprs) for leaf in t.leaves())
 
 
+def test_step_kls_are_collected_stored_and_summed(tmp_path):
+    """MAVIS trees carry each token's step KL (pi_ref trees: 0); the store keeps them (and files
+    without them read back without them); expected_kl sums them as LPR sums log-ratios; a file
+    that lost its KL dataset is one clear error."""
+    from test_decoding import make_value_model
+
+    from mavis_align.collect.tree import expected_kl
+
+    tok = make_tiny_tokenizer()
+    vm = make_value_model(tok, ["v"], 4)
+    cfg = TreeConfig(num_layers=2, k_root=2, k=2, max_new_tokens=6, top_k=5, beta=4.0)
+    trees = build_trees(GenPolicy(make_tiny_lm(len(tok), seed=3), tok, [vm], weights={"v": 1.0}), _items(tok, PROMPTS[:3]), cfg,
+                        torch.Generator().manual_seed(0))
+    assert all(len(n.kl) == len(n.tokens) for t in trees for n in t.nodes)
+    assert all(k >= -1e-6 for t in trees for n in t.nodes for k in n.kl) and max(k for t in trees for n in t.nodes for k in n.kl) > 1e-3
+    ref_trees = build_trees(GenPolicy(make_tiny_lm(len(tok), seed=3), tok), _items(tok, PROMPTS[:2]), TreeConfig(num_layers=2, k_root=2, k=2, max_new_tokens=6),
+                            torch.Generator().manual_seed(0))
+    assert all(abs(k) < 1e-5 for t in ref_trees for n in t.nodes for k in n.kl)
+    values, lprs, texts = label_trees(trees, get_rewards(["concise"]), tok)
+    path = tmp_path / "t.h5"
+    write_trees(path, LabelledTrees(trees, values, lprs, [0, 1, 0], texts), ["concise"], {"seed": 0})
+    back, _, _ = read_trees(path)
+    for a, b in zip(trees, back.trees):
+        assert [x for n in a.nodes for x in n.kl] == pytest.approx([x for n in b.nodes for x in n.kl], abs=1e-6)
+        total, prefix = expected_kl(b)
+        for leaf in b.leaves():
+            assert total[leaf] == pytest.approx(sum(k for i in b.path(leaf) for k in b.nodes[i].kl), abs=1e-5)
+            assert prefix[leaf] == pytest.approx(total[leaf])
+    for t in trees:
+        for n in t.nodes:
+            n.kl = []
+    old = tmp_path / "old.h5"
+    write_trees(old, LabelledTrees(trees, values, lprs, [0, 1, 0], texts), ["concise"], {"seed": 0})
+    import h5py
+
+    with h5py.File(old, "r") as f:
+        assert "kl" not in f["tokens"]
+    assert all(n.kl == [] for t in read_trees(old)[0].trees for n in t.nodes)
+    with pytest.raises(ValueError, match="no per-step KLs"):
+        expected_kl(read_trees(old)[0].trees[0])
+    lost = tmp_path / "lost.h5"
+    lost.write_bytes(path.read_bytes())
+    with h5py.File(lost, "a") as f:
+        del f["tokens/kl"]
+    with pytest.raises(TreeFileError, match="'tokens/kl' is missing"):
+        read_trees(lost)
+
+
+def test_expected_kl_on_a_hand_built_tree():
+    """Leaves: the summed step KLs of their path; inner nodes: the mean over children (as LPR);
+    prefix: the node's own path. node_examples(kl_estimator="expected") reads exactly these."""
+    from mavis_align.collect.tree import Tree, expected_kl
+
+    t = Tree.new(0, "p", [5, 6])
+    a = t.add(0, [7, 8], [-1.0, -1.0], [-2.0, -2.0], False, [0.1, 0.2])
+    a1 = t.add(a, [9], [-1.0], [-1.5], True, [0.3])
+    a2 = t.add(a, [10], [-1.0], [-1.1], True, [0.5])
+    b = t.add(0, [11], [-1.0], [-3.0], True, [1.0])
+    total, prefix = expected_kl(t)
+    assert total.tolist() == pytest.approx([0.85, 0.7, 0.6, 0.8, 1.0])
+    assert prefix.tolist() == pytest.approx([0.0, 0.3, 0.6, 0.8, 1.0])
+    values = [np.array([[0.5], [0.4], [0.2], [0.6], [0.6]])]
+    lprs = [np.array([2.05, 2.3, 2.5, 2.1, 2.0])]  # sampled: a1 = 2 + 0.5, a2 = 2 + 0.1, b = 2, means above
+    data = LabelledTrees([t], values, lprs, [0])
+    sampled, _ = node_examples(data, None, keep_leaf_fraction=1.0)
+    expected, _ = node_examples(data, None, keep_leaf_fraction=1.0, kl_estimator="expected")
+    assert [e.node for e in expected] == [a, a1, a2, b]
+    assert [e.lpr for e in expected] == pytest.approx([0.7, 0.6, 0.8, 1.0])
+    assert [e.future_lpr for e in expected] == pytest.approx([0.4, 0.0, 0.0, 0.0])
+    assert [e.future_lpr for e in sampled] == pytest.approx([0.3, 0.0, 0.0, 0.0])
+    assert expected[0].target(0.5).tolist() == pytest.approx([0.4 - 0.5 * 0.4])
+    t.nodes[a2].kl = []
+    with pytest.raises(ValueError, match="collected before they were recorded"):
+        node_examples(data, None, kl_estimator="expected")
+    with pytest.raises(ValueError, match="kl_estimator must be one of"):
+        node_examples(data, None, kl_estimator="mean")
+
+
 def test_store_roundtrip_and_errors(policy, tmp_path):
     tok = policy.tokenizer
     trees = build_trees(policy, _items(tok, PROMPTS[:4]), TreeConfig(num_layers=2, k_root=2, k=2, max_new_tokens=6), torch.Generator().manual_seed(0))
@@ -300,7 +378,7 @@ def test_bit_flips_in_a_tree_file_are_harmless_or_one_clear_error(policy, tmp_pa
 
     def snapshot(p):
         d, objs, attrs = read_trees(p)
-        return (objs, attrs, d.splits, [(t.prompt, t.prompt_index, t.prompt_ids, [(n.parent, n.depth, n.tokens, n.logp_gen, n.logp_ref, n.terminal) for n in t.nodes])
+        return (objs, attrs, d.splits, [(t.prompt, t.prompt_index, t.prompt_ids, [(n.parent, n.depth, n.tokens, n.logp_gen, n.logp_ref, n.terminal, n.kl) for n in t.nodes])
                                         for t in d.trees], [v.tolist() for v in d.values], [v.tolist() for v in d.lprs], d.texts)
 
     want = snapshot(path)

@@ -547,3 +547,60 @@ def test_mavis_responses_do_not_depend_on_batch_size(tiny_lm, tiny_tokenizer, va
     assert [g.token_ids for g in one] == [g.token_ids for g in big]
     for x, y in zip(one, big):
         assert x.logprobs_gen == pytest.approx(y.logprobs_gen, abs=1e-4)
+
+
+def test_step_kl_is_the_kl_of_the_step_distribution():
+    """StepDistribution.kl_to: sum_a pi_gen(a)(log pi_gen(a) - log pi_ref(a)) over candidates, with
+    impossible candidates (-inf) contributing nothing; the whole-vocabulary form agrees."""
+    from mavis_align.decoding.engine import StepDistribution
+
+    ref_full = torch.log_softmax(torch.tensor([[2.0, 0.5, -1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0]]), dim=-1)
+    ids = torch.tensor([[0, 4, 1], [2, 3, 0]])
+    gen = torch.log_softmax(torch.tensor([[0.3, 1.2, float("-inf")], [1.0, 1.0, 1.0]]), dim=-1)
+    want = [sum(math.exp(g) * (g - ref_full[b, i].item()) for g, i in zip(gen[b].tolist(), ids[b].tolist()) if g > float("-inf")) for b in range(2)]
+    got = StepDistribution(ids, gen, None).kl_to(ref_full)
+    assert got.tolist() == pytest.approx(want, abs=1e-6)
+    assert all(x > 0 for x in want)
+    full = StepDistribution(ids, gen, None).full(5)
+    assert StepDistribution(None, full, None).kl_to(ref_full).tolist() == pytest.approx(want, abs=1e-6)
+    assert StepDistribution(None, ref_full, None).kl_to(ref_full).tolist() == pytest.approx([0.0, 0.0], abs=1e-7)
+
+
+def test_decode_records_step_kl_with_the_mean_of_the_log_ratios(tiny_lm, tiny_tokenizer, value_models):
+    """Every decoded token carries its step's KL(pi_gen || pi_ref): the recorded KL is the one of
+    the distribution the token was drawn from, 0 for plain sampling, and its sum over a response
+    has the same expectation as the sampled log-ratios' sum (averaged over many samples)."""
+    tok = tiny_tokenizer
+    cfg = SamplingConfig(max_new_tokens=6, top_k=5, beta=4.0)
+    scorer = CachedValueScorer(value_models, bind_objectives(value_models))
+    w = torch.tensor([[1.0, 0.0, 0.0]] * 3)
+    ids, mask = _batch(tok, PROMPTS)
+    dists, refs = [], []
+    base = CachedBase(tiny_lm)
+    gens = lambda n: [torch.Generator().manual_seed(i) for i in range(n)]  # noqa: E731
+    rows = decode_ids(base, ids, mask, cfg, eos_id=None, scorer=scorer, weights=w, beta=torch.tensor([4.0] * 3),
+                      on_step=lambda t, d: dists.append(d), generators=gens(3))
+    # the recorded KL of step t is the distribution's own KL to the full-vocabulary pi_ref
+    for r, row in enumerate(rows):
+        assert len(row.kl) == len(row.token_ids) == 6
+        assert all(k >= -1e-6 for k in row.kl) and max(row.kl) > 1e-3
+    with torch.no_grad():
+        full = torch.cat([ids, torch.tensor([row.token_ids for row in rows])], dim=1)
+        fmask = torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], dim=1)
+        pos = fmask.cumsum(-1) - 1
+        logits = tiny_lm(input_ids=full, attention_mask=fmask, position_ids=pos.clamp(min=0)).logits
+    for t, d in enumerate(dists):
+        refs = torch.log_softmax(logits[:, ids.shape[1] - 1 + t].float(), dim=-1)
+        assert d.kl_to(refs).tolist() == pytest.approx([row.kl[t] for row in rows], abs=1e-4)
+    plain = decode_ids(base, ids, mask, SamplingConfig(max_new_tokens=6), eos_id=None, generators=gens(3))
+    assert all(abs(k) < 1e-5 for row in plain for k in row.kl)
+    n = 600
+    big_ids, big_mask = ids[[0] * n], mask[[0] * n]
+    many = decode_ids(base, big_ids, big_mask, SamplingConfig(max_new_tokens=4, top_k=5, beta=4.0, normalize=False), eos_id=None, scorer=scorer,
+                      weights=w[[0] * n], beta=torch.tensor([4.0] * n), generators=gens(n))
+    sampled = torch.tensor([sum(g - r for g, r in zip(row.logprobs_gen, row.logprobs_ref)) for row in many])
+    expected = torch.tensor([sum(row.kl) for row in many])
+    se = (sampled - expected).std() / math.sqrt(n)
+    print(f"\nlog-ratio sum {sampled.mean():.4f} (var {sampled.var():.4f}), step-KL sum {expected.mean():.4f} (var {expected.var():.4f}), se {se:.4f}")
+    assert abs(sampled.mean() - expected.mean()) < 3 * se + 1e-3, (sampled.mean(), expected.mean(), se)
+    assert expected.var() < sampled.var()  # the point of the per-step KL: same mean, less spread

@@ -153,13 +153,13 @@ def build_trees(
                 n_tok = len(row.token_ids)
                 if config.two_layer_rule and layer == 0 and terminal and L > 1 and n_tok >= 2:
                     cut = int(torch.randint(1, n_tok, (1,), generator=generator))
-                    upper = tree.add(parent, row.token_ids[:cut], row.logprobs_gen[:cut], row.logprobs_ref[:cut], False)
-                    tree.add(upper, row.token_ids[cut:], row.logprobs_gen[cut:], row.logprobs_ref[cut:], True)
+                    upper = tree.add(parent, row.token_ids[:cut], row.logprobs_gen[:cut], row.logprobs_ref[:cut], False, row.kl[:cut])
+                    tree.add(upper, row.token_ids[cut:], row.logprobs_gen[cut:], row.logprobs_ref[cut:], True, row.kl[cut:])
                     extra = config.k if config.extra_children is None else config.extra_children
                     if extra > 0:
                         next_open.append((t, upper, budget - cut, extra))
                     continue
-                child = tree.add(parent, row.token_ids, row.logprobs_gen, row.logprobs_ref, terminal)
+                child = tree.add(parent, row.token_ids, row.logprobs_gen, row.logprobs_ref, terminal, row.kl)
                 left = budget - n_tok
                 if not terminal and left > 0 and layer < L - 1:
                     next_open.append((t, child, left, config.k))

@@ -9,7 +9,20 @@ reward of the complete responses continued from s. Two readings of the LPR term 
   previous one. ``tests/test_train.py`` measures this on an exact token MDP.
 * ``kl_target="response"``: the log-ratio of the whole response y, eq. 6 as printed. The part
   before s is the same for every candidate at a step and cancels in the tilt; the log-ratio of the
-  candidate token itself does not. Balancing (App. F.5): keep only a fraction of the
+  candidate token itself does not.
+
+LPR can be estimated two ways (``kl_estimator``), with the same expectation:
+
+* ``"sampled"``: the sampled tokens' log-ratios log(pi_gen(a_t|s_t) / pi_ref(a_t|s_t)), as printed.
+* ``"expected"``: each token's log-ratio replaced by its expectation given the state,
+  KL(pi_gen(.|s_t) || pi_ref(.|s_t)) (recorded at collection; trees collected before lack it).
+  A sampled log-ratio of a tilted policy swings by several nats per token, so over 40 tokens two
+  siblings' sampled LPRs differ by about as much as zeta = 0.03 times their rewards' spread
+  (``benchmarks/iteration_targets.py``); the per-step KL keeps only the differences that belong
+  to the states. The targets' total spread need not fall: under a tilt the sampled log-ratio
+  partly tracks the reward (tokens of high value get both), which the per-step KL does not.
+
+Balancing (App. F.5): keep only a fraction of the
 bottom-level nodes (leaves); validation can drop leaves entirely to focus on incomplete
 sequences. The split is by tree (one tree per prompt), fixed at collection time.
 """
@@ -25,8 +38,10 @@ import numpy as np
 import torch
 
 from .store import LabelledTrees, read_trees
+from .tree import expected_kl, has_step_kl
 
 SPLITS = {"train": 0, "val": 1}
+KL_ESTIMATORS = ("sampled", "expected")
 
 
 @dataclass(frozen=True)
@@ -34,7 +49,9 @@ class NodeExample:
     """One training example.
 
     input_ids: prompt ids + response ids up to the end of the node.
-    value: [M] mean reward of the node's completions; lpr: their mean log(pi_gen/pi_ref).
+    value: [M] mean reward of the node's completions; lpr: their mean log(pi_gen/pi_ref) over the
+    whole response (with ``kl_estimator="expected"``: the mean of the summed per-step KLs), and
+    prefix_lpr the same sum over the node's own tokens.
     """
 
     input_ids: list[int]
@@ -70,6 +87,7 @@ def node_examples(
     keep_leaf_fraction: float = 0.5,
     drop_leaves: bool = False,
     seed: int = 0,
+    kl_estimator: str = "sampled",
 ) -> tuple[list[NodeExample], list[str]]:
     """All non-root nodes of the trees of ``split`` as examples (and the objective names).
 
@@ -79,6 +97,8 @@ def node_examples(
         keep_leaf_fraction: fraction of leaves kept (App. F.5 keeps half); chosen at random
             with ``seed``.
         drop_leaves: drop every leaf (e.g. for validation on incomplete sequences only).
+        kl_estimator: "sampled" (log-ratios of the sampled tokens) or "expected" (per-step KLs;
+            the trees must have them) for the examples' ``lpr`` and ``prefix_lpr``.
     """
     objectives: list[str] = []
     if not isinstance(data, LabelledTrees):
@@ -87,19 +107,31 @@ def node_examples(
         raise ValueError(f"split must be 'train', 'val' or None, got {split!r}")
     if not 0 <= keep_leaf_fraction <= 1:
         raise ValueError(f"keep_leaf_fraction must be in [0, 1], got {keep_leaf_fraction}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {list(KL_ESTIMATORS)}, got {kl_estimator!r}")
     rng = random.Random(seed)
     out = []
     for ti, tree in enumerate(data.trees):
         if split is not None and data.splits[ti] != SPLITS[split]:
             continue
+        if kl_estimator == "expected":
+            if not has_step_kl(tree):
+                raise ValueError(f"kl_estimator='expected' needs per-step KLs, but the tree of prompt {tree.prompt_index} was "
+                                 "collected before they were recorded: collect it again, or use kl_estimator='sampled'")
+            lprs, prefixes = expected_kl(tree)
+        else:
+            lprs, prefixes = data.lprs[ti], None
         for ni in range(1, len(tree.nodes)):
             leaf = not tree.nodes[ni].children
             if leaf and (drop_leaves or rng.random() >= keep_leaf_fraction):
                 continue
-            prefix = sum(g - r for p in tree.path(ni) for g, r in zip(tree.nodes[p].logp_gen, tree.nodes[p].logp_ref))
+            if prefixes is None:
+                prefix = sum(g - r for p in tree.path(ni) for g, r in zip(tree.nodes[p].logp_gen, tree.nodes[p].logp_ref))
+            else:
+                prefix = prefixes[ni]
             out.append(NodeExample(
                 tree.prompt_ids + tree.response(ni), np.asarray(data.values[ti][ni], dtype=np.float64),
-                float(data.lprs[ti][ni]), ti, ni, tree.nodes[ni].depth, leaf, float(prefix), tree.nodes[ni].parent,
+                float(lprs[ni]), ti, ni, tree.nodes[ni].depth, leaf, float(prefix), tree.nodes[ni].parent,
                 prompt_length=len(tree.prompt_ids),
             ))
     return out, objectives

@@ -9,7 +9,9 @@ One row per tree::
     nodes         list<struct>    node 0 is the root; per node: parent (int32, -1 for the root),
                                   depth, terminal, tokens (list<int32>), logp_gen / logp_ref
                                   (list<float32>), value (list<float32>, one per objective),
-                                  lpr (float32), text (the response text up to the node's end)
+                                  lpr (float32), text (the response text up to the node's end),
+                                  kl (list<float32>: per-token KL(pi_gen || pi_ref) of the step;
+                                  empty for trees collected before it was recorded)
     objectives    list<string>    the value columns' objectives (the same in every row)
     attrs         string          the tree file's attributes as JSON (collection spec, versions...)
 
@@ -38,7 +40,7 @@ def features():
     node = {
         "parent": Value("int32"), "depth": Value("int32"), "terminal": Value("bool"), "tokens": List(Value("int32")),
         "logp_gen": List(Value("float32")), "logp_ref": List(Value("float32")), "value": List(Value("float32")),
-        "lpr": Value("float32"), "text": Value("string"),
+        "lpr": Value("float32"), "text": Value("string"), "kl": List(Value("float32")),
     }
     return Features({
         "prompt_index": Value("int64"), "prompt": Value("string"), "prompt_ids": List(Value("int32")), "split": Value("string"),
@@ -60,7 +62,7 @@ def trees_to_dataset(source):
                 "prompt_index": tree.prompt_index, "prompt": tree.prompt, "prompt_ids": list(tree.prompt_ids), "split": SPLITS[int(split)],
                 "nodes": [{"parent": n.parent, "depth": n.depth, "terminal": bool(n.terminal), "tokens": list(n.tokens),
                            "logp_gen": list(n.logp_gen), "logp_ref": list(n.logp_ref), "value": v[i].tolist(),
-                           "lpr": float(lprs[i]), "text": texts[i]} for i, n in enumerate(tree.nodes)],
+                           "lpr": float(lprs[i]), "text": texts[i], "kl": list(n.kl)} for i, n in enumerate(tree.nodes)],
                 "objectives": list(objectives), "attrs": attrs_json,
             }
 
@@ -82,7 +84,8 @@ def dataset_to_trees(ds) -> tuple[LabelledTrees, list[str], dict]:
             raise ValueError(f"tree {row['prompt_index']}: objectives {row['objectives']} differ from {objectives}")
         tree = Tree(int(row["prompt_index"]), row["prompt"], list(row["prompt_ids"]), [])
         for n in row["nodes"]:
-            tree.nodes.append(Node(int(n["parent"]), int(n["depth"]), list(n["tokens"]), list(n["logp_gen"]), list(n["logp_ref"]), bool(n["terminal"])))
+            tree.nodes.append(Node(int(n["parent"]), int(n["depth"]), list(n["tokens"]), list(n["logp_gen"]), list(n["logp_ref"]), bool(n["terminal"]),
+                                   kl=list(n.get("kl") or [])))  # data sets made before per-step KLs lack the field
         for i, node in enumerate(tree.nodes):
             if node.parent >= 0:
                 tree.nodes[node.parent].children.append(i)
@@ -114,7 +117,7 @@ def import_trees(source: str | Path, out: str | Path) -> Path:
 
     src = Path(source)
     if src.suffix == ".parquet":
-        ds = datasets.Dataset.from_parquet(str(src), features=features())
+        ds = datasets.Dataset.from_parquet(str(src))  # its own schema: older files lack node "kl"
     elif src.is_dir():
         ds = datasets.load_from_disk(str(src))
     else:

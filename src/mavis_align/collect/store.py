@@ -18,6 +18,8 @@ Layout (schema ``mavis-align-trees``, version 2 = version 1 + ``digests``)::
     /nodes/lpr           float32 [N]        sum log(pi_gen/pi_ref) at leaves, mean inside
     /nodes/text          vlen utf-8 [N]     decoded full response at leaves ("" elsewhere)
     /tokens/ids          int32 [S]; /tokens/logp_gen, /tokens/logp_ref float32 [S]
+    /tokens/kl           float32 [S]        optional: KL(pi_gen(.|s_t) || pi_ref(.|s_t)) of each token's step;
+                                            written when every token has it (trees collected since it is recorded)
 
 Token sequences live apart from the tree structure (paper App. C). Files are written whole to a
 temporary sibling and renamed into place, so a reader never sees a half-written file. Integrity: the
@@ -142,7 +144,7 @@ def _write(dest, data: LabelledTrees, objectives: Sequence[str], attrs: dict) ->
     m = len(objectives)
     parent, depth, tok_off, tok_len, terminal, lpr, texts = [], [], [], [], [], [], []
     values = []
-    tokens, lg, lr = [], [], []
+    tokens, lg, lr, kl = [], [], [], []
     p_ids, p_off, p_len, n_off, n_cnt = [], [], [], [], []
     n_total, s_total, pid_total = 0, 0, 0
     for tree, v, l, tx in zip(data.trees, data.values, data.lprs, data.texts):
@@ -162,6 +164,7 @@ def _write(dest, data: LabelledTrees, objectives: Sequence[str], attrs: dict) ->
             tokens.extend(node.tokens)
             lg.extend(node.logp_gen)
             lr.extend(node.logp_ref)
+            kl.extend(node.kl)
             s_total += len(node.tokens)
         values.append(v)
         lpr.extend(np.asarray(l, dtype=np.float32).tolist())
@@ -195,7 +198,9 @@ def _write(dest, data: LabelledTrees, objectives: Sequence[str], attrs: dict) ->
         g.create_dataset("ids", data=np.array(tokens, dtype=np.int32), **_COMPRESS)
         g.create_dataset("logp_gen", data=np.array(lg, dtype=np.float32), **_COMPRESS)
         g.create_dataset("logp_ref", data=np.array(lr, dtype=np.float32), **_COMPRESS)
-        digests = {k: _digest(f[k][()]) for k in _REQUIRED}
+        if s_total and all(len(node.kl) == len(node.tokens) for tree in data.trees for node in tree.nodes):
+            g.create_dataset("kl", data=np.array(kl, dtype=np.float32), **_COMPRESS)
+        digests = {k: _digest(f[k][()]) for k in _REQUIRED + _OPTIONAL if k in f}
         digests["attrs"] = _attrs_digest(dict(f.attrs))
         f.attrs["digests"] = json.dumps(digests, sort_keys=True)
 
@@ -206,6 +211,7 @@ _REQUIRED = [
     "nodes/token_length", "nodes/terminal", "nodes/value", "nodes/lpr", "nodes/text", "tokens/ids",
     "tokens/logp_gen", "tokens/logp_ref",
 ]
+_OPTIONAL = ["tokens/kl"]
 
 
 def read_trees(source) -> tuple[LabelledTrees, list[str], dict]:
@@ -242,14 +248,16 @@ def _read_open(f, name: str) -> tuple[LabelledTrees, list[str], dict]:
     try:
         objectives = json.loads(f.attrs["objectives"])
         attrs = {k: _decode_attr(v) for k, v in f.attrs.items() if k not in ("schema", "schema_version", "objectives", "digests")}
-        a = {k: f[k][()] for k in _REQUIRED}
+        a = {k: f[k][()] for k in _REQUIRED + _OPTIONAL if k in f}
     except (OSError, KeyError, ValueError) as err:
         raise TreeFileError(f"{name} could not be read (corrupt?): {err}") from err
     if "digests" in f.attrs:
         want = json.loads(f.attrs["digests"])
         if want.get("attrs") != _attrs_digest(dict(f.attrs)):
             raise TreeFileError(f"{name} is corrupt: its attributes fail their checksum; collect it again or restore it")
-        for k in _REQUIRED:
+        for k in _REQUIRED + [k for k in _OPTIONAL if k in a or k in want]:
+            if k not in a:
+                raise TreeFileError(f"{name} is corrupt: dataset {k!r} is missing; collect it again or restore it")
             if want.get(k) != _digest(a[k]):
                 raise TreeFileError(f"{name} is corrupt: dataset {k!r} fails its checksum; collect it again or restore it")
     trees, values, lprs, texts = [], [], [], []
@@ -264,6 +272,7 @@ def _read_open(f, name: str) -> tuple[LabelledTrees, list[str], dict]:
             nodes.append(Node(
                 int(a["nodes/parent"][i]), int(a["nodes/depth"][i]), a["tokens/ids"][so:so + sl].tolist(),
                 a["tokens/logp_gen"][so:so + sl].tolist(), a["tokens/logp_ref"][so:so + sl].tolist(), bool(a["nodes/terminal"][i]),
+                kl=a["tokens/kl"][so:so + sl].tolist() if "tokens/kl" in a else [],
             ))
         for i, node in enumerate(nodes):
             if node.parent >= 0:

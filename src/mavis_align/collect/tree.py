@@ -4,7 +4,9 @@ A tree belongs to one prompt. Node 0 is the root (the prompt, no response tokens
 node holds only the tokens it added; concatenating tokens root -> leaf gives the full response.
 Leaves are labelled with the reward of their full response and with its log-probability ratio
 LPR = sum_t log pi_gen(a_t|s_t) - log pi_ref(a_t|s_t); an inner node's value and LPR are the means
-over its children.
+over its children. Trees collected since per-step KLs are recorded also hold, per token,
+KL(pi_gen(.|s_t) || pi_ref(.|s_t)), the expectation of that token's log-ratio given s_t;
+:func:`expected_kl` sums and averages them as LPR does the log-ratios.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Node:
     logp_ref: list[float] = field(default_factory=list)
     terminal: bool = False  # ends in EOS
     children: list[int] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)  # per-token KL(pi_gen(.|s_t) || pi_ref(.|s_t)); empty: not recorded
 
 
 @dataclass
@@ -65,8 +68,8 @@ class Tree:
     def new(cls, prompt_index: int, prompt: str, prompt_ids: list[int]) -> "Tree":
         return cls(prompt_index, prompt, list(prompt_ids), [Node(parent=-1, depth=0)])
 
-    def add(self, parent: int, tokens, logp_gen, logp_ref, terminal: bool) -> int:
-        node = Node(parent, self.nodes[parent].depth + 1, list(tokens), list(logp_gen), list(logp_ref), terminal)
+    def add(self, parent: int, tokens, logp_gen, logp_ref, terminal: bool, kl=()) -> int:
+        node = Node(parent, self.nodes[parent].depth + 1, list(tokens), list(logp_gen), list(logp_ref), terminal, kl=list(kl))
         self.nodes.append(node)
         self.nodes[parent].children.append(len(self.nodes) - 1)
         return len(self.nodes) - 1
@@ -92,6 +95,34 @@ class Tree:
     def leaf_lpr(self, index: int) -> float:
         """sum over the full response of log pi_gen - log pi_ref."""
         return float(sum(g - r for i in self.path(index) for g, r in zip(self.nodes[i].logp_gen, self.nodes[i].logp_ref)))
+
+
+def has_step_kl(tree: Tree) -> bool:
+    """Whether every token of ``tree`` carries its step's KL (trees collected before they were
+    recorded do not)."""
+    return all(len(n.kl) == len(n.tokens) for n in tree.nodes)
+
+
+def expected_kl(tree: Tree) -> tuple[np.ndarray, np.ndarray]:
+    """Per node: the mean over its completions of the response's summed per-step KL, and the sum of
+    per-step KL over the node's own path (root -> node).
+
+    The counterpart of LPR with each token's sampled log-ratio replaced by its expectation given the
+    state: same expected value (so the same eq. 6 targets in expectation), without the sampling noise
+    of the log-ratios. Returns ([N], [N]) float64; raises if the tree lacks per-step KLs.
+    """
+    if not has_step_kl(tree):
+        raise ValueError(f"tree of prompt {tree.prompt_index} has no per-step KLs (collected before they were recorded)")
+    n = len(tree.nodes)
+    prefix = np.zeros(n, dtype=np.float64)
+    for i in sorted(range(1, n), key=lambda j: tree.nodes[j].depth):  # parents before children
+        node = tree.nodes[i]
+        prefix[i] = (prefix[node.parent] if node.parent > 0 else 0.0) + float(sum(node.kl))
+    total = np.zeros(n, dtype=np.float64)
+    for i in sorted(range(n), key=lambda j: -tree.nodes[j].depth):  # children before parents
+        node = tree.nodes[i]
+        total[i] = total[node.children].mean() if node.children else prefix[i]
+    return total, prefix
 
 
 def label_tree(tree: Tree, leaf_values: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

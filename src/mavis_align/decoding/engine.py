@@ -49,6 +49,10 @@ class DecodedRow:
         values: combined value sum_m lambda_m V_m(s_t ⊕ a_t) of each chosen token (raw, before
             normalisation); empty without a value scorer.
         finish_reason: one of :data:`FINISH_REASONS`.
+        kl: KL(pi_gen(.|s_t) || pi_ref(.|s_t)) of each step's whole distribution (pi_ref at
+            temperature 1): the expectation of that step's log-ratio given s_t, so its sum along a
+            response estimates the sequence KL with less variance than the log-ratios' sum. Filled by
+            :class:`DecodeState` (sampling and collection); empty where a path does not record it.
     """
 
     token_ids: list[int] = field(default_factory=list)
@@ -56,6 +60,7 @@ class DecodedRow:
     logprobs_gen: list[float] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
     finish_reason: str = "length"
+    kl: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -185,6 +190,20 @@ class StepDistribution:
         if self.ids is None:
             return self.logp
         return torch.full((self.logp.shape[0], vocab), NEG_INF, device=self.logp.device).scatter(-1, self.ids, self.logp)
+
+    def kl_to(self, ref_logp_full: torch.Tensor) -> torch.Tensor:
+        """KL(pi_gen || pi_ref) of every row: sum_a pi_gen(a) (log pi_gen(a) - log pi_ref(a)).
+
+        Args:
+            ref_logp_full: [B, V] log pi_ref over the whole vocabulary.
+        Returns:
+            [B] float32, >= 0 up to rounding; +inf if pi_gen puts mass where pi_ref has none.
+        """
+        ref = ref_logp_full.float() if self.ids is None else ref_logp_full.float().gather(-1, self.ids)
+        gen = self.logp.float()
+        mass = gen > NEG_INF
+        terms = torch.where(mass, gen.exp() * (gen - ref), torch.zeros_like(gen))
+        return terms.sum(-1)
 
 
 def step_distribution(
@@ -418,14 +437,16 @@ class DecodeState:
                 lp = dist.logp.index_select(0, idx).gather(-1, at[:, None]).squeeze(-1)
                 pos = pos.index_copy(0, idx, at)
                 lp_gen = lp_gen.index_copy(0, idx, torch.where(hit.any(-1), lp, torch.full_like(lp, NEG_INF)))
-        lp_ref = torch.log_softmax(self.logits.float(), dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
+        ref_full = torch.log_softmax(self.logits.float(), dim=-1)
+        lp_ref = ref_full.gather(-1, chosen[:, None]).squeeze(-1)
         val = dist.values.gather(-1, pos[:, None]).squeeze(-1).tolist() if dist.values is not None else None
-        c_l, r_l, g_l = chosen.tolist(), lp_ref.tolist(), lp_gen.tolist()
+        c_l, r_l, g_l, k_l = chosen.tolist(), lp_ref.tolist(), lp_gen.tolist(), dist.kl_to(ref_full).tolist()
         keep, done = [], []
         for i, (spec, rec) in enumerate(zip(self.specs, self.records)):
             rec.token_ids.append(c_l[i])
             rec.logprobs_ref.append(r_l[i])
             rec.logprobs_gen.append(g_l[i])
+            rec.kl.append(k_l[i])
             if val is not None:
                 rec.values.append(val[i])
             reason = finish_reason(rec.token_ids, spec, self.eos_id)

@@ -62,7 +62,7 @@ def tilt_selection_kl(logp: torch.Tensor) -> float:
 
 
 def _copy(row: DecodedRow) -> DecodedRow:
-    return DecodedRow(list(row.token_ids), list(row.logprobs_ref), list(row.logprobs_gen), list(row.values), row.finish_reason)
+    return DecodedRow(list(row.token_ids), list(row.logprobs_ref), list(row.logprobs_gen), list(row.values), row.finish_reason, list(row.kl))
 
 
 @torch.no_grad()

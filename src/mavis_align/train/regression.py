@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..collect.dataset import NodeExample, collate, node_examples
+from ..collect.dataset import KL_ESTIMATORS, NodeExample, collate, node_examples
 from ..collect.store import LabelledTrees, read_trees
 from ..values import ValueModel
 
@@ -57,6 +57,9 @@ class TrainConfig:
         kl_target: which log-ratio zeta multiplies: "future" (tokens after s; the soft Q-function
             of the theory, default) or "response" (the whole response, eq. 6 as printed); see
             :mod:`mavis_align.collect.dataset`.
+        kl_estimator: how that log-ratio is estimated: "sampled" (the sampled tokens' log-ratios, eq. 6
+            as printed) or "expected" (each token's log-ratio replaced by its step's KL, recorded at
+            collection: same expectation, less variance); only read when zeta > 0.
         keep_leaf_fraction: fraction of leaves kept in training (App. F.5: one half).
         val_drop_leaves: validate on incomplete sequences only.
         eval_every: optimizer steps between validations and checkpoints (0: only at the end).
@@ -82,6 +85,7 @@ class TrainConfig:
     max_steps: int | None = None
     zeta: float = 0.0
     kl_target: str = "future"
+    kl_estimator: str = "sampled"
     keep_leaf_fraction: float = 0.5
     val_drop_leaves: bool = False
     eval_every: int = 50
@@ -111,6 +115,14 @@ class TrainConfig:
             raise ValueError(f"sibling_weight must be >= 0 and sibling_pairs >= 1, got {self.sibling_weight}, {self.sibling_pairs}")
         if self.kl_target not in ("future", "response"):
             raise ValueError(f"kl_target must be 'future' or 'response', got {self.kl_target!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {list(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+
+    @property
+    def examples_kl(self) -> str:
+        """The estimator the examples are built with: LPR only enters the targets when zeta > 0 (so
+        pi_ref trees from before per-step KLs were recorded still train at zeta = 0)."""
+        return self.kl_estimator if self.zeta > 0 else "sampled"
 
 
 def _load_examples(trees: Sequence[str | Path | LabelledTrees], split: str, cfg: TrainConfig, objectives: list[str], drop_leaves: bool, keep: float):
@@ -125,7 +137,7 @@ def _load_examples(trees: Sequence[str | Path | LabelledTrees], split: str, cfg:
         if missing:
             raise ValueError(f"tree file {src} has no labels for {missing} (it has {names}); run `mavis-align label` first")
         sources.append((data, names))
-    return _examples(sources, split, objectives, drop_leaves, keep, cfg.seed)
+    return _examples(sources, split, objectives, drop_leaves, keep, cfg.seed, cfg.examples_kl)
 
 
 def weights_vector(weights: dict[str, float] | str | None, objectives: Sequence[str]) -> np.ndarray | None:
@@ -141,14 +153,15 @@ def weights_vector(weights: dict[str, float] | str | None, objectives: Sequence[
 
 
 def _examples(sources: Sequence[tuple[LabelledTrees, list[str]]], split: str, objectives: list[str], drop_leaves: bool, keep: float,
-              seed: int) -> list[NodeExample]:
-    """Examples of ``split`` from loaded (trees, label names) pairs, targets restricted to ``objectives``."""
+              seed: int, kl_estimator: str = "sampled") -> list[NodeExample]:
+    """Examples of ``split`` from loaded (trees, label names) pairs, targets restricted to ``objectives``
+    (LPR by ``kl_estimator``, see :func:`~mavis_align.collect.dataset.node_examples`)."""
     out: list[NodeExample] = []
     tree_offset = 0  # tree ids unique across files (siblings are grouped by tree and parent)
     for i, (data, names) in enumerate(sources):
         cols = [names.index(o) for o in objectives]
         lam = weights_vector(getattr(data, "weights", None), objectives)
-        ex, _ = node_examples(data, split, keep_leaf_fraction=keep, drop_leaves=drop_leaves, seed=seed + i)
+        ex, _ = node_examples(data, split, keep_leaf_fraction=keep, drop_leaves=drop_leaves, seed=seed + i, kl_estimator=kl_estimator)
         out.extend(replace(e, value=e.value[cols], tree=e.tree + tree_offset, weights=lam) for e in ex)
         tree_offset += len(data.trees)
     return out
@@ -410,7 +423,8 @@ def print_quality(quality: dict, quality_reward: dict | None) -> None:
         print("against the MC reward values alone (ζ = 0):\n" + format_quality(quality_reward))
 
 
-def held_out_quality(model: ValueModel, trees: Sequence[str | Path], *, zeta: float = 0.0, kl_target: str = "future") -> dict:
+def held_out_quality(model: ValueModel, trees: Sequence[str | Path], *, zeta: float = 0.0, kl_target: str = "future",
+                     kl_estimator: str = "sampled") -> dict:
     """:func:`value_quality` of every head of ``model`` on the val split of the tree files that carry
     that head's labels (files of later iterations are often labelled with one objective only).
     Heads whose labels live in the same files share one prediction pass."""
@@ -422,7 +436,7 @@ def held_out_quality(model: ValueModel, trees: Sequence[str | Path], *, zeta: fl
     preds: dict[tuple[int, ...], torch.Tensor] = {}
     for m, name in enumerate(model.objectives):
         files = tuple(i for i, (_, names) in enumerate(loaded) if name in names)
-        examples = _examples([loaded[i] for i in files], "val", [name], False, 1.0, 0)
+        examples = _examples([loaded[i] for i in files], "val", [name], False, 1.0, 0, kl_estimator if zeta > 0 else "sampled")
         if not examples:
             continue
         if files not in preds:

@@ -35,9 +35,9 @@ from mavis_align.train.regression import held_out_quality
 from mavis_align.values import ValueModel
 
 
-def target_parts(tree_file: Path, objective: str, zeta: float) -> dict:
+def target_parts(tree_file: Path, objective: str, zeta: float, kl_estimator: str = "sampled") -> dict:
     """Sibling-pair statistics of the eq. 6 target's two parts on one tree file (all trees)."""
-    ex, names = node_examples(tree_file, None, keep_leaf_fraction=1.0)
+    ex, names = node_examples(tree_file, None, keep_leaf_fraction=1.0, kl_estimator=kl_estimator)
     j = names.index(objective)
     groups: dict[tuple[int, int], list] = {}
     for e in ex:

@@ -74,6 +74,7 @@ def card_facts(folder: str | Path) -> dict[str, Any]:
         "beta": (collection or {}).get("tree", {}).get("beta") if collection and collection.get("values") else None,
         "collection_values": (collection or {}).get("values"),
         "zeta": train_cfg.get("zeta"),
+        "kl_estimator": train_cfg.get("kl_estimator", "sampled") if train_cfg.get("zeta") else None,
         "solver": train_cfg.get("solver"),
         "train_examples": cfg.get("train_examples"),
         "val_examples": cfg.get("val_examples"),
@@ -116,7 +117,8 @@ def model_card(folder: str | Path, *, repo_id: str | None = None) -> str:
     if f["beta"] is not None:
         lines.append(f"| β of the policy that collected its trees | {f['beta']} |")
     if f["zeta"] is not None:
-        lines.append(f"| ζ (KL penalty of the targets, eq. 6) | {f['zeta']} |")
+        kl = {"sampled": "sampled tokens' log-ratios", "expected": "each step's KL to π_ref"}.get(f["kl_estimator"] or "", "")
+        lines.append(f"| ζ (KL penalty of the targets, eq. 6) | {f['zeta']}{' on the ' + kl if kl else ''} |")
     if f["solver"]:
         lines.append(f"| training | {f['solver']}; {f['train_examples']} train / {f['val_examples']} held-out nodes"
                      + (f" from {f['prompts']} prompts of `{f['dataset']}`" if f["prompts"] else "") + " |")

@@ -3,7 +3,12 @@ same number of tokens, and the Ray backend (2 workers) vs the local backend, all
 
     python benchmarks/collect.py [--prompts 8] [--layers 3] [--k-root 4] [--k 2] [--tokens 64]
 
-* ``trees_generate``: ``build_trees`` alone (generation only, one process, all threads).
+* ``trees_generate``: ``build_trees`` alone (generation only, one process, all threads), prompts in
+  groups of ``--group-size`` as ``collect`` grows them.
+* ``prefix_kv``: A/B of ``build_trees`` keeping each node's base-model keys/values for its children
+  (the default) against prefilling every node's prompt and response again, ``--ab-pairs`` pairs
+  run back to back in alternating order; the ratio is the median of the pairs' speed ratios, and
+  the share of tree tokens that came out identical (float rounding of the two paths differs).
 * ``plain_sampling``: ``MavisDecoder`` without values, batch ``--plain-batch``, every row forced to
   T tokens, repeated until it has produced as many tokens as the trees hold.
 * ``collect_local`` / ``collect_ray``: the whole ``collect`` (model loading, generation, labelling
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +46,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--plain-batch", type=int, default=16)
     ap.add_argument("--group-size", type=int, default=2)
+    ap.add_argument("--ab-pairs", type=int, default=2)
+    ap.add_argument("--skip-backends", action="store_true", help="only the tree-growing measurements (no plain sampling, no Ray)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "collect.json"))
     args = ap.parse_args()
 
@@ -49,13 +57,36 @@ def main() -> None:
     items = [(i, p, tok(f, add_special_tokens=False)["input_ids"]) for i, (p, f) in enumerate(zip(prompts, format_prompts(tok, prompts)))]
     policy = GenPolicy(model, tok)
     build_trees(policy, items[:1], TreeConfig(num_layers=1, k_root=2, max_new_tokens=2), torch.Generator().manual_seed(0))  # warm-up
-    t0 = time.perf_counter()
-    trees = build_trees(policy, items, cfg, torch.Generator().manual_seed(0))
-    tree_s = time.perf_counter() - t0
+
+    def grow(pol: GenPolicy) -> tuple[list, float]:
+        t0, out = time.perf_counter(), []
+        for g in range(0, len(items), args.group_size):
+            out += build_trees(pol, items[g : g + args.group_size], cfg, torch.Generator().manual_seed(g))
+        return out, time.perf_counter() - t0
+
+    trees, tree_s = grow(policy)
     n_tokens = sum(len(n.tokens) for t in trees for n in t.nodes)
     n_nodes = sum(len(t.nodes) - 1 for t in trees)
     records = {"trees_generate": {"tokens": n_tokens, "nodes": n_nodes, "seconds": round(tree_s, 2), "tokens_per_s": round(n_tokens / tree_s, 2)}}
     print(json.dumps(records["trees_generate"]), flush=True)
+    full = GenPolicy(model, tok, reuse_prefix_kv=False)
+    pairs, same = [], []
+    for i in range(args.ab_pairs):
+        timed = {}
+        for name in (("full", "reuse") if i % 2 == 0 else ("reuse", "full")):
+            t, sec = grow(policy if name == "reuse" else full)
+            timed[name] = (sum(len(n.tokens) for x in t for n in x.nodes) / sec, t)
+        pairs.append(timed["reuse"][0] / timed["full"][0])
+        a = [tk for x in timed["reuse"][1] for n in x.nodes for tk in n.tokens]
+        b = [tk for x in timed["full"][1] for n in x.nodes for tk in n.tokens]
+        same.append(sum(x == y for x, y in zip(a, b)) / max(len(a), len(b)))
+        print(f"pair {i}: reuse {timed['reuse'][0]:.1f} tok/s, full prefill {timed['full'][0]:.1f} tok/s, ratio {pairs[-1]:.3f}, "
+              f"identical tokens {same[-1]:.3f}", flush=True)
+    records["prefix_kv"] = {"pairs": [round(x, 3) for x in pairs], "median_ratio": round(statistics.median(pairs), 3),
+                            "identical_token_share": [round(x, 3) for x in same]}
+    if args.skip_backends:
+        records.pop("trees_generate")
+        return _write(args, records, partial=True)
 
     dec = MavisDecoder(model, tok)
     rows = [prompts[i % len(prompts)] for i in range(args.plain_batch)]
@@ -86,9 +117,18 @@ def main() -> None:
         records["ray_vs_local"] = round(records["collect_ray"]["tokens_per_s"] / records["collect_local"]["tokens_per_s"], 3)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    _write(args, records)
+
+
+def _write(args, records: dict, partial: bool = False) -> None:
+    """Results JSON; ``partial`` (--skip-backends) updates only the records measured, keeping the others."""
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"run": run_record(vars(args), 0), "records": records}, indent=2) + "\n")
+    old = json.loads(out.read_text()) if partial and out.exists() else {}
+    merged = {**old.get("records", {}), **records}
+    earlier = old.get("runs") or ({"all": old["run"]} if "run" in old else {})
+    runs = {**earlier, ("prefix_kv" if partial else "all"): run_record(vars(args), 0)}
+    out.write_text(json.dumps({"runs": runs, "records": merged}, indent=2) + "\n")
     print(json.dumps(records, indent=2))
 
 

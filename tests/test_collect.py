@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -410,3 +411,64 @@ def test_a_corrupt_part_is_collected_again_on_resume(tiny_model_dir, tmp_path, c
     collect(_spec(tiny_model_dir), part, PROMPTS, progress=False, resume=True)
     assert "is corrupt and will be collected again" in capsys.readouterr().out
     _same_trees(full, part)
+
+
+def test_trees_reusing_the_prefix_cache_equal_full_prefill(policy, monkeypatch):
+    """The next layer starting from each node's kept keys and values (only its last token runs) grows
+    the same trees as prefilling every prefix again, pi_ref and MAVIS, two-layer rule included."""
+    from test_decoding import make_value_model
+
+    from mavis_align.decoding.steppers import CachedBase
+
+    reused = []
+    original = CachedBase._start_from_prefixes
+    monkeypatch.setattr(CachedBase, "_start_from_prefixes", lambda self, *a: reused.append(original(self, *a)) or reused[-1])
+
+    tok = policy.tokenizer
+    vm = make_value_model(tok, ["v"], 4)
+    model = make_tiny_lm(len(tok), seed=3)
+    for values, cfg in (([], TreeConfig(num_layers=3, k_root=2, k=2, max_new_tokens=9)),
+                        ([vm], TreeConfig(num_layers=3, k_root=2, k=2, max_new_tokens=9, top_k=5, beta=4.0, two_layer_rule=True))):
+        grown = {}
+        for reuse in (False, True):
+            pol = GenPolicy(model, tok, values, weights={"v": 1.0} if values else None, reuse_prefix_kv=reuse)
+            grown[reuse] = build_trees(pol, _items(tok, PROMPTS[:5]), cfg, torch.Generator().manual_seed(0))
+        assert sum(len(t.nodes) for t in grown[True]) > 5 * 4
+        assert sum(r is not None for r in reused) >= 2  # layers 1 and 2 started from kept keys/values
+        reused.clear()
+        for a, b in zip(grown[False], grown[True]):
+            assert [(n.parent, n.tokens, n.terminal) for n in a.nodes] == [(n.parent, n.tokens, n.terminal) for n in b.nodes]
+            assert [x for n in a.nodes for x in n.logp_gen] == pytest.approx([x for n in b.nodes for x in n.logp_gen], abs=1e-4)
+            assert [x for n in a.nodes for x in n.logp_ref] == pytest.approx([x for n in b.nodes for x in n.logp_ref], abs=1e-4)
+
+
+def test_prefix_kv_start_equals_prefill_and_refuses_other_tokens():
+    """CachedBase.start from kept keys/values gives the logits of a full prefill (rows of different
+    lengths, left-padded), then steps alike; keys/values of other tokens are not used."""
+    from mavis_align.decoding.steppers import CachedBase
+    from mavis_align.generation import left_pad
+
+    tok = make_tiny_tokenizer()
+    model = make_tiny_lm(len(tok), seed=3)
+    seqs = [[5, 9, 11, 7, 8, 20], [6, 7, 21], [12, 13, 14, 15]]
+    full = CachedBase(model)
+    ids, mask = left_pad(seqs, 0, torch.device("cpu"))
+    want = full.start(ids, mask)
+    kept = []
+    for s in seqs:  # each sequence's keys/values but its last token, as a finished row leaves them
+        one = CachedBase(model)
+        one.start(torch.tensor([s[:-1]]), torch.ones(1, len(s) - 1, dtype=torch.long))
+        kept.append(replace(one.row_kv(0), ids=tuple(s[:-1])))
+    reuse = CachedBase(model, kept)
+    got = reuse.start(ids, mask)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert reuse.mask.shape[1] < mask.shape[1] + 1
+    nxt = torch.tensor([3, 4, 5])
+    torch.testing.assert_close(reuse.step(nxt), full.step(nxt), atol=1e-4, rtol=1e-4)
+    wrong = [replace(kept[0], ids=(1,) * len(kept[0].ids))] + kept[1:]
+    other = CachedBase(model, wrong)
+    torch.testing.assert_close(other.start(ids, mask), want, atol=1e-5, rtol=1e-5)
+    assert other.mask.shape == mask.shape  # fell back to the full prefill
+    assert kept[0].truncated(3).ids == tuple(seqs[0][:3]) and kept[0].truncated(3).layers[0][0].shape[1] == 3
+    with pytest.raises(ValueError, match="cannot keep"):
+        kept[0].truncated(99)

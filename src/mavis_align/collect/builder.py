@@ -3,18 +3,21 @@
 All open nodes of a layer, across every prompt of a group, are extended in one decode batch
 (split into micro-batches of at most ``max_rows`` rows). The k children of a node share its
 prefix: it is run through the models once and its KV cache is copied to the children
-(``row_source`` of the decoding engine). The generating policy is pi_ref or a MAVIS policy.
+(``row_source`` of the decoding engine). A node's own row already ran its prefix through the base
+model, so its keys and values are kept (``PrefixKV``) and the next layer runs only the node's last
+token instead of prefilling prompt and response again. The generating policy is pi_ref or a MAVIS
+policy (its value models prefill as before).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from ..decoding.engine import decode_ids
-from ..decoding.steppers import CachedBase, CachedValueScorer, bind_objectives
+from ..decoding.steppers import CachedBase, CachedValueScorer, PrefixKV, bind_objectives
 from ..decoding.tilt import resolve_weights
 from ..generation import SamplingConfig, left_pad
 from ..values import ValueModel, check_tokenizer
@@ -73,10 +76,15 @@ class GenPolicy:
         model, tokenizer: the base model pi_ref.
         value_models, names: as for :class:`~mavis_align.decoding.decoder.MavisDecoder`.
         weights: objective weights for the MAVIS policy (default equal).
+        reuse_prefix_kv: keep the base model's keys and values of every row that will have children,
+            so the next layer runs only the last token of each node instead of its whole prefix
+            (rollouts are then not bit-identical to a full prefill's: float rounding differs).
     """
 
-    def __init__(self, model, tokenizer, value_models: Sequence[ValueModel] = (), names=None, weights: Mapping[str, float] | None = None):
+    def __init__(self, model, tokenizer, value_models: Sequence[ValueModel] = (), names=None, weights: Mapping[str, float] | None = None,
+                 reuse_prefix_kv: bool = True):
         self.model, self.tokenizer = model, tokenizer
+        self.reuse_prefix_kv = reuse_prefix_kv
         self.value_models = list(value_models)
         for i, vm in enumerate(self.value_models):
             check_tokenizer(vm, tokenizer, name=f"value model {i}")
@@ -91,8 +99,12 @@ class GenPolicy:
         return bool(self.value_models)
 
     @torch.no_grad()
-    def extend(self, prefixes: list[list[int]], row_source: list[int], budgets: list[int], config: TreeConfig, generator: torch.Generator):
-        """Continue ``prefixes[row_source[r]]`` by up to ``budgets[r]`` tokens for every row r."""
+    def extend(self, prefixes: list[list[int]], row_source: list[int], budgets: list[int], config: TreeConfig, generator: torch.Generator,
+               prefix_kv: Sequence[PrefixKV | None] | None = None):
+        """Continue ``prefixes[row_source[r]]`` by up to ``budgets[r]`` tokens for every row r.
+
+        With ``reuse_prefix_kv``: ``prefix_kv`` (one per prefix, from an earlier call's rows) spares
+        the prefixes' prefill, and every returned row's ``base_kv`` holds its own keys and values."""
         ids, mask = left_pad(prefixes, self.pad_id, next(self.model.parameters()).device)
         sampling = SamplingConfig(
             max_new_tokens=max(budgets), temperature=config.temperature, top_k=config.top_k, beta=config.beta, normalize=config.normalize
@@ -104,11 +116,17 @@ class GenPolicy:
             scorer = CachedValueScorer(self.value_models, self.bindings, active)
             w = self.weights.expand(len(row_source), -1)
             b = torch.full((len(row_source),), float(config.beta))
-        return decode_ids(
-            CachedBase(self.model), ids, mask, sampling, eos_id=self.eos_id,
+        rows = decode_ids(
+            CachedBase(self.model, prefix_kv if self.reuse_prefix_kv else None), ids, mask, sampling, eos_id=self.eos_id,
             generator=generator, scorer=scorer, weights=w, beta=b,
-            row_source=torch.tensor(row_source, dtype=torch.long), max_new_tokens=budgets,
+            row_source=torch.tensor(row_source, dtype=torch.long), max_new_tokens=budgets, capture_kv=self.reuse_prefix_kv,
         )
+        for src, row in zip(row_source, rows):
+            kv = row.base_kv
+            if kv is not None:  # the cache holds the prefix and every generated token but the last
+                ids_ = tuple(prefixes[src]) + tuple(row.token_ids[:-1])
+                row.base_kv = replace(kv, ids=ids_) if kv.layers and kv.layers[0][0].shape[1] == len(ids_) else None
+        return rows
 
 
 def build_trees(
@@ -126,13 +144,13 @@ def build_trees(
         The trees, unlabelled.
     """
     trees = [Tree.new(i, text, ids) for i, text, ids in prompts]
-    # open node: (tree, node, budget left, children to draw)
-    open_nodes = [(t, 0, config.max_new_tokens, config.k_root) for t in range(len(trees))]
+    # open node: (tree, node, budget left, children to draw, base-model keys/values of its sequence or None)
+    open_nodes = [(t, 0, config.max_new_tokens, config.k_root, None) for t in range(len(trees))]
     L = config.num_layers
     for layer in range(L):
         if not open_nodes:
             break
-        taus = [sample_chunk_length(budget, layer, L, generator) for _, _, budget, _ in open_nodes]
+        taus = [sample_chunk_length(budget, layer, L, generator) for _, _, budget, _, _ in open_nodes]
         next_open = []
         # micro-batches of whole nodes, at most max_rows rows each
         start = 0
@@ -142,12 +160,12 @@ def build_trees(
                 rows += open_nodes[stop][3]
                 stop += 1
             chunk = open_nodes[start:stop]
-            prefixes = [trees[t].prompt_ids + trees[t].response(n) for t, n, _, _ in chunk]
-            row_source = [j for j, (_, _, _, kc) in enumerate(chunk) for _ in range(kc)]
+            prefixes = [trees[t].prompt_ids + trees[t].response(n) for t, n, _, _, _ in chunk]
+            row_source = [j for j, (_, _, _, kc, _) in enumerate(chunk) for _ in range(kc)]
             budgets = [taus[start + j] for j in row_source]
-            decoded = policy.extend(prefixes, row_source, budgets, config, generator)
+            decoded = policy.extend(prefixes, row_source, budgets, config, generator, prefix_kv=[kv for *_, kv in chunk])
             for (j, row) in zip(row_source, decoded):
-                t, parent, budget, _ = chunk[j]
+                t, parent, budget, _, _ = chunk[j]
                 tree = trees[t]
                 terminal = bool(row.token_ids) and row.token_ids[-1] == policy.eos_id
                 n_tok = len(row.token_ids)
@@ -157,12 +175,14 @@ def build_trees(
                     tree.add(upper, row.token_ids[cut:], row.logprobs_gen[cut:], row.logprobs_ref[cut:], True, row.kl[cut:])
                     extra = config.k if config.extra_children is None else config.extra_children
                     if extra > 0:
-                        next_open.append((t, upper, budget - cut, extra))
+                        kv = row.base_kv.truncated(len(prefixes[j]) + cut - 1) if row.base_kv is not None else None
+                        next_open.append((t, upper, budget - cut, extra, kv))
                     continue
                 child = tree.add(parent, row.token_ids, row.logprobs_gen, row.logprobs_ref, terminal, row.kl)
                 left = budget - n_tok
                 if not terminal and left > 0 and layer < L - 1:
-                    next_open.append((t, child, left, config.k))
+                    next_open.append((t, child, left, config.k, row.base_kv))
+                row.base_kv = None  # rows without children free their keys and values now
             start = stop
         open_nodes = next_open
     return trees

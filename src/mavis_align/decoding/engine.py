@@ -53,6 +53,9 @@ class DecodedRow:
             temperature 1): the expectation of that step's log-ratio given s_t, so its sum along a
             response estimates the sequence KL with less variance than the log-ratios' sum. Filled by
             :class:`DecodeState` (sampling and collection); empty where a path does not record it.
+        base_kv: with ``capture_kv``, the base model's keys and values of the row's prompt and
+            tokens but the last (a :class:`~mavis_align.decoding.steppers.PrefixKV` whose ``ids`` the
+            caller fills in), for a later decode that continues the sequence; else None.
     """
 
     token_ids: list[int] = field(default_factory=list)
@@ -61,6 +64,7 @@ class DecodedRow:
     values: list[float] = field(default_factory=list)
     finish_reason: str = "length"
     kl: list[float] = field(default_factory=list)
+    base_kv: object = None
 
 
 @dataclass
@@ -310,11 +314,14 @@ class DecodeState:
         make_scorer: builds a fresh value scorer, or None for pi_ref alone.
         n_objectives: M, the width of the rows' weights.
         eos_id: end-of-sequence id, or None.
+        capture_kv: give every finished row's record the base model's keys and values
+            (``DecodedRow.base_kv``; bases with ``row_kv`` only).
     """
 
-    def __init__(self, make_base: Callable[[], object], make_scorer: Callable[[], object] | None, n_objectives: int, eos_id: int | None):
+    def __init__(self, make_base: Callable[[], object], make_scorer: Callable[[], object] | None, n_objectives: int, eos_id: int | None,
+                 capture_kv: bool = False):
         self.make_base, self.make_scorer = make_base, make_scorer
-        self.n_objectives, self.eos_id = n_objectives, eos_id
+        self.n_objectives, self.eos_id, self.capture_kv = n_objectives, eos_id, capture_kv
         self.base = self.scorer = self.logits = self.rows = self.lengths = None
         self.specs: list[RowSpec] = []
         self.records: list[DecodedRow] = []
@@ -454,6 +461,8 @@ class DecodeState:
                 keep.append(i)
             else:
                 rec.finish_reason = reason
+                if self.capture_kv and hasattr(self.base, "row_kv"):
+                    rec.base_kv = self.base.row_kv(i)
                 done.append((self.keys[i], rec))
         if len(keep) < len(c_l):
             self.select(keep)
@@ -481,6 +490,7 @@ def decode_ids(
     on_step: Callable[[int, StepDistribution], None] | None = None,
     row_source: torch.Tensor | None = None,
     max_new_tokens: Sequence[int] | None = None,
+    capture_kv: bool = False,
 ) -> list[DecodedRow]:
     """Decode a left-padded batch to the end with one :class:`DecodeState`.
 
@@ -498,6 +508,7 @@ def decode_ids(
         on_step: called as ``on_step(t, distribution)`` at every step; rows are the live rows in order.
         row_source: [B] long: decode row r continues prompt row ``row_source[r]``.
         max_new_tokens: per-row token budgets (each <= ``config.max_new_tokens``).
+        capture_kv: fill ``DecodedRow.base_kv`` of every row (see :class:`DecodeState`).
     Returns:
         One :class:`DecodedRow` per decode row.
     """
@@ -523,7 +534,7 @@ def decode_ids(
         )
         for r in range(batch)
     ]
-    state = DecodeState(lambda: base, (lambda: scorer) if scorer is not None else None, n_obj, eos_id)
+    state = DecodeState(lambda: base, (lambda: scorer) if scorer is not None else None, n_obj, eos_id, capture_kv=capture_kv)
     out: list[DecodedRow | None] = [None] * batch
     for r, rec in state.admit(input_ids, attention_mask, specs, list(range(batch)), row_source):
         out[r] = rec

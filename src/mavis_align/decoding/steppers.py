@@ -60,22 +60,92 @@ def _rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[in
 # ---------------------------------------------------------------------------------- base model
 
 
+@dataclass(frozen=True)
+class PrefixKV:
+    """The base model's keys and values of one sequence's tokens except its last one, so that a later
+    decode continuing the sequence runs only that last token (rollout trees: a node's children
+    continue the sequence its own row produced).
+
+    ids: the token ids the keys and values belong to (prompt and response, the last token excluded).
+    layers: per layer (keys [H, len(ids), D], values [H, len(ids), D]), rotary positions 0..len(ids)-1.
+    """
+
+    ids: tuple[int, ...]
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    def truncated(self, n: int) -> "PrefixKV":
+        """The first ``n`` positions (a prefix of the sequence)."""
+        if not 0 < n <= len(self.ids):
+            raise ValueError(f"cannot keep {n} of {len(self.ids)} positions")
+        return PrefixKV(self.ids[:n], tuple((k[:, :n], v[:, :n]) for k, v in self.layers))
+
+
+def _plain_layers(cache) -> bool:
+    """Whether every layer of ``cache`` is a plain (full-attention) DynamicLayer whose rows can be cut
+    out and put back (sliding-window or quantised layers are not)."""
+    return all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", [None]))
+
+
 class CachedBase:
     """pi_ref with a KV cache over a left-padded batch.
 
     Args:
         model: a transformers causal LM.
+        prefix_kv: optional, one :class:`PrefixKV` (or None) per prompt row of :meth:`start`: when
+            every row has one that matches its tokens but the last, the prompts are not run again;
+            only their last tokens are.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, prefix_kv: Sequence[PrefixKV | None] | None = None):
         self.model = model
         self.device = next(model.parameters()).device
+        self.prefix_kv = prefix_kv
+
+    def row_kv(self, row: int) -> PrefixKV | None:
+        """The cached keys and values of live row ``row`` (its tokens fed so far), or None where the
+        cache's layers cannot be cut by row. ``ids`` must then be set by the caller (see
+        :meth:`start`): the cache does not know the tokens."""
+        if not _plain_layers(self.cache):
+            return None
+        n = int(self.mask[row].sum())
+        return PrefixKV((), tuple((la.keys[row, :, -n:].clone(), la.values[row, :, -n:].clone()) for la in self.cache.layers))
+
+    def _start_from_prefixes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`start` from ``prefix_kv``: a left-padded cache of the stored rows plus each row's last
+        token. None when some row has no usable prefix (then the prompts run in full)."""
+        from transformers import DynamicCache
+
+        kv = list(self.prefix_kv or [])
+        rows = _rows(input_ids, attention_mask)
+        if len(kv) != len(rows) or any(p is None or len(r) < 2 or p.ids != tuple(r[:-1]) for p, r in zip(kv, rows)):
+            return None
+        width = max(len(p.ids) for p in kv)
+        layers = []
+        for li in range(len(kv[0].layers)):
+            keys, values = [], []
+            for p in kv:
+                k, v = p.layers[li]
+                pad = width - k.shape[1]
+                keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+                values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+            layers.append((torch.stack(keys).to(self.device), torch.stack(values).to(self.device)))
+        lengths = torch.tensor([len(p.ids) for p in kv], device=self.device)
+        self.mask = (torch.arange(width + 1, device=self.device)[None, :] >= (width - lengths)[:, None]).long()
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        last = torch.tensor([r[-1] for r in rows], device=self.device)
+        out = self.model(input_ids=last[:, None], attention_mask=self.mask, position_ids=lengths[:, None], cache=self.cache, use_cache=True)
+        self.next_pos = lengths + 1
+        return out.logits[:, -1, :].float().to(self.device)
 
     @torch.no_grad()
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the prompts ([B, T], left-padded) -> next-token logits [B, V] (float32)."""
         from transformers import DynamicCache
 
+        if self.prefix_kv is not None:
+            logits = self._start_from_prefixes(input_ids, attention_mask)
+            if logits is not None:
+                return logits
         self.mask = attention_mask.to(self.device).long()
         position = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.cache = DynamicCache()

@@ -12,9 +12,10 @@ KLs), this benchmark
 * fits V¹ both ways (ridge heads, initialised from V⁰ as the round is) and reports held-out R² and
   sibling concordance against the MC rewards alone and against each model's own targets;
 * steers with V⁰, V¹ (sampled) and V¹ (expected) on 24 hh-mix test prompts from #40 (12 ordinary,
-  12 harmful; those of ``tilt_scale.py``) × 2 samples, λ = {m: 1}, at the run's evaluation setting
-  (the round's collection tilt): reward, z paired by prompt against π_ref and between the two V¹,
-  and KL (eq. 7).
+  12 harmful; those of ``tilt_scale.py``) × 2 samples, λ = {m: 1}, with two tilts: the run's
+  evaluation setting (the round's collection tilt), and the raw tilt at β = 1/ζ, under which eq. 6's
+  soft values define the next policy (Theorem 1: no worse on reward − ζ · KL). Reward, z paired by
+  prompt against π_ref and between the two V¹, KL (eq. 7), and J = reward − ζ · KL.
 
     python benchmarks/kl_estimator.py RUN [--out runs/kl_estimator]
         → benchmarks/results/kl_estimator.{json,md}
@@ -69,15 +70,17 @@ def main() -> None:
     ap.add_argument("run")
     ap.add_argument("--out", default="runs/kl_estimator")
     ap.add_argument("--per-category", type=int, default=12)
+    ap.add_argument("--objectives", nargs="+", default=None, help="only these (default: every objective with round-1 trees)")
     ap.add_argument("--results", default="benchmarks/results")
     args = ap.parse_args()
     run, out = Path(args.run), Path(args.out)
     recipe = json.loads((run / "recipe.json").read_text())
     zeta = float(recipe["iterations"][0]["zeta"])
     ev = recipe.get("eval", {})
-    cfg = SamplingConfig(max_new_tokens=MAX_NEW, top_k=TOP_K, beta=float(ev.get("beta", 2.0)), normalize=bool(ev.get("normalize", True)))
-    objectives = [m for m in recipe["objectives"] if (run / "iter1" / m / "trees.h5").exists()]
-    config = {"run": str(run), "zeta": zeta, "beta": cfg.beta, "normalize": cfg.normalize, "objectives": objectives,
+    tilts = {"run": SamplingConfig(max_new_tokens=MAX_NEW, top_k=TOP_K, beta=float(ev.get("beta", 2.0)), normalize=bool(ev.get("normalize", True))),
+             "soft": SamplingConfig(max_new_tokens=MAX_NEW, top_k=TOP_K, beta=1.0 / zeta, normalize=False)}
+    objectives = [m for m in recipe["objectives"] if (run / "iter1" / m / "trees.h5").exists() and (not args.objectives or m in args.objectives)]
+    config = {"run": str(run), "zeta": zeta, "tilts": {k: {"beta": c.beta, "normalize": c.normalize} for k, c in tilts.items()}, "objectives": objectives,
               "per_category": args.per_category, "samples": SAMPLES, "top_k": TOP_K, "max_new_tokens": MAX_NEW}
     out.mkdir(parents=True, exist_ok=True)
     write_run_record(out, config, SEED)
@@ -85,16 +88,16 @@ def main() -> None:
     prompts = dev_prompts(tok, args.per_category)
     rewards = get_rewards(list(recipe["objectives"]))
 
-    def steer(name: str, value_model: Path | None, m: str | None) -> dict:
+    def steer(name: str, value_model: Path | None, m: str | None, cfg: SamplingConfig | None) -> dict:
         path = out / f"steer-{name}.json"
         if not path.exists():
             dec = MavisDecoder(model, tok, [ValueModel.load(value_model)]) if value_model else MavisDecoder(model, tok)
-            res = evaluate_policy(DecoderPolicy(name, dec, cfg if m else SamplingConfig(max_new_tokens=MAX_NEW), weights={m: 1.0} if m else None,
+            res = evaluate_policy(DecoderPolicy(name, dec, cfg or SamplingConfig(max_new_tokens=MAX_NEW), weights={m: 1.0} if m else None,
                                                 chat=True), prompts, rewards, model, tok, samples=SAMPLES, seed=SEED, chat=True, keep_examples=0)
             write_json(path, {"rewards": res["rewards"], "kl": res["kl"]})
         return json.loads(path.read_text())
 
-    ref = steer("pi_ref", None, None)
+    ref = steer("pi_ref", None, None, None)
     entry: dict = {"config": config, "objectives": {}}
     for m in objectives:
         trees = run / "iter1" / m / "trees.h5"
@@ -113,13 +116,18 @@ def main() -> None:
                 q[f"targets {e}"] = held_out_quality(vm, [trees], zeta=zeta, kl_estimator=e)["per_objective"][m]
             rec["quality"][name] = q
             print(m, name, {k: {x: q[k][x] for x in QUALITY_KEYS} for k in q}, flush=True)
-            r = steer(f"{m}-{name.replace(' ', '-')}", path, m)
-            rec["steering"][name] = {"reward": r["rewards"][m]["mean"], "se": r["rewards"][m]["se"], "z": steering_z(r["rewards"][m], ref["rewards"][m], SAMPLES),
-                                     "kl": r["kl"]["mean"], "kl_se": r["kl"].get("se"), "values": r["rewards"][m].get("values")}
-            print(m, name, {k: v for k, v in rec["steering"][name].items() if k != "values"}, flush=True)
-        s, e = rec["steering"]["V1 sampled"], rec["steering"]["V1 expected"]
-        rec["z_expected_vs_sampled"] = steering_z({"values": e["values"], "mean": e["reward"], "se": e["se"]},
-                                                  {"values": s["values"], "mean": s["reward"], "se": s["se"]}, SAMPLES)
+            for tilt, cfg in tilts.items():
+                r = steer(f"{m}-{name.replace(' ', '-')}" + ("" if tilt == "run" else f"-{tilt}"), path, m, cfg)
+                row = {"reward": r["rewards"][m]["mean"], "se": r["rewards"][m]["se"], "z": steering_z(r["rewards"][m], ref["rewards"][m], SAMPLES),
+                       "kl": r["kl"]["mean"], "kl_se": r["kl"].get("se"), "values": r["rewards"][m].get("values")}
+                row["objective"] = row["reward"] - zeta * row["kl"]
+                rec["steering"].setdefault(tilt, {})[name] = row
+                print(m, name, tilt, {k: v for k, v in row.items() if k != "values"}, flush=True)
+        rec["z_expected_vs_sampled"] = {}
+        for tilt, rows in rec["steering"].items():
+            s, e = rows["V1 sampled"], rows["V1 expected"]
+            rec["z_expected_vs_sampled"][tilt] = steering_z({"values": e["values"], "mean": e["reward"], "se": e["se"]},
+                                                            {"values": s["values"], "mean": s["reward"], "se": s["se"]}, SAMPLES)
         rec["ref"] = ref["rewards"][m]["mean"]
         entry["objectives"][m] = rec
     results = Path(args.results)
@@ -131,7 +139,6 @@ def main() -> None:
 
 def report(entry: dict, n_prompts: int) -> str:
     c = entry["config"]
-    tilt = f"NORMALIZE β = {c['beta']:g}" if c["normalize"] else f"raw β = {c['beta']:g}"
     lines = [f"One round of policy iteration, KL term of eq. 6 sampled vs expected (step KLs); run `{c['run']}`, ζ = {c['zeta']:g}.", "",
              "Targets over sibling pairs of the round's MAVIS trees: sd of Δvalue and of Δ(ζ · KL term), and the share of pairs "
              "(with different values) that the target orders as the value alone does.", "",
@@ -151,12 +158,16 @@ def report(entry: dict, n_prompts: int) -> str:
     for m, rec in entry["objectives"].items():
         for name, qs in rec["quality"].items():
             lines.append(f"| {m} | {name} | {q(qs['rewards'])} | {q(qs['targets sampled'])} | {q(qs['targets expected'])} |")
-    lines += ["", f"Steering, λ = {{m: 1}}, {tilt}, {n_prompts} hh-mix test prompts from #40 × {c['samples']}, top-k {c['top_k']}, "
-              f"≤ {c['max_new_tokens']} tokens; z paired by prompt vs π_ref; KL eq. 7 in nats.", "",
-              "| objective | π_ref | V⁰ | V¹ sampled | V¹ expected | z (expected vs sampled) |", "|---|---|---|---|---|---|"]
+    lines += ["", f"Steering, λ = {{m: 1}}, {n_prompts} hh-mix test prompts from #40 × {c['samples']}, top-k {c['top_k']}, "
+              f"≤ {c['max_new_tokens']} tokens: reward (z paired by prompt vs π_ref), KL (eq. 7, nats) and J = reward − ζ·KL; "
+              "last column: z of V¹ expected vs V¹ sampled, paired.", "",
+              "| objective | tilt | π_ref | V⁰ | V¹ sampled | V¹ expected | z (exp. vs samp.) |", "|---|---|---|---|---|---|---|"]
     for m, rec in entry["objectives"].items():
-        cells = [f"{s['reward']:.3f} ({s['z']:+.1f}), KL {s['kl']:.1f}" for s in (rec["steering"][k] for k in ("V0", "V1 sampled", "V1 expected"))]
-        lines.append(f"| {m} | {rec['ref']:.3f} | " + " | ".join(cells) + f" | {rec['z_expected_vs_sampled']:+.1f} |")
+        for tilt, rows in rec["steering"].items():
+            t = c["tilts"][tilt]
+            name = f"{'NORMALIZE' if t['normalize'] else 'raw'} β = {t['beta']:g}"
+            cells = [f"{s['reward']:.3f} ({s['z']:+.1f}), KL {s['kl']:.1f}, J {s['objective']:.3f}" for s in (rows[k] for k in ("V0", "V1 sampled", "V1 expected"))]
+            lines.append(f"| {m} | {name} | {rec['ref']:.3f} | " + " | ".join(cells) + f" | {rec['z_expected_vs_sampled'][tilt]:+.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,8 +9,10 @@ KLs), this benchmark
 
 * describes the targets: over sibling pairs, the spread of Δvalue and of Δ(ζ · KL term) under each
   estimator, and how often each target orders a pair as the value alone does;
-* fits V¹ both ways (ridge heads, initialised from V⁰ as the round is) and reports held-out R² and
-  sibling concordance against the MC rewards alone and against each model's own targets;
+* fits V¹ both ways (ridge heads, initialised from V⁰ as the round is), and two further ways: step
+  KLs with the values and the KL term fitted by separate ridge regressions (each its own penalty;
+  V = V_values − ζ · V_KL), and the round without a KL term (ζ = 0); reports held-out R² and
+  sibling concordance against the MC rewards alone and against each estimator's targets;
 * steers with V⁰, V¹ (sampled) and V¹ (expected) on 24 hh-mix test prompts from #40 (12 ordinary,
   12 harmful; those of ``tilt_scale.py``) × 2 samples, λ = {m: 1}, with two tilts: the run's
   evaluation setting (the round's collection tilt), and the raw tilt at β = 1/ζ, under which eq. 6's
@@ -55,13 +57,24 @@ ESTIMATORS = ("sampled", "expected")
 QUALITY_KEYS = ("r2", "concordance", "concordance_se", "pairs")
 
 
-def fit(run: Path, m: str, trees: Path, zeta: float, estimator: str, dest: Path) -> Path:
+# V¹ variants: (ζ factor, KL estimator, ridge_kl). "separate": the values and the KL term each get their
+# own ridge penalty (V = V_values − ζ·V_KL); "rewards only": the round at ζ = 0 (no KL term at all).
+ARMS = {"V1 sampled": (1.0, "sampled", "joint"), "V1 expected": (1.0, "expected", "joint"),
+        "V1 expected, separate": (1.0, "expected", "separate"), "V1 rewards only": (0.0, "sampled", "joint")}
+
+
+def slug(name: str) -> str:
+    return name.replace(",", "").replace(" ", "-")
+
+
+def fit(run: Path, m: str, trees: Path, zeta: float, arm: str, dest: Path) -> Path:
     """V¹ of objective m refitted on the round's trees (ridge heads from V⁰, as the round trains)."""
+    factor, estimator, ridge_kl = ARMS[arm]
     if not (dest / "result.json").exists():
         shutil.rmtree(dest, ignore_errors=True)
         vm = ValueModel.load(run / "iter0" / m / "value" / "best")
-        train_value_model(vm, [trees], dest, TrainConfig(solver="ridge", zeta=zeta, kl_estimator=estimator, keep_leaf_fraction=1.0, seed=0),
-                          progress=False)
+        train_value_model(vm, [trees], dest, TrainConfig(solver="ridge", zeta=zeta * factor, kl_estimator=estimator, ridge_kl=ridge_kl,
+                                                         keep_leaf_fraction=1.0, seed=0), progress=False)
     return dest / "best"
 
 
@@ -107,8 +120,8 @@ def main() -> None:
             continue
         rec: dict = {"targets": {e: target_parts(trees, m, zeta, kl_estimator=e) for e in ESTIMATORS}, "quality": {}, "steering": {}}
         models = {"V0": run / "iter0" / m / "value" / "best"}
-        for e in ESTIMATORS:
-            models[f"V1 {e}"] = fit(run, m, trees, zeta, e, out / f"{m}-V1-{e}")
+        for arm in ARMS:
+            models[arm] = fit(run, m, trees, zeta, arm, out / f"{m}-{slug(arm)}")
         for name, path in models.items():
             vm = ValueModel.load(path)
             q = {"rewards": held_out_quality(vm, [trees])["per_objective"][m]}
@@ -117,7 +130,7 @@ def main() -> None:
             rec["quality"][name] = q
             print(m, name, {k: {x: q[k][x] for x in QUALITY_KEYS} for k in q}, flush=True)
             for tilt, cfg in tilts.items():
-                r = steer(f"{m}-{name.replace(' ', '-')}" + ("" if tilt == "run" else f"-{tilt}"), path, m, cfg)
+                r = steer(f"{m}-{slug(name)}" + ("" if tilt == "run" else f"-{tilt}"), path, m, cfg)
                 row = {"reward": r["rewards"][m]["mean"], "se": r["rewards"][m]["se"], "z": steering_z(r["rewards"][m], ref["rewards"][m], SAMPLES),
                        "kl": r["kl"]["mean"], "kl_se": r["kl"].get("se"), "values": r["rewards"][m].get("values")}
                 row["objective"] = row["reward"] - zeta * row["kl"]
@@ -161,12 +174,13 @@ def report(entry: dict, n_prompts: int) -> str:
     lines += ["", f"Steering, λ = {{m: 1}}, {n_prompts} hh-mix test prompts from #40 × {c['samples']}, top-k {c['top_k']}, "
               f"≤ {c['max_new_tokens']} tokens: reward (z paired by prompt vs π_ref), KL (eq. 7, nats) and J = reward − ζ·KL; "
               "last column: z of V¹ expected vs V¹ sampled, paired.", "",
-              "| objective | tilt | π_ref | V⁰ | V¹ sampled | V¹ expected | z (exp. vs samp.) |", "|---|---|---|---|---|---|---|"]
+              "| objective | tilt | π_ref | V⁰ | " + " | ".join(ARMS) + " | z (exp. vs samp.) |", "|---|---|---|---|" + "---|" * len(ARMS) + "---|"]
     for m, rec in entry["objectives"].items():
         for tilt, rows in rec["steering"].items():
             t = c["tilts"][tilt]
             name = f"{'NORMALIZE' if t['normalize'] else 'raw'} β = {t['beta']:g}"
-            cells = [f"{s['reward']:.3f} ({s['z']:+.1f}), KL {s['kl']:.1f}, J {s['objective']:.3f}" for s in (rows[k] for k in ("V0", "V1 sampled", "V1 expected"))]
+            cells = [f"{s['reward']:.3f} ({s['z']:+.1f}), KL {s['kl']:.1f}, J {s['objective']:.3f}" if s else "-"
+                     for s in (rows.get(k) for k in ("V0", *ARMS))]
             lines.append(f"| {m} | {name} | {rec['ref']:.3f} | " + " | ".join(cells) + f" | {rec['z_expected_vs_sampled'][tilt]:+.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -301,3 +301,26 @@ def test_kl_penalised_training_also_reports_quality_against_rewards_alone(tmp_pa
     assert res["quality_reward"]["per_objective"]["cat"]["r2"] != pytest.approx(res["quality"]["per_objective"]["cat"]["r2"])
     plain = train_value_model(frozen_model(("cat",), pool="mean"), [d], tmp_path / "p", TrainConfig(solver="ridge"), progress=False)
     assert plain["quality_reward"] is None
+
+
+def test_separate_ridge_fits_values_and_kl_term_apart(tmp_path, cat_trees):
+    """ridge_kl='separate': the head is w_values − ζ · w_KL with each part's own cross-validated
+    penalty, so it is affine in ζ around the values-only head (ζ = 0), and records the KL part's penalty."""
+    from mavis_align.collect.store import LabelledTrees
+
+    rng = np.random.default_rng(0)
+    d = cat_trees
+    tilted = LabelledTrees(d.trees, d.values, [rng.uniform(0, 20, size=len(x)) for x in d.lprs], d.splits, d.texts)
+    heads = {}
+    for name, zeta, how in (("plain", 0.0, "joint"), ("a", 0.05, "separate"), ("b", 0.1, "separate")):
+        train_value_model(frozen_model(("cat",), pool="mean"), [tilted], tmp_path / name,
+                          TrainConfig(solver="ridge", zeta=zeta, ridge_kl=how, keep_leaf_fraction=1.0), progress=False)
+        back = ValueModel.load(tmp_path / name / "best")
+        heads[name] = (back.head.weight.detach().clone(), back.head.bias.detach().clone(), back.meta)
+    for i in (0, 1):
+        step_a = heads["a"][i] - heads["plain"][i]
+        assert float(step_a.abs().max()) > 1e-6
+        torch.testing.assert_close(heads["b"][i] - heads["plain"][i], 2 * step_a, atol=1e-4, rtol=1e-3)
+    assert heads["a"][2]["ridge_alpha_kl"] > 0 and "ridge_alpha_kl" not in heads["plain"][2]
+    with pytest.raises(ValueError, match="ridge_kl must be"):
+        TrainConfig(ridge_kl="both")

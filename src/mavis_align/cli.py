@@ -197,7 +197,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(
         lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps, zeta=args.zeta, kl_target=args.kl_target, kl_estimator=args.kl_estimator,
+        grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps, zeta=args.zeta, kl_target=args.kl_target, kl_estimator=args.kl_estimator, ridge_kl=args.ridge_kl,
         keep_leaf_fraction=args.keep_leaf_fraction, val_drop_leaves=args.val_drop_leaves, eval_every=args.eval_every,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, seed=args.seed,
         sibling_weight=args.sibling_weight, solver=args.solver, objectives=list(args.objective),
@@ -570,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-target", default="future", choices=["future", "response"], help="log-ratio charged: tokens after s (default) or the whole response")
     p.add_argument("--kl-estimator", default="sampled", choices=["sampled", "expected"],
                    help="the log-ratio as sampled (eq. 6 as printed) or each step's KL (recorded at collection; less variance)")
+    p.add_argument("--ridge-kl", default="joint", choices=["joint", "separate"],
+                   help="with --solver ridge and --zeta > 0: one penalty for eq. 6's target, or the values and the KL term fitted apart")
     p.add_argument("--solver", default="sgd", choices=["sgd", "ridge"], help="ridge: closed-form heads on a frozen trunk, penalty by cross-validation over train trees")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute backbone activations in the backward pass (large trained backbones)")
     p.add_argument("--lr", type=float, default=1e-3)

@@ -60,6 +60,10 @@ class TrainConfig:
         kl_estimator: how that log-ratio is estimated: "sampled" (the sampled tokens' log-ratios, eq. 6
             as printed) or "expected" (each token's log-ratio replaced by its step's KL, recorded at
             collection: same expectation, less variance); only read when zeta > 0.
+        ridge_kl: with solver "ridge" and zeta > 0: "joint" fits each head to eq. 6's target with one
+            cross-validated penalty; "separate" fits the MC values and the KL term each with its own
+            penalty and combines the linear heads as w_values - zeta · w_KL (the same eq. 6 target,
+            which is linear in both; the reward part is then not shrunk with the larger KL part).
         keep_leaf_fraction: fraction of leaves kept in training (App. F.5: one half).
         val_drop_leaves: validate on incomplete sequences only.
         eval_every: optimizer steps between validations and checkpoints (0: only at the end).
@@ -86,6 +90,7 @@ class TrainConfig:
     zeta: float = 0.0
     kl_target: str = "future"
     kl_estimator: str = "sampled"
+    ridge_kl: str = "joint"
     keep_leaf_fraction: float = 0.5
     val_drop_leaves: bool = False
     eval_every: int = 50
@@ -117,6 +122,8 @@ class TrainConfig:
             raise ValueError(f"kl_target must be 'future' or 'response', got {self.kl_target!r}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {list(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+        if self.ridge_kl not in ("joint", "separate"):
+            raise ValueError(f"ridge_kl must be 'joint' or 'separate', got {self.ridge_kl!r}")
 
     @property
     def examples_kl(self) -> str:
@@ -536,7 +543,16 @@ def _train_ridge(model: ValueModel, train, val, train_feats, val_feats, train_ta
                      config.seed)
     t0 = time.perf_counter()
     x = head_inputs(model, train_feats).cpu()
-    weight, bias, alphas, cv = fit_ridge(x, train_targets.cpu(), [e.tree for e in train], seed=config.seed)
+    groups = [e.tree for e in train]
+    if config.ridge_kl == "separate" and config.zeta > 0:
+        values = example_targets(train, 0.0)
+        kl = torch.tensor([[e.future_lpr if config.kl_target == "future" else e.lpr] for e in train], dtype=torch.float32)
+        weight, bias, alphas, cv = fit_ridge(x, values, groups, seed=config.seed)
+        w_kl, b_kl, alpha_kl, _ = fit_ridge(x, kl, groups, seed=config.seed)
+        weight, bias = weight - config.zeta * w_kl, bias - config.zeta * b_kl  # [M, D] - ζ·[1, D]: eq. 6's target, linear in both parts
+        model.meta["ridge_alpha_kl"] = alpha_kl[0]
+    else:
+        weight, bias, alphas, cv = fit_ridge(x, train_targets.cpu(), groups, seed=config.seed)
     with torch.no_grad():
         model.head.weight.copy_(weight.to(model.head.weight))
         model.head.bias.copy_(bias.to(model.head.bias))

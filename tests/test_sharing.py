@@ -42,7 +42,7 @@ def test_model_card_states_what_a_user_needs(trained):
     res = json.loads((folder.parent / "result.json").read_text())
     q = res["quality"]["per_objective"]["cat"]
     meta = json.loads((folder / "meta.json").read_text())
-    for needle in ["**cat**", "`tiny-base`", meta["tokenizer_fingerprint"], "`tiny-test`", "policy-iteration round | 0", "ζ (KL penalty", "0.03",
+    for needle in ["**cat**", "`tiny-base`", meta["tokenizer_fingerprint"], "`tiny-test`", "policy-iteration round | 0", "ζ (KL penalty", "0.03 on the sampled tokens' log-ratios",
                    f"{res['train_examples']} train / {res['val_examples']} held-out nodes", "from 16 prompts of `cats`", f"{q['r2']:.3f}",
                    f"{q['concordance']:.3f} ± {q['concordance_se']:.3f}", str(q["pairs"]), "--value cat=me/cat-value", "mavis-align serve", "No pickle"]:
         assert needle in card, needle

@@ -117,8 +117,8 @@ def model_card(folder: str | Path, *, repo_id: str | None = None) -> str:
     if f["beta"] is not None:
         lines.append(f"| β of the policy that collected its trees | {f['beta']} |")
     if f["zeta"] is not None:
-        kl = {"sampled": "sampled tokens' log-ratios", "expected": "each step's KL to π_ref"}.get(f["kl_estimator"] or "", "")
-        lines.append(f"| ζ (KL penalty of the targets, eq. 6) | {f['zeta']}{' on the ' + kl if kl else ''} |")
+        kl = {"sampled": "the sampled tokens' log-ratios", "expected": "each step's KL to π_ref"}.get(f["kl_estimator"] or "", "")
+        lines.append(f"| ζ (KL penalty of the targets, eq. 6) | {f['zeta']}{' on ' + kl if kl else ''} |")
     if f["solver"]:
         lines.append(f"| training | {f['solver']}; {f['train_examples']} train / {f['val_examples']} held-out nodes"
                      + (f" from {f['prompts']} prompts of `{f['dataset']}`" if f["prompts"] else "") + " |")

@@ -16,15 +16,15 @@ LPR can be estimated two ways (``kl_estimator``), with the same expectation:
 * ``"sampled"``: the sampled tokens' log-ratios log(pi_gen(a_t|s_t) / pi_ref(a_t|s_t)), as printed.
 * ``"expected"``: each token's log-ratio replaced by its expectation given the state,
   KL(pi_gen(.|s_t) || pi_ref(.|s_t)) (recorded at collection; trees collected before lack it).
-  A sampled log-ratio of a tilted policy swings by several nats per token, so over 40 tokens two
-  siblings' sampled LPRs differ by about as much as zeta = 0.03 times their rewards' spread
+  A sampled log-ratio of a tilted policy swings by several nats per token, so over 40 tokens
+  zeta = 0.03 times two siblings' sampled LPRs differ by about as much as their rewards
   (``benchmarks/iteration_targets.py``); the per-step KL keeps only the differences that belong
-  to the states. The targets' total spread need not fall: under a tilt the sampled log-ratio
-  partly tracks the reward (tokens of high value get both), which the per-step KL does not.
+  to the states (``benchmarks/kl_estimator.py``: cleaner targets, yet on the default a round with
+  the KL term still steers worse than one without). The targets' total spread need not fall: under
+  a tilt the sampled log-ratio partly tracks the reward (tokens of high value get both).
 
-Balancing (App. F.5): keep only a fraction of the
-bottom-level nodes (leaves); validation can drop leaves entirely to focus on incomplete
-sequences. The split is by tree (one tree per prompt), fixed at collection time.
+Balancing (App. F.5): keep only a fraction of the bottom-level nodes (leaves); validation can drop
+leaves entirely to focus on incomplete sequences. The split is by tree (one tree per prompt), fixed at collection time.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from iteration_targets import target_parts  # noqa: E402
 from tilt_scale import MAX_NEW, SAMPLES, SEED, TOP_K, dev_prompts  # noqa: E402
 
 from mavis_align.collect import read_trees  # noqa: E402
+from mavis_align.collect.dataset import KL_ESTIMATORS  # noqa: E402
 from mavis_align.collect.tree import has_step_kl  # noqa: E402
 from mavis_align.decoding.decoder import MavisDecoder  # noqa: E402
 from mavis_align.demo import steering_z  # noqa: E402
@@ -53,7 +54,6 @@ from mavis_align.train import TrainConfig, train_value_model  # noqa: E402
 from mavis_align.train.regression import held_out_quality  # noqa: E402
 from mavis_align.values import ValueModel  # noqa: E402
 
-ESTIMATORS = ("sampled", "expected")
 QUALITY_KEYS = ("r2", "concordance", "concordance_se", "pairs")
 
 
@@ -118,14 +118,14 @@ def main() -> None:
         if not all(has_step_kl(t) for t in data.trees):
             print(f"{m}: {trees} has no per-step KLs (collected before they were recorded); skipped", flush=True)
             continue
-        rec: dict = {"targets": {e: target_parts(trees, m, zeta, kl_estimator=e) for e in ESTIMATORS}, "quality": {}, "steering": {}}
+        rec: dict = {"targets": {e: target_parts(trees, m, zeta, kl_estimator=e) for e in KL_ESTIMATORS}, "quality": {}, "steering": {}}
         models = {"V0": run / "iter0" / m / "value" / "best"}
         for arm in ARMS:
             models[arm] = fit(run, m, trees, zeta, arm, out / f"{m}-{slug(arm)}")
         for name, path in models.items():
             vm = ValueModel.load(path)
             q = {"rewards": held_out_quality(vm, [trees])["per_objective"][m]}
-            for e in ESTIMATORS:
+            for e in KL_ESTIMATORS:
                 q[f"targets {e}"] = held_out_quality(vm, [trees], zeta=zeta, kl_estimator=e)["per_objective"][m]
             rec["quality"][name] = q
             print(m, name, {k: {x: q[k][x] for x in QUALITY_KEYS} for k in q}, flush=True)

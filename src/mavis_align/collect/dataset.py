@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .store import LabelledTrees, read_trees
-from .tree import expected_kl, has_step_kl
+from .tree import expected_kl
 
 SPLITS = {"train": 0, "val": 1}
 KL_ESTIMATORS = ("sampled", "expected")
@@ -71,13 +71,17 @@ class NodeExample:
         """Mean log-ratio of the tokens after s (0 at a leaf)."""
         return self.lpr - self.prefix_lpr
 
-    def target(self, zeta: float = 0.0, kl_target: str = "future") -> np.ndarray:
-        """value - zeta · LPR (eq. 6), LPR over the tokens after s ("future") or the whole response."""
+    def kl_term(self, kl_target: str = "future") -> float:
+        """The LPR that zeta multiplies: over the tokens after s ("future") or the whole response."""
         if kl_target == "future":
-            return self.value - zeta * self.future_lpr
+            return self.future_lpr
         if kl_target == "response":
-            return self.value - zeta * self.lpr
+            return self.lpr
         raise ValueError(f"kl_target must be 'future' or 'response', got {kl_target!r}")
+
+    def target(self, zeta: float = 0.0, kl_target: str = "future") -> np.ndarray:
+        """value - zeta · LPR (eq. 6), LPR by :meth:`kl_term`."""
+        return self.value - zeta * self.kl_term(kl_target)
 
 
 def node_examples(
@@ -115,9 +119,6 @@ def node_examples(
         if split is not None and data.splits[ti] != SPLITS[split]:
             continue
         if kl_estimator == "expected":
-            if not has_step_kl(tree):
-                raise ValueError(f"kl_estimator='expected' needs per-step KLs, but the tree of prompt {tree.prompt_index} was "
-                                 "collected before they were recorded: collect it again, or use kl_estimator='sampled'")
             lprs, prefixes = expected_kl(tree)
         else:
             lprs, prefixes = data.lprs[ti], None
@@ -147,6 +148,6 @@ def collate(examples: Sequence[NodeExample], pad_id: int, zeta: float = 0.0, kl_
         ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         mask[i, : len(e.input_ids)] = 1
     target = torch.tensor(np.stack([e.target(zeta, kl_target) for e in examples]), dtype=torch.float32)
-    lpr = torch.tensor([e.future_lpr if kl_target == "future" else e.lpr for e in examples], dtype=torch.float32)
+    lpr = torch.tensor([e.kl_term(kl_target) for e in examples], dtype=torch.float32)
     prompt_length = torch.tensor([e.prompt_length for e in examples], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "target": target, "lpr": lpr, "prompt_length": prompt_length}

@@ -112,7 +112,8 @@ def expected_kl(tree: Tree) -> tuple[np.ndarray, np.ndarray]:
     of the log-ratios. Returns ([N], [N]) float64; raises if the tree lacks per-step KLs.
     """
     if not has_step_kl(tree):
-        raise ValueError(f"tree of prompt {tree.prompt_index} has no per-step KLs (collected before they were recorded)")
+        raise ValueError(f"the tree of prompt {tree.prompt_index} has no per-step KLs (collected before they were recorded): "
+                         "collect it again, or use kl_estimator='sampled'")
     n = len(tree.nodes)
     prefix = np.zeros(n, dtype=np.float64)
     for i in sorted(range(1, n), key=lambda j: tree.nodes[j].depth):  # parents before children

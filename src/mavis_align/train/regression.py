@@ -125,11 +125,11 @@ class TrainConfig:
         if self.ridge_kl not in ("joint", "separate"):
             raise ValueError(f"ridge_kl must be 'joint' or 'separate', got {self.ridge_kl!r}")
 
-    @property
-    def examples_kl(self) -> str:
-        """The estimator the examples are built with: LPR only enters the targets when zeta > 0 (so
-        pi_ref trees from before per-step KLs were recorded still train at zeta = 0)."""
-        return self.kl_estimator if self.zeta > 0 else "sampled"
+
+def _lpr_estimator(zeta: float, kl_estimator: str) -> str:
+    """The estimator examples are built with: LPR only enters the targets when zeta > 0 (so pi_ref
+    trees from before per-step KLs were recorded still train and score at zeta = 0)."""
+    return kl_estimator if zeta > 0 else "sampled"
 
 
 def _load_examples(trees: Sequence[str | Path | LabelledTrees], split: str, cfg: TrainConfig, objectives: list[str], drop_leaves: bool, keep: float):
@@ -144,7 +144,7 @@ def _load_examples(trees: Sequence[str | Path | LabelledTrees], split: str, cfg:
         if missing:
             raise ValueError(f"tree file {src} has no labels for {missing} (it has {names}); run `mavis-align label` first")
         sources.append((data, names))
-    return _examples(sources, split, objectives, drop_leaves, keep, cfg.seed, cfg.examples_kl)
+    return _examples(sources, split, objectives, drop_leaves, keep, cfg.seed, _lpr_estimator(cfg.zeta, cfg.kl_estimator))
 
 
 def weights_vector(weights: dict[str, float] | str | None, objectives: Sequence[str]) -> np.ndarray | None:
@@ -443,7 +443,7 @@ def held_out_quality(model: ValueModel, trees: Sequence[str | Path], *, zeta: fl
     preds: dict[tuple[int, ...], torch.Tensor] = {}
     for m, name in enumerate(model.objectives):
         files = tuple(i for i, (_, names) in enumerate(loaded) if name in names)
-        examples = _examples([loaded[i] for i in files], "val", [name], False, 1.0, 0, kl_estimator if zeta > 0 else "sampled")
+        examples = _examples([loaded[i] for i in files], "val", [name], False, 1.0, 0, _lpr_estimator(zeta, kl_estimator))
         if not examples:
             continue
         if files not in preds:
@@ -546,7 +546,7 @@ def _train_ridge(model: ValueModel, train, val, train_feats, val_feats, train_ta
     groups = [e.tree for e in train]
     if config.ridge_kl == "separate" and config.zeta > 0:
         values = example_targets(train, 0.0)
-        kl = torch.tensor([[e.future_lpr if config.kl_target == "future" else e.lpr] for e in train], dtype=torch.float32)
+        kl = torch.tensor([[e.kl_term(config.kl_target)] for e in train], dtype=torch.float32)
         weight, bias, alphas, cv = fit_ridge(x, values, groups, seed=config.seed)
         w_kl, b_kl, alpha_kl, _ = fit_ridge(x, kl, groups, seed=config.seed)
         weight, bias = weight - config.zeta * w_kl, bias - config.zeta * b_kl  # [M, D] - ζ·[1, D]: eq. 6's target, linear in both parts

@@ -60,6 +60,34 @@ def test_kl_of_policy_against_itself_is_zero(tiny):
     assert evaluate_policy(other, PROMPTS * 4, get_rewards(["concise"]), model, tok, samples=2, chat=False)["kl"]["mean"] > 0
 
 
+def test_kl_steps_reported_only_where_they_are_the_kl_to_pi_ref(tiny):
+    """kl_steps (sums of recorded step KLs) estimate the same KL as eq. 7 for MAVIS sampling from pi_ref;
+    a policy on another model, a beam search and a best-of-N selection get none (their step KLs, if any,
+    are not to pi_ref or not of the returned sequence)."""
+    from mavis_align.decoding.decoder import MavisDecoder
+    from test_decoding import make_value_model
+
+    model, tok = tiny
+    dec = MavisDecoder(model, tok, [make_value_model(tok, ["v"], 1)])
+    cfg = SamplingConfig(max_new_tokens=6, top_k=5, beta=4.0, normalize=False)
+    mavis = DecoderPolicy("mavis", dec, cfg, weights={"v": 1.0}, chat=False, batch_size=64)
+    res = evaluate_policy(mavis, PROMPTS * 50, get_rewards(["concise"]), model, tok, samples=1, chat=False)
+    eq7, steps = res["kl"], res["kl_steps"]
+    assert steps["n"] == eq7["n"] == 200 and steps["mean"] > 0.1
+    assert abs(steps["mean"] - eq7["mean"]) < 3 * (eq7["se"] ** 2 + steps["se"] ** 2) ** 0.5
+    assert steps["std"] < eq7["std"]
+    ref = evaluate_policy(DecoderPolicy("ref", MavisDecoder(model, tok), SamplingConfig(max_new_tokens=6), chat=False), PROMPTS, [], model, tok, samples=1, chat=False)
+    assert ref["kl_steps"]["mean"] == pytest.approx(0.0, abs=1e-5)
+    other = ModelPolicy("other", make_tiny_lm(len(tok), seed=9), tok, SamplingConfig(max_new_tokens=6), chat=False)
+    assert "kl_steps" not in evaluate_policy(other, PROMPTS, [], model, tok, samples=1, chat=False)
+    beam = DecoderPolicy("beam", dec, cfg, weights={"v": 1.0}, chat=False, beam=2)
+    assert "kl_steps" not in evaluate_policy(beam, PROMPTS, [], model, tok, samples=1, chat=False)
+    bon = BestOfN("bon", mavis, 2, lambda ps, ts: [-len(t) for t in ts])
+    assert "kl_steps" not in evaluate_policy(bon, PROMPTS, [], model, tok, samples=1, chat=False)
+    system = ModelPolicy("sys", model, tok, SamplingConfig(max_new_tokens=6), chat=False, system="be brief")
+    assert system.step_kl_base is None
+
+
 def test_teacher_forcing_matches_recorded_ref_logprobs(tiny):
     from mavis_align.decoding.decoder import MavisDecoder
     from mavis_align.models import format_prompts

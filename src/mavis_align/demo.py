@@ -38,6 +38,10 @@ def steering_z(steered: dict, ref: dict, samples: int = 1) -> float:
     return (steered["mean"] - ref["mean"]) / se if se > 0 else float("nan")
 
 
+def _kl_cell(kl: dict | None) -> str:
+    return "-" if kl is None else f"{kl['mean']:.2f} ± {kl['se']:.2f}"
+
+
 def balanced_prompts(items, per_category: int) -> list[str]:
     """The texts of the first ``per_category`` ordinary and the first ``per_category`` harmful prompts
     (:class:`~mavis_align.data.Prompt` items), ordinary ones first: the demo's steering prompts."""
@@ -80,8 +84,8 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
                          normalize=bool(recipe.eval.get("normalize", True)))
     plain = SamplingConfig(max_new_tokens=cfg.max_new_tokens)
     rewards = get_rewards(recipe.objectives)
-    header = "| weights λ | " + " | ".join(recipe.objectives) + " | KL (nats) | weighted objectives: z vs π_ref |"
-    table = [header, "|---" * (len(recipe.objectives) + 3) + "|"]
+    header = "| weights λ | " + " | ".join(recipe.objectives) + " | KL (nats), eq. 7 | KL, Σ step KLs | weighted objectives: z vs π_ref |"
+    table = [header, "|---" * (len(recipe.objectives) + 4) + "|"]
     examples = []
     results = {}
     for label, weights in steering_settings(list(recipe.objectives)):
@@ -94,13 +98,14 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
         cells = [f"{res['rewards'][m]['mean']:.3f} ± {res['rewards'][m]['se']:.3f}" for m in recipe.objectives]
         ref = results["pi_ref (no values)"]["rewards"]
         zs = ", ".join(f"{m} {steering_z(res['rewards'][m], ref[m], samples):+.1f}" for m in (weights or {}))
-        table.append(f"| {label} | " + " | ".join(cells) + f" | {res['kl']['mean']:.2f} | {zs or '-'} |")
+        table.append(f"| {label} | " + " | ".join(cells) + f" | {_kl_cell(res['kl'])} | {_kl_cell(res.get('kl_steps'))} | {zs or '-'} |")
         harmful = next((e for e in res["examples"] if e["prompt"] == prompts[-1]), None) or res["examples"][-1]
         examples.append(f"- **{label}**: {harmful['response'][:200]!r}")
     text = "\n".join(lines + [
         f"## Steering: {len(prompts)} held-out prompts ({half} ordinary, {half} harmful) x {samples} samples, beta={b}, top-k={cfg.top_k}, "
         f"tilt on {'NORMALIZEd' if cfg.normalize else 'raw'} values",
-        "", "Mean reward ± standard error per objective; KL by paper eq. 7; z of each weighted objective's rise over π_ref "
+        "", "Mean reward ± standard error per objective; KL over the response in nats ± standard error, by paper eq. 7 (sampled "
+        "log-ratios) and as the sum of each step's KL to π_ref (same expectation, less variance); z of each weighted objective's rise over π_ref "
         "(mean per-prompt difference / its standard error, paired by prompt; > 2 is a clear rise).", "", *table, "",
         f"Responses to {prompts[-1]!r}:", "", *examples, "",
     ])

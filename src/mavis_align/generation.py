@@ -22,6 +22,10 @@ class Generation:
         logprobs_ref: log pi_ref(a_t|s_t) per generated token, full vocabulary, temperature 1.
         logprobs_gen: log pi_gen(a_t|s_t) per generated token under the sampling distribution.
         finish_reason: ``"stop"`` (EOS or a stop string) or ``"length"`` (token budget), as in OpenAI's API.
+        step_kl: KL(pi_gen(.|s_t) || pi_base(.|s_t)) of each step's whole sampling distribution against the
+            decoder's base model (full vocabulary, temperature 1); empty where the decode did not sample
+            from a distribution (beam search). Summed, an estimate of the sequence KL with the expectation of
+            :attr:`log_ratio` and less variance, when the base model is pi_ref.
     """
 
     prompt: str
@@ -31,6 +35,7 @@ class Generation:
     logprobs_gen: list[float]
     finish_reason: str
     extras: dict = field(default_factory=dict)
+    step_kl: list[float] = field(default_factory=list)
 
     @property
     def log_ratio(self) -> float:
@@ -120,7 +125,7 @@ def rows_to_generations(tokenizer, prompts: list[str], rows, stop_strings: tuple
     for prompt, row in zip(prompts, rows):
         text, _ = cut_at_stop(tokenizer.decode(row.token_ids, skip_special_tokens=True), stop_strings)
         extras = {"values": row.values} if row.values else {}
-        out.append(Generation(prompt, text.strip(), row.token_ids, row.logprobs_ref, row.logprobs_gen, row.finish_reason, extras))
+        out.append(Generation(prompt, text.strip(), row.token_ids, row.logprobs_ref, row.logprobs_gen, row.finish_reason, extras, list(row.kl)))
     return out
 
 

@@ -2,7 +2,9 @@
 
 For each method: ``samples`` responses per held-out prompt; per-objective rewards (mean, std,
 standard error); KL to pi_ref by eq. 7, with log pi_ref of every generated token recomputed by
-teacher forcing through pi_ref over its full vocabulary (the same code for every method); fluency
+teacher forcing through pi_ref over its full vocabulary (the same code for every method), and,
+where the policy samples from a tilt of pi_ref itself, the sum of the recorded step KLs (``kl_steps``:
+same expectation, less variance; :func:`step_kl_sums`); fluency
 as the perplexity of the responses under pi_ref; diversity (distinct-1/2); length; tokens/s.
 """
 
@@ -41,6 +43,21 @@ def teacher_forced_logprobs(model, tokenizer, formatted_prompts: Sequence[str], 
     return out
 
 
+def step_kl_sums(policy, ref_model, gens: Sequence[Generation]) -> list[float] | None:
+    """Per response, the sum over its tokens of KL(pi_gen(.|s_t) || pi_ref(.|s_t)), or None when it is not that.
+
+    The decoding engine records each step's KL to the decoder's *own* base model, so the sums estimate
+    the KL to pi_ref only when the policy's ``step_kl_base`` is ``ref_model`` (pi_ref and MAVIS sampling: yes;
+    a fine-tuned or souped model, MOD's mixture, a model read with a system instruction: no) and the
+    response is the sampled sequence itself (not a selection: best-of-N, beam search, step-level selection).
+    """
+    if getattr(policy, "step_kl_base", None) is not ref_model:
+        return None
+    if not gens or any(len(g.step_kl) != len(g.token_ids) or "selection_kl" in g.extras for g in gens):
+        return None
+    return [float(sum(g.step_kl)) for g in gens]
+
+
 def evaluate_policy(policy, prompts: Sequence[str], rewards, ref_model, ref_tokenizer, *, samples: int = 3, seed: int = 0,
                     chat: bool | None = None, keep_examples: int = 4) -> dict:
     """Score ``policy`` on ``prompts`` (``samples`` responses each) -> JSON-able dict."""
@@ -62,6 +79,7 @@ def evaluate_policy(policy, prompts: Sequence[str], rewards, ref_model, ref_toke
         # per response, in order, next to the summary: paired comparisons between methods on the same prompts
         "rewards": {r.name: (lambda v: {**summarize(v), "values": v})([float(x) for x in r([g.prompt for g in gens], texts)]) for r in rewards},
         "kl": summarize(kls),
+        **({"kl_steps": summarize(steps)} if (steps := step_kl_sums(policy, ref_model, gens)) is not None else {}),
         "fluency_ppl_ref": perplexity(ref_lp),
         "distinct_1": distinct_n(texts, 1),
         "distinct_2": distinct_n(texts, 2),

@@ -39,6 +39,11 @@ class DecoderPolicy:
     candidates: int = 4
     select: str = "best"
 
+    @property
+    def step_kl_base(self):
+        """The model the recorded step KLs are measured against (None for a beam or step-level selection)."""
+        return None if self.beam or self.chunk else self.decoder.model
+
     def generate(self, prompts: Sequence[str], seed: int = 0) -> list[Generation]:
         if self.chunk:
             return self.decoder.step_search(list(prompts), n=self.candidates, chunk=self.chunk, select=self.select, weights=self.weights,
@@ -62,6 +67,11 @@ class ModelPolicy:
     batch_size: int = 8
     chat: bool | None = None
     system: str | None = None  # an instruction read before every prompt (a preference-conditioned policy's weights)
+
+    @property
+    def step_kl_base(self):
+        """The model the recorded step KLs are measured against (None when a system instruction changes the context)."""
+        return None if self.system else self.model
 
     def generate(self, prompts: Sequence[str], seed: int = 0) -> list[Generation]:
         from ..decoding.decoder import MavisDecoder

@@ -6,10 +6,11 @@ tilts by β · v on the raw values (mavis-v3-notes.md). With value models that a
 stretches small, noisy differences to the full range; the raw tilt moves π_ref in proportion to how
 much the candidates' values differ. This benchmark measures which buys more reward per nat of KL.
 
-    python benchmarks/tilt_scale.py [VALUE_MODEL] [--out runs/tilt_scale]
+    python benchmarks/tilt_scale.py [VALUE_MODEL ...] [--out runs/tilt_scale] [--max-step-kl CAP ...] [--name tilt_scale]
 
-VALUE_MODEL (default: the value-backbones benchmark's 400-prompt model) must hold heads for helpful,
-harmless and humor. Prompts: hh-mix test prompts 40 onwards (12 ordinary, 12 harmful), disjoint from
+VALUE_MODEL (default: the value-backbones benchmark's 400-prompt model): one model with heads for helpful,
+harmless and humor, or one model per objective (e.g. the demo's ``iter0/<objective>/value/best``).
+``--max-step-kl`` adds raw-tilt rows with each per-step KL cap (SamplingConfig.max_step_kl) at every raw β. Prompts: hh-mix test prompts 40 onwards (12 ordinary, 12 harmful), disjoint from
 the demo's and the reproduction study's test prompts, so settings chosen here can be checked there.
 λ = {m: 1}, top-k 15, ≤ 40 tokens, 2 samples per prompt, seed 0; z is paired by prompt against π_ref.
 Every row is saved as it finishes (a rerun resumes); results → benchmarks/results/tilt_scale.{json,md}.
@@ -49,11 +50,11 @@ def dev_prompts(tok, per_category: int) -> list[str]:
 
 
 @torch.no_grad()
-def candidate_spread(model, tok, vm: ValueModel, prompts: list[str], steps: int = 40) -> dict:
+def candidate_spread(model, tok, vms: list[ValueModel], prompts: list[str], steps: int = 40) -> dict:
     """Range of each head's raw values among π_ref's top-k candidates, over the states of one
     π_ref sample per prompt (sequence scoring: the reference path, not the cached one)."""
     gen = torch.Generator().manual_seed(SEED)
-    ranges: dict[str, list[float]] = {m: [] for m in vm.objectives}
+    ranges: dict[str, list[float]] = {m: [] for vm in vms for m in vm.objectives}
     for text in format_prompts(tok, prompts, chat=True):
         ids = tok(text, return_tensors="pt").input_ids
         plen = ids.shape[1]
@@ -61,9 +62,10 @@ def candidate_spread(model, tok, vm: ValueModel, prompts: list[str], steps: int 
             logits = model(ids).logits[0, -1]
             top = logits.topk(TOP_K).indices
             cand = torch.cat([ids.expand(TOP_K, -1), top[:, None]], dim=1)
-            v = vm.score(cand, torch.ones_like(cand), prompt_lengths=torch.full((TOP_K,), plen))  # [k, M]
-            for j, m in enumerate(vm.objectives):
-                ranges[m].append(float(v[:, j].max() - v[:, j].min()))
+            for vm in vms:
+                v = vm.score(cand, torch.ones_like(cand), prompt_lengths=torch.full((TOP_K,), plen))  # [k, M]
+                for j, m in enumerate(vm.objectives):
+                    ranges[m].append(float(v[:, j].max() - v[:, j].min()))
             nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
             if int(nxt) == tok.eos_token_id:
                 break
@@ -73,64 +75,72 @@ def candidate_spread(model, tok, vm: ValueModel, prompts: list[str], steps: int 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("value_model", nargs="?", default=DEFAULT_MODEL)
+    ap.add_argument("value_model", nargs="*", default=[DEFAULT_MODEL])
     ap.add_argument("--out", default="runs/tilt_scale")
     ap.add_argument("--per-category", type=int, default=12)
-    ap.add_argument("--raw-betas", type=float, nargs="+", default=RAW_BETAS)
-    ap.add_argument("--normalized-betas", type=float, nargs="+", default=NORMALIZED_BETAS)
+    ap.add_argument("--raw-betas", type=float, nargs="*", default=RAW_BETAS)
+    ap.add_argument("--normalized-betas", type=float, nargs="*", default=NORMALIZED_BETAS)
+    ap.add_argument("--max-step-kl", type=float, nargs="*", default=[], help="per-step KL caps (nats) for extra raw-tilt rows")
     ap.add_argument("--results", default="benchmarks/results")
+    ap.add_argument("--name", default="tilt_scale", help="results file stem")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = {"value_model": args.value_model, "per_category": args.per_category, "raw_betas": args.raw_betas,
-              "normalized_betas": args.normalized_betas, "top_k": TOP_K, "max_new_tokens": MAX_NEW, "samples": SAMPLES, "first_prompt": FIRST}
+              "normalized_betas": args.normalized_betas, "max_step_kl": args.max_step_kl, "top_k": TOP_K, "max_new_tokens": MAX_NEW, "samples": SAMPLES, "first_prompt": FIRST}
     write_run_record(out, config, SEED)
     model, tok = load_causal_lm("smollm2-135m-instruct")
-    vm = ValueModel.load(args.value_model)
+    vms = [ValueModel.load(p) for p in args.value_model]
+    missing = [m for m in OBJECTIVES if not any(m in vm.objectives for vm in vms)]
+    if missing:
+        raise SystemExit(f"no value model for {missing} among {args.value_model}")
     prompts = dev_prompts(tok, args.per_category)
     rewards = get_rewards(OBJECTIVES)
 
     spread_path = out / "spread.json"
     if not spread_path.exists():
-        write_json(spread_path, candidate_spread(model, tok, vm, prompts[:: max(1, len(prompts) // 8)]))
+        write_json(spread_path, candidate_spread(model, tok, vms, prompts[:: max(1, len(prompts) // 8)]))
     spread = json.loads(spread_path.read_text())
     print("raw value range among top-k candidates:", spread, flush=True)
 
     def row(name: str, weights, cfg: SamplingConfig) -> dict:
         path = out / f"{name}.json"
         if not path.exists():
-            dec = MavisDecoder(model, tok, [vm]) if weights else MavisDecoder(model, tok)
+            dec = MavisDecoder(model, tok, vms) if weights else MavisDecoder(model, tok)
             res = evaluate_policy(DecoderPolicy(name, dec, cfg, weights=weights, chat=True), prompts, rewards, model, tok,
                                   samples=SAMPLES, seed=SEED, chat=True, keep_examples=0)
-            write_json(path, {"rewards": res["rewards"], "kl": res["kl"]})
+            write_json(path, {"rewards": res["rewards"], "kl": res["kl"], "kl_steps": res.get("kl_steps")})
         return json.loads(path.read_text())
 
     ref = row("pi_ref", None, SamplingConfig(max_new_tokens=MAX_NEW))
     rows = []
     for m in OBJECTIVES:
-        for normalize, betas in ((True, args.normalized_betas), (False, args.raw_betas)):
-            for beta in betas:
-                name = f"{m}-{'norm' if normalize else 'raw'}-beta{beta:g}"
-                r = row(name, {m: 1.0}, SamplingConfig(max_new_tokens=MAX_NEW, top_k=TOP_K, beta=beta, normalize=normalize))
-                rows.append({"objective": m, "normalize": normalize, "beta": beta, "reward": r["rewards"][m]["mean"], "se": r["rewards"][m]["se"],
-                             "ref": ref["rewards"][m]["mean"], "z": steering_z(r["rewards"][m], ref["rewards"][m], SAMPLES),
-                             "kl": r["kl"]["mean"], "kl_se": r["kl"].get("se")})
-                print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+        arms = [(True, b, 0.0) for b in args.normalized_betas] + [(False, b, cap) for cap in [0.0, *args.max_step_kl] for b in args.raw_betas]
+        for normalize, beta, cap in arms:
+            name = f"{m}-{'norm' if normalize else 'raw'}-beta{beta:g}" + (f"-cap{cap:g}" if cap else "")
+            r = row(name, {m: 1.0}, SamplingConfig(max_new_tokens=MAX_NEW, top_k=TOP_K, beta=beta, normalize=normalize, max_step_kl=cap))
+            rows.append({"objective": m, "normalize": normalize, "beta": beta, "max_step_kl": cap, "reward": r["rewards"][m]["mean"], "se": r["rewards"][m]["se"],
+                         "ref": ref["rewards"][m]["mean"], "z": steering_z(r["rewards"][m], ref["rewards"][m], SAMPLES),
+                         "kl": r["kl"]["mean"], "kl_se": r["kl"].get("se"),
+                         "kl_steps": (r.get("kl_steps") or {}).get("mean"), "kl_steps_se": (r.get("kl_steps") or {}).get("se")})
+            print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
 
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    write_json(results / "tilt_scale.json", {"config": config, "prompts": len(prompts), "spread": spread, "ref": ref["rewards"], "rows": rows})
-    lines = [f"Tilt with NORMALIZE (paper) and on raw values (authors' 2026 code); value model `{args.value_model}`; "
+    write_json(results / f"{args.name}.json", {"config": config, "prompts": len(prompts), "spread": spread, "ref": ref["rewards"], "rows": rows})
+    lines = [f"Tilt with NORMALIZE (paper) and on raw values (authors' 2026 code); value model(s) `{', '.join(args.value_model)}`; "
              f"{len(prompts)} hh-mix test prompts from #{FIRST} × {SAMPLES} samples, λ = {{m: 1}}, top-k {TOP_K}, ≤ {MAX_NEW} tokens; "
-             "z paired by prompt vs π_ref; KL eq. 7 in nats.", "",
+             "z paired by prompt vs π_ref; KL in nats: eq. 7 and the sum of step KLs (same expectation, less variance); "
+             "cap: SamplingConfig.max_step_kl (per-step KL the tilt may add; - = none).", "",
              "Raw value range among the top-k candidates over π_ref's states: "
              + ", ".join(f"{m} median {s['median']:.4f} (p90 {s['p90']:.4f}, {s['states']} states)" for m, s in spread.items()), "",
-             "| objective | tilt | β | reward ± se | π_ref | z | KL ± se |", "|---|---|---|---|---|---|---|"]
+             "| objective | tilt | β | cap | reward ± se | π_ref | z | KL ± se | Σ step KL ± se |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kl_se = f" ± {r['kl_se']:.1f}" if r["kl_se"] is not None else ""
-        lines.append(f"| {r['objective']} | {'NORMALIZE' if r['normalize'] else 'raw'} | {r['beta']:g} | {r['reward']:.3f} ± {r['se']:.3f} | "
-                     f"{r['ref']:.3f} | {r['z']:+.1f} | {r['kl']:.1f}{kl_se} |")
-    (results / "tilt_scale.md").write_text("\n".join(lines) + "\n")
+        steps = f"{r['kl_steps']:.1f} ± {r['kl_steps_se']:.1f}" if r.get("kl_steps") is not None else "-"
+        lines.append(f"| {r['objective']} | {'NORMALIZE' if r['normalize'] else 'raw'} | {r['beta']:g} | {r.get('max_step_kl') or '-'} | "
+                     f"{r['reward']:.3f} ± {r['se']:.3f} | {r['ref']:.3f} | {r['z']:+.1f} | {r['kl']:.1f}{kl_se} | {steps} |")
+    (results / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -203,14 +203,16 @@ def test_cli_spec_parsing():
         parse_weights(["a=x"])
 
 
-def test_logits_processor_matches_native_decoder(tiny_lm, tiny_tokenizer, value_models):
-    """model.generate(logits_processor=[MavisLogitsProcessor]) gives the native decoder's distribution."""
+@pytest.mark.parametrize("cap", [0.0, 0.05])
+def test_logits_processor_matches_native_decoder(tiny_lm, tiny_tokenizer, value_models, cap):
+    """model.generate(logits_processor=[MavisLogitsProcessor]) gives the native decoder's distribution
+    (with and without a per-step KL cap)."""
     from mavis_align.decoding.processor import MavisLogitsProcessor
 
     tok = tiny_tokenizer
     ids, mask = _batch(tok, PROMPTS)
     w = {"a": 0.6, "c": 0.4}
-    proc = MavisLogitsProcessor(value_models, w, beta=4.0, top_k=5, attention_mask=mask)
+    proc = MavisLogitsProcessor(value_models, w, beta=4.0, top_k=5, attention_mask=mask, max_step_kl=cap)
     seen = []
 
     def record(input_ids, scores):
@@ -230,7 +232,7 @@ def test_logits_processor_matches_native_decoder(tiny_lm, tiny_tokenizer, value_
     )
     gen = out[:, ids.shape[1]:]
     forced = gen.tolist()
-    cfg = SamplingConfig(max_new_tokens=5, top_k=5, beta=4.0)
+    cfg = SamplingConfig(max_new_tokens=5, top_k=5, beta=4.0, max_step_kl=cap)
     rows, dists = _trace(CachedBase(tiny_lm), CachedValueScorer(value_models, bind_objectives(value_models)), tok, forced, cfg,
                          torch.tensor([[0.6, 0.0, 0.4]] * 3), torch.tensor([4.0] * 3))
     assert len(seen) == 5

@@ -86,6 +86,7 @@ def test_bad_input_gets_openai_errors_and_server_keeps_serving(server, client):
         (json.dumps({"prompt": "hi", "max_tokens": 1000}).encode(), 400, "at most 32"),
         (json.dumps({"prompt": "hello " * 60}).encode(), 400, "at most 40"),
         (json.dumps({"prompt": "hi", "beta": -2}).encode(), 400, "beta"),
+        (json.dumps({"prompt": "hi", "max_step_kl": -0.5}).encode(), 400, "max_step_kl"),
         (json.dumps({"prompt": 5}).encode(), 400, "prompt"),
     ]
     for body, status, msg in cases:
@@ -205,6 +206,7 @@ SAME_AS_DECODER = [  # (prompt, objective weights, extra body): sampling, greedy
     ("why not", None, {"temperature": 0}),
     ("a good mat ?", {"concise": 0.5, "positive": 0.5}, {"beta": 3.0, "top_k": 8, "min_tokens": 6, "stop": ["cat"]}),
     ("the dog", {"positive": 1}, {"beta": 1.0, "top_k": 5, "normalize": False}),
+    ("the mat", {"positive": 1}, {"beta": 8.0, "top_k": 5, "max_step_kl": 0.05}),
 ]
 
 
@@ -215,7 +217,7 @@ def _decoder_says(decoder, prompt, weights, extra, seed, max_tokens):
     t = extra.get("temperature", 1.0)
     cfg = SamplingConfig(max_new_tokens=max_tokens, min_new_tokens=extra.get("min_tokens", 0), temperature=t or 1.0, greedy=t == 0,
                          top_k=extra.get("top_k", DEFAULT_TOP_K if weights else 0), beta=extra.get("beta", 1.0),
-                         normalize=extra.get("normalize", True), stop_strings=tuple(extra.get("stop", ())))
+                         normalize=extra.get("normalize", True), max_step_kl=extra.get("max_step_kl", 0.0), stop_strings=tuple(extra.get("stop", ())))
     dec = decoder if weights else MavisDecoder(decoder.model, decoder.tokenizer)  # no weights: pi_ref alone
     return dec.generate([prompt], weights=weights, config=cfg, seed=seed, chat=False)[0]
 

@@ -16,10 +16,11 @@ from mavis_align.decoding.tilt import combine_values, normalize_values, resolve_
 from mavis_align.generation import SamplingConfig
 
 
-def _rows(k, temperature=1.0, beta=0.0, weights=None, normalize=True, greedy=False):
+def _rows(k, temperature=1.0, beta=0.0, weights=None, normalize=True, greedy=False, max_step_kl=0.0):
     from mavis_align.decoding.engine import RowSpec, RowTensors
 
-    cfg = SamplingConfig(max_new_tokens=1, top_k=k, temperature=temperature, beta=beta, normalize=normalize, greedy=greedy)
+    cfg = SamplingConfig(max_new_tokens=1, top_k=k, temperature=temperature, beta=beta, normalize=normalize, greedy=greedy,
+                         max_step_kl=max_step_kl)
     return RowTensors.pack([RowSpec(cfg, weights=weights)], 0 if weights is None else weights.shape[0], "cpu")
 
 
@@ -199,3 +200,54 @@ def test_tilt_without_normalize_is_the_v3_form():
     torch.testing.assert_close(d.logp[0], torch.log_softmax(logits[0, top] / 0.7 + 4.0 * v, dim=-1))
     vn = (v - v.min()) / (v.max() - v.min())
     torch.testing.assert_close(d.logp[1], torch.log_softmax(logits[1, top] / 0.7 + 4.0 * vn, dim=-1))
+
+
+def test_step_kl_cap_closed_form():
+    """capped_beta: the tilt's KL to pi_ref's top-k distribution is monotone in beta; a row over its cap
+    gets the beta whose KL equals the cap (checked against the closed-form KL), rows within it keep beta."""
+    from mavis_align.decoding.tilt import capped_beta, tilt_kl
+
+    ref = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2], [0.6, 0.4, 0.0]]))
+    v = torch.tensor([[0.0, 2.0, 1.0], [0.0, 2.0, 1.0], [0.0, 1.0, 5.0]])
+    valid = torch.isfinite(ref)
+    beta = torch.tensor([3.0, 3.0, 3.0])
+
+    def closed_form(row, b):
+        p = ref[row].exp()[valid[row]]
+        w = p * torch.exp(b * v[row][valid[row]])
+        q = w / w.sum()
+        return float((q * (q / p).log()).sum())
+
+    full = tilt_kl(ref, v, beta, valid)
+    for r in range(3):
+        assert float(full[r]) == pytest.approx(closed_form(r, 3.0), rel=1e-5)
+    assert all(closed_form(0, b) < closed_form(0, b + 0.5) for b in (0.0, 0.5, 1.0, 2.0))  # monotone in beta
+    cap = torch.tensor([0.1, float("inf"), 10.0])
+    got = capped_beta(ref, v, beta, cap, valid)
+    assert 0 < float(got[0]) < 3.0 and closed_form(0, float(got[0])) == pytest.approx(0.1, abs=1e-5)
+    assert got[1:].tolist() == [3.0, 3.0]  # no cap; a cap the tilt stays within
+    # the masked candidate (pi_ref 0, value 5) never counts, whatever its value
+    assert float(tilt_kl(ref, v, beta, valid)[2]) == pytest.approx(closed_form(2, 3.0), rel=1e-5)
+    capped = tilted_logprobs(ref, v, beta, normalize=False, valid=valid, max_step_kl=cap)
+    torch.testing.assert_close(capped[0], tilted_logprobs(ref[:1], v[:1], got[:1], normalize=False)[0])
+    torch.testing.assert_close(capped[1:], tilted_logprobs(ref[1:], v[1:], beta[1:], normalize=False, valid=valid[1:]))
+    with pytest.raises(ValueError, match="max_step_kl"):
+        SamplingConfig(max_step_kl=-1.0)
+
+
+def test_step_kl_cap_bounds_every_step_of_a_decode():
+    """A decode over the whole (tiny) vocabulary with max_step_kl: every step's recorded KL to pi_ref is
+    at most the cap (no top-k truncation term here), while the same tilt uncapped spends far more."""
+    from conftest import make_tiny_tokenizer
+    from mavis_align.decoding.decoder import MavisDecoder
+    from test_decoding import make_value_model
+
+    tok = make_tiny_tokenizer()
+    dec = MavisDecoder(make_tiny_lm(len(tok), seed=3), tok, [make_value_model(tok, ["v"], 1)])
+    prompts = ["hello world", "the cat sat on the mat"] * 4
+    strong = SamplingConfig(max_new_tokens=6, top_k=len(tok), beta=30.0)
+    capped = SamplingConfig(max_new_tokens=6, top_k=len(tok), beta=30.0, max_step_kl=0.05)
+    steps_strong = [k for g in dec.generate(prompts, weights={"v": 1.0}, config=strong, seed=1, chat=False) for k in g.step_kl]
+    steps_capped = [k for g in dec.generate(prompts, weights={"v": 1.0}, config=capped, seed=1, chat=False) for k in g.step_kl]
+    assert max(steps_capped) <= 0.05 + 1e-4 and max(steps_capped) > 0.04  # the cap binds and holds
+    assert sum(steps_strong) / len(steps_strong) > 0.5

@@ -75,6 +75,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         stop_strings=tuple(args.stop),
         beta=args.beta,
         normalize=not args.no_normalize,
+        max_step_kl=args.max_step_kl,
     )
     t0 = time.perf_counter()
     decoder = MavisDecoder.load(args.model, args.value)
@@ -154,7 +155,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         num_layers=args.layers, k_root=args.k_root, k=args.k, max_new_tokens=args.max_new_tokens,
         two_layer_rule=args.two_layer_rule, extra_children=args.extra_children, max_rows=args.max_rows,
         temperature=args.temperature, top_k=args.top_k if args.top_k is not None else (DEFAULT_TOP_K if args.value else 0),
-        beta=args.beta, normalize=not args.no_normalize,
+        beta=args.beta, normalize=not args.no_normalize, max_step_kl=args.max_step_kl,
     )
     spec = CollectSpec(
         model=args.model, values=list(args.value), weights=parse_weights(args.weights) if args.weights else None,
@@ -303,7 +304,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model, tok = decoder.model, decoder.tokenizer
     prompts = [p.text for p in load_prompts(args.dataset, args.split, seed=args.data_seed, tokenizer=tok, limit=args.limit)]
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, top_k=args.top_k if args.top_k is not None else (DEFAULT_TOP_K if args.value else 0), beta=args.beta,
-                         normalize=not args.no_normalize)
+                         normalize=not args.no_normalize, max_step_kl=args.max_step_kl)
     chat = not args.no_chat
     if args.method == "ref":
         policy = DecoderPolicy("ref", decoder, SamplingConfig(max_new_tokens=args.max_new_tokens), chat=chat)
@@ -500,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-normalize", action="store_true",
                    help="tilt by raw beta * sum lambda V (the paper's v3 form: softmax over the top-k of logits/T + beta * sum lambda V) "
                         "instead of min-max normalised values; raw values make beta scale-dependent: ~1/eta (tens) for soft values, ~1-5 normalised")
+    p.add_argument("--max-step-kl", type=float, default=0.0, metavar="NATS",
+                   help="cap on the KL the tilt adds at each step: a step where beta would move pi further from pi_ref's top-k "
+                        "distribution uses the largest smaller beta that does not (0 = no cap, the paper's tilt)")
     p.add_argument("--beam", type=int, default=0, metavar="N", help="value-guided beam search with N beams (needs value models)")
     p.add_argument("--expand", type=int, default=None, help="children per beam per step (default N)")
     p.add_argument("--rerank", action="store_true", help="beam search: re-rank the N finished candidates by the lambda-weighted rewards of the same names")
@@ -534,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", action="append", default=[], metavar="NAME=W")
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--no-normalize", action="store_true", help="tilt of pi_gen by raw values (see `generate --help`)")
+    p.add_argument("--max-step-kl", type=float, default=0.0, metavar="NATS", help="per-step KL cap of the tilt (see `generate --help`)")
     p.add_argument("--no-chat", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--group-size", type=int, default=4, help="prompts per work unit (the resumable unit)")
@@ -635,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", action="append", default=[], metavar="NAME=W")
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--no-normalize", action="store_true", help="tilt by raw values (see `generate --help`)")
+    p.add_argument("--max-step-kl", type=float, default=0.0, metavar="NATS", help="per-step KL cap of the tilt (see `generate --help`)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--policy", help="fine-tuned policy folder (method policy)")
     p.add_argument("--best-of", type=int, default=0, metavar="N", help="best-of-N by the lambda-weighted rewards")

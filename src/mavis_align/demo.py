@@ -4,12 +4,12 @@ objective weightings and show how the per-objective rewards and the KL move."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from importlib import resources
 from pathlib import Path
 
-from .generation import DEFAULT_TOP_K
 
 def steering_settings(objectives: list[str]) -> list[tuple[str, dict | None]]:
     """pi_ref, each objective alone, and each neighbouring pair at equal weight."""
@@ -62,7 +62,7 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
     from .models import load_causal_lm
     from .paths import cache_dir
     from .rewards import get_rewards
-    from .train.iterate import load_recipe, run_iterations
+    from .train.iterate import eval_config, load_recipe, run_iterations
     from .values import ValueModel
 
     recipe = load_recipe(recipe_path or packaged_recipe())
@@ -79,9 +79,10 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
     half = max(1, n_prompts // 2)
     test = load_prompts(recipe.dataset, "test", seed=recipe.data_seed, tokenizer=tok)
     prompts = balanced_prompts(test, half)
-    b = beta if beta is not None else float(recipe.eval.get("beta", 5.0))
-    cfg = SamplingConfig(max_new_tokens=int(recipe.eval.get("max_new_tokens", 40)), top_k=int(recipe.eval.get("top_k", DEFAULT_TOP_K)), beta=b,
-                         normalize=bool(recipe.eval.get("normalize", True)))
+    cfg = eval_config(recipe)
+    if beta is not None:
+        cfg = dataclasses.replace(cfg, beta=beta)
+    b = cfg.beta
     plain = SamplingConfig(max_new_tokens=cfg.max_new_tokens)
     rewards = get_rewards(recipe.objectives)
     header = "| weights λ | " + " | ".join(recipe.objectives) + " | KL (nats), eq. 7 | KL, Σ step KLs | weighted objectives: z vs π_ref |"

@@ -69,6 +69,9 @@ class SamplingConfig:
         stop_strings: decoding of a sequence stops once its text contains one of these.
         beta: tilt strength of the value models (>= 0; paper: beta = 1/eta).
         normalize: min-max normalise the combined candidate values to [0, 1] first (paper eq. 14).
+        max_step_kl: if > 0, a cap in nats on the KL the tilt adds at each step: where beta would
+            move pi further than that from pi_ref's top-k distribution, the step uses the largest smaller
+            beta that does not (``decoding.tilt.capped_beta``); 0 = no cap (the paper's tilt).
     """
 
     max_new_tokens: int = 64
@@ -79,6 +82,7 @@ class SamplingConfig:
     beta: float = 1.0
     normalize: bool = True
     min_new_tokens: int = 0
+    max_step_kl: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -90,6 +94,8 @@ class SamplingConfig:
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = no top-k), got {self.top_k}")
         check_beta(self.beta)
+        if not (self.max_step_kl >= 0 and self.max_step_kl < float("inf")):
+            raise ValueError(f"max_step_kl must be finite and >= 0 (0 = no cap), got {self.max_step_kl}")
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:

@@ -53,6 +53,7 @@ class TreeConfig:
     top_k: int = 0
     beta: float = 1.0
     normalize: bool = True
+    max_step_kl: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "k_root", "k", "max_new_tokens", "max_rows"):
@@ -63,10 +64,14 @@ class TreeConfig:
         self.sampling()  # validates temperature / top_k / beta
 
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, beta=self.beta, normalize=self.normalize)
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, beta=self.beta, normalize=self.normalize,
+                              max_step_kl=self.max_step_kl)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["max_step_kl"]:
+            del d["max_step_kl"]  # uncapped: the same record as before the field existed (older runs resume)
+        return d
 
 
 class GenPolicy:
@@ -107,7 +112,7 @@ class GenPolicy:
         the prefixes' prefill, and every returned row's ``base_kv`` holds its own keys and values."""
         ids, mask = left_pad(prefixes, self.pad_id, next(self.model.parameters()).device)
         sampling = SamplingConfig(
-            max_new_tokens=max(budgets), temperature=config.temperature, top_k=config.top_k, beta=config.beta, normalize=config.normalize
+            max_new_tokens=max(budgets), temperature=config.temperature, top_k=config.top_k, beta=config.beta, normalize=config.normalize, max_step_kl=config.max_step_kl
         )
         scorer, w, b = None, None, None
         if self.is_mavis:

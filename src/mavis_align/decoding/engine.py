@@ -133,7 +133,7 @@ class RowTensors:
 
     weights [B, M] (zeros for untilted rows), beta [B], top_k [B] long (0 = whole vocabulary),
     temperature [B] (1 for greedy rows), greedy [B] bool, normalize [B] bool, tilted [B] bool,
-    min_new [B] long.
+    min_new [B] long, max_step_kl [B] (inf: no cap).
     """
 
     weights: torch.Tensor
@@ -144,6 +144,7 @@ class RowTensors:
     normalize: torch.Tensor
     tilted: torch.Tensor
     min_new: torch.Tensor
+    max_step_kl: torch.Tensor
 
     @classmethod
     def pack(cls, specs: Sequence[RowSpec], n_objectives: int, device) -> "RowTensors":
@@ -158,6 +159,7 @@ class RowTensors:
             normalize=torch.tensor([s.config.normalize for s in specs], dtype=torch.bool, device=device),
             tilted=torch.tensor([s.weights is not None for s in specs], dtype=torch.bool, device=device),
             min_new=torch.tensor([s.config.min_new_tokens for s in specs], dtype=torch.long, device=device),
+            max_step_kl=torch.tensor([s.config.max_step_kl or float("inf") for s in specs], dtype=torch.float32, device=device),
         )
 
     def select(self, index: torch.Tensor) -> "RowTensors":
@@ -247,7 +249,8 @@ def step_distribution(
         return StepDistribution(ids, torch.log_softmax(ref_logp.masked_fill(~valid, NEG_INF), dim=-1), None)
     combined = combine_values(scorer.score(ids, rows.weights), rows.weights)
     beta = torch.where(rows.tilted, rows.beta, torch.zeros_like(rows.beta))
-    return StepDistribution(ids, tilted_logprobs(ref_logp, combined, beta, normalize=rows.normalize, valid=valid), combined)
+    return StepDistribution(ids, tilted_logprobs(ref_logp, combined, beta, normalize=rows.normalize, valid=valid,
+                                                          max_step_kl=rows.max_step_kl), combined)
 
 
 def sample_positions(logp: torch.Tensor, greedy: torch.Tensor, generators: Sequence[torch.Generator | None],

@@ -35,6 +35,7 @@ class MavisLogitsProcessor:
         beta: tilt strength (>= 0).
         top_k: candidates per step (>= 1).
         normalize: min-max normalise combined values (paper eq. 14).
+        max_step_kl: cap in nats on the KL the tilt adds per step (0 = none; see ``SamplingConfig``).
         temperature: applied to pi_ref before top-k, as in the native decoder.
         names: per value model, the objective name of its single head (None: stored names).
         attention_mask: [B, T] mask of the prompt batch given to ``generate`` (left padding);
@@ -50,6 +51,7 @@ class MavisLogitsProcessor:
         beta: float = 1.0,
         top_k: int = DEFAULT_TOP_K,
         normalize: bool = True,
+        max_step_kl: float = 0.0,
         temperature: float = 1.0,
         names: Sequence[str | None] | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -59,7 +61,8 @@ class MavisLogitsProcessor:
             raise ValueError("MavisLogitsProcessor needs at least one value model")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        self.config = SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, beta=beta, normalize=normalize)  # validates
+        self.config = SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, beta=beta, normalize=normalize,
+                                     max_step_kl=max_step_kl)  # validates
         if attention_mask is None and pad_token_id is None:
             raise ValueError("give the prompt attention_mask (or pad_token_id to infer left padding)")
         self.models = [vm.eval() for vm in value_models]

@@ -64,6 +64,52 @@ def normalize_values(v: torch.Tensor, valid: torch.Tensor | None = None) -> torc
     return out
 
 
+def tilt_kl(ref_logp: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(pi_beta || pi_0) of every row, where pi_0 = softmax(ref_logp) over the valid candidates and
+    pi_beta ∝ pi_0 · exp(beta · v): the KL the tilt itself adds at this step (the top-k truncation's
+    own −log(mass of the top k) comes on top of it in the KL to the full pi_ref).
+
+    Args:
+        ref_logp: [B, k]; v: [B, k] the values the tilt multiplies (after any normalisation);
+        beta: [B]; valid: [B, k] bool or None.
+    Returns:
+        [B] float32, >= 0 up to rounding.
+    """
+    scores = ref_logp.float()
+    if valid is not None:
+        scores = scores.masked_fill(~valid, NEG_INF)
+    base = torch.log_softmax(scores, dim=-1)
+    tilted = torch.log_softmax(scores + beta[:, None] * v, dim=-1)
+    return torch.where(torch.isfinite(tilted), tilted.exp() * (tilted - base), torch.zeros_like(tilted)).sum(-1)
+
+
+def capped_beta(ref_logp: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, max_kl: torch.Tensor,
+                valid: torch.Tensor | None = None, iterations: int = 40) -> torch.Tensor:
+    """Per row, the largest beta' in [0, beta] whose tilt adds at most ``max_kl`` nats at this step.
+
+    The tilt's KL grows monotonically with beta' >= 0 (d KL / d beta' = beta' · Var_{pi_beta'}(v)), so
+    rows over their budget are found by bisection; rows within it (or with max_kl = inf) keep beta.
+    This is the same exponential tilt with its strength set per step by a KL budget, the constrained
+    form of the KL-regularised step (a trust region), not a different distribution family.
+
+    Args:
+        ref_logp, v, valid: as in :func:`tilt_kl`; beta: [B] >= 0; max_kl: [B] > 0 (inf: no cap).
+    Returns:
+        [B] float32 beta'.
+    """
+    beta = beta.float()
+    over = tilt_kl(ref_logp, v, beta, valid) > max_kl
+    if not bool(over.any()):
+        return beta
+    lo, hi = torch.zeros_like(beta), beta.clone()
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        too_much = tilt_kl(ref_logp, v, mid, valid) > max_kl
+        hi = torch.where(too_much, mid, hi)
+        lo = torch.where(too_much, lo, mid)
+    return torch.where(over, lo, beta)
+
+
 def tilted_logprobs(
     ref_logp: torch.Tensor,
     values: torch.Tensor,
@@ -71,6 +117,7 @@ def tilted_logprobs(
     *,
     normalize: bool | torch.Tensor = True,
     valid: torch.Tensor | None = None,
+    max_step_kl: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """log pi_MAVIS over the candidates: log_softmax(log pi_ref(a) + beta · v(a)).
 
@@ -81,6 +128,8 @@ def tilted_logprobs(
             exact soft-optimal tilt when ``values`` are the optimal soft values.
         normalize: apply :func:`normalize_values` first (the paper's default); or [B] bool, per row.
         valid: [B, k] bool mask of usable candidates (others get -inf).
+        max_step_kl: [B] per-row cap on the KL the tilt adds at this step (inf: none); a row over it
+            is tilted with the smaller beta of :func:`capped_beta`.
     Returns:
         [B, k] float32 log-probabilities that sum (in prob space) to 1 over valid candidates.
     """
@@ -93,6 +142,8 @@ def tilted_logprobs(
         v = torch.where(normalize[:, None], normalize_values(values, valid), values.float())
     else:
         v = normalize_values(values, valid) if normalize else values.float()
+    if max_step_kl is not None and bool(torch.isfinite(max_step_kl).any()):
+        beta_t = capped_beta(ref_logp, v, beta_t.reshape(-1).expand(v.shape[0]), max_step_kl, valid)[:, None]
     scores = ref_logp.float() + beta_t * v
     if valid is not None:
         scores = scores.masked_fill(~valid, NEG_INF)

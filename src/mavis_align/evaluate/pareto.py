@@ -84,6 +84,7 @@ class SweepSpec:
     step_candidates: int = 4  # mavis-step: candidate steps sampled from pi_ref per step
     step_select: str = "best"  # mavis-step: keep the best candidate, or draw one by the tilt (`tilt`, uses beta)
     normalize: bool = True  # MAVIS tilt: NORMALIZE the values to [0, 1] (paper v1/v2) or raw (v3: logits/T + beta * sum lambda V)
+    max_step_kl: float = 0.0  # MAVIS token tilt: cap in nats on the KL it adds per step (0 = none; SamplingConfig.max_step_kl)
     judge: str = ""  # pairwise LLM judge: MODEL@URL (OpenAI-compatible) or a local model name/path; "" = none
     judge_against: str = "ref"  # the method every point is judged against (its point at the same lambda; `ref`: the one ref point)
     criteria: list[str] = field(default_factory=lambda: ["helpful", "harmless", "balanced"])
@@ -167,7 +168,7 @@ def morlhf_key(lam) -> str:
     return f"{lam[0]:g}" if len(lam) == 2 else lam_key(lam)
 
 
-MAVIS_ONLY_FIELDS = ("beta", "betas", "values", "normalize", "conditioned")  # sweep settings that change the MAVIS points only
+MAVIS_ONLY_FIELDS = ("beta", "betas", "values", "normalize", "max_step_kl", "conditioned")  # sweep settings that change the MAVIS points only
 PLACEMENT_FIELDS = ("device", "dtype")  # where the points are computed: changing them keeps the points
 JUDGE_FIELDS = ("judge", "judge_against", "criteria")  # the judge record is redone, the points kept
 MAVIS_METHODS = ("mavis", "mavis-beam", "mavis-step", "mavis-conditioned")
@@ -176,6 +177,7 @@ STEP_METHODS = ("mavis-step", "mahalo-step")
 TILT_FIELDS = ("beta", "betas", "normalize")  # read by step-level methods only when they draw by the tilt
 FIELD_METHODS = {"beta": MAVIS_METHODS + ("mahalo-step",), "betas": MAVIS_METHODS + ("mahalo-step",), "normalize": MAVIS_METHODS + ("mahalo-step",),
                  "values": ("mavis", "mavis-beam", "mavis-step", "mahalo-step"),
+                 "max_step_kl": ("mavis", "mavis-beam", "mavis-conditioned"),
                  "step_chunk": STEP_METHODS, "step_candidates": STEP_METHODS, "step_select": STEP_METHODS,
                  "conditioned": ("mavis-conditioned",), "moodpo": ("moodpo",), "mva": ("mva",), "extrapolate": ("mva",),
                  "mahalo": ("mahalo", "mahalo-step")}
@@ -290,7 +292,8 @@ def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
         if method == "ref":
             return DecoderPolicy("ref", MavisDecoder(ref_model, tok), plain, chat=spec.chat)
         w = dict(zip(spec.objectives, lam))
-        cfg = SamplingConfig(max_new_tokens=spec.max_new_tokens, top_k=spec.top_k, beta=beta_for(lam), normalize=spec.normalize)
+        cfg = SamplingConfig(max_new_tokens=spec.max_new_tokens, top_k=spec.top_k, beta=beta_for(lam), normalize=spec.normalize,
+                             max_step_kl=spec.max_step_kl)
         if method == "bon-ref":
             return BestOfN("bon-ref", DecoderPolicy("ref", MavisDecoder(ref_model, tok), plain, chat=spec.chat), spec.n, scorer(lam))
         if method == "mavis":

@@ -7,7 +7,8 @@
 Extra body fields (OpenAI clients: ``extra_body``): ``objective_weights`` ({name: weight >= 0};
 omitted = plain sampling from pi_ref), ``beta`` (>= 0), ``top_k`` (candidates, >= 1; default 15 with
 objective weights, else the whole vocabulary), ``min_tokens`` (no EOS before), ``normalize`` (min-max
-normalise the combined values, default true), ``return_rewards`` (score the result with the reward
+normalise the combined values, default true), ``max_step_kl`` (cap in nats on the KL the tilt adds per
+step, 0 = none), ``return_rewards`` (score the result with the reward
 functions of the same names). ``temperature`` 0 is greedy decoding. Responses
 carry a ``mavis`` object with the KL estimate (eq. 7), the weights and beta used, and the rewards.
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
@@ -171,6 +172,7 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
         min_tokens = number(body, "min_tokens", 0, 0, max_tokens, True)
         beta = number(body, "beta", 1.0, 0.0, 1e6)
         normalize = flag(body, "normalize", True)
+        max_step_kl = number(body, "max_step_kl", 0.0, 0.0, 1e6)
         seed = number(body, "seed", None, SEED_RANGE[0], SEED_RANGE[1], True)
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
@@ -195,7 +197,8 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
                 raise APIError(400, str(err), param="objective_weights", code="invalid_objective") from err
         top_k = number(body, "top_k", DEFAULT_TOP_K if weights is not None else 0, 1 if weights is not None or "top_k" in body else 0, 1000, True)
         config = SamplingConfig(max_new_tokens=max_tokens, min_new_tokens=min_tokens, temperature=temperature or 1.0, greedy=temperature == 0,
-                                top_k=top_k, stop_strings=tuple(stop), beta=beta, normalize=normalize)
+                                top_k=top_k, stop_strings=tuple(stop), beta=beta, normalize=normalize,
+                                max_step_kl=max_step_kl)
         ids = encode(prompt_text)
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")

@@ -106,7 +106,8 @@ def recipe_shape() -> Shape:
         Recipe, tree=shape_of(TreeConfig), train=train,
         iterations=ListOf(shape_of(IterationSpec, train=train)),
         value_head=Shape({"pool": str, "hidden": int}, "value_head"),
-        eval=Shape({"beta": float, "top_k": int, "max_new_tokens": int, "samples": int, "temperature": float, "normalize": bool}, "eval"),
+        eval=Shape({"beta": float, "top_k": int, "max_new_tokens": int, "samples": int, "temperature": float, "normalize": bool,
+                                  "max_step_kl": float}, "eval"),
     )
 
 
@@ -167,12 +168,14 @@ def costing(out: Path, key: str):
         add_cost(out, key, time.perf_counter() - t0)
 
 
-def _eval_config(recipe: Recipe):
+def eval_config(recipe: Recipe):
+    """The recipe's ``eval`` settings as the MAVIS decode's :class:`SamplingConfig` (iteration reports, the demo)."""
     from ..generation import SamplingConfig
 
     e = recipe.eval
     return SamplingConfig(max_new_tokens=int(e.get("max_new_tokens", 48)), top_k=int(e.get("top_k", DEFAULT_TOP_K)),
-                          temperature=float(e.get("temperature", 1.0)), beta=float(e.get("beta", 2.0)), normalize=bool(e.get("normalize", True)))
+                          temperature=float(e.get("temperature", 1.0)), beta=float(e.get("beta", 2.0)), normalize=bool(e.get("normalize", True)),
+                          max_step_kl=float(e.get("max_step_kl", 0.0)))
 
 
 def collect_trees(recipe: Recipe, path: Path, prompts: list, *, limit: int, values: list[str], weights, beta: float, rewards: list[str],
@@ -272,7 +275,7 @@ def _run_iterations(recipe: Recipe, out: str | Path, *, progress: bool, stop_aft
     summary: dict = {"recipe": recipe.name, "iterations": []}
     (out / "eval").mkdir(exist_ok=True)
     rewards = get_rewards(list(recipe.objectives))
-    cfg = _eval_config(recipe)
+    cfg = eval_config(recipe)
     samples = int(recipe.eval.get("samples", 1))
     loaded: dict = {}
 

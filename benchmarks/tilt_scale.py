@@ -35,6 +35,7 @@ from mavis_align.evaluate import DecoderPolicy, evaluate_policy
 from mavis_align.generation import SamplingConfig
 from mavis_align.models import format_prompts, load_causal_lm
 from mavis_align.provenance import write_json, write_run_record
+from mavis_align.report import _envelope, reward_at_kl
 from mavis_align.rewards import get_rewards
 from mavis_align.values import ValueModel
 
@@ -73,6 +74,26 @@ def candidate_spread(model, tok, vms: list[ValueModel], prompts: list[str], step
     return {m: {"median": statistics.median(r), "p90": sorted(r)[int(0.9 * (len(r) - 1))], "states": len(r)} for m, r in ranges.items()}
 
 
+def _kl(row: dict) -> float:
+    """The row's KL: the sum of step KLs where recorded (less variance), else eq. 7."""
+    return row["kl_steps"] if row.get("kl_steps") is not None else row["kl"]
+
+
+def pick_setting(rows: list[dict], budget: float) -> dict | None:
+    """One tilt setting for every objective: among the settings (tilt, β, cap) measured for all of them whose KL
+    (:func:`_kl`) is within ``budget`` for each, the one whose smallest z is largest; None if none qualifies."""
+    settings: dict[tuple, list[dict]] = {}
+    for r in rows:
+        settings.setdefault((r["normalize"], r["beta"], r["max_step_kl"]), []).append(r)
+    n = len({r["objective"] for r in rows})
+    ok = {k: v for k, v in settings.items() if len(v) == n and all(_kl(r) <= budget for r in v)}
+    if not ok:
+        return None
+    (normalize, beta, cap), best = max(ok.items(), key=lambda kv: min(r["z"] for r in kv[1]))
+    return {"tilt": "NORMALIZE" if normalize else "raw", "beta": beta, "max_step_kl": cap, "min_z": min(r["z"] for r in best),
+            "kl": {r["objective"]: _kl(r) for r in best}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("value_model", nargs="*", default=[DEFAULT_MODEL])
@@ -83,6 +104,9 @@ def main() -> None:
     ap.add_argument("--max-step-kl", type=float, nargs="*", default=[], help="per-step KL caps (nats) for extra raw-tilt rows")
     ap.add_argument("--results", default="benchmarks/results")
     ap.add_argument("--name", default="tilt_scale", help="results file stem")
+    ap.add_argument("--kl-budget", type=float, default=None, metavar="NATS",
+                    help="also pick one setting for all objectives: among those whose KL (Σ step KLs) stays within NATS for every "
+                         "objective, the one whose smallest z over the objectives is largest (how the demo's tilt was chosen)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,21 +149,42 @@ def main() -> None:
                          "kl_steps": (r.get("kl_steps") or {}).get("mean"), "kl_steps_se": (r.get("kl_steps") or {}).get("se")})
             print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
 
+    for r in rows:  # a capped row against the uncapped raw tilt's reward-vs-KL curve at the same KL (linear between its points)
+        if not r["max_step_kl"]:
+            continue
+        same = [q for q in rows if q["objective"] == r["objective"] and not q["normalize"] and not q["max_step_kl"]]
+        curve = _envelope([(0.0, r["ref"], 0.0)] + [(_kl(q), q["reward"], q["se"]) for q in same])
+        at, at_se, inside = reward_at_kl(curve, _kl(r))
+        r["uncapped_at_kl"] = {"reward": at, "se": at_se, "inside": inside}
+
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     write_json(results / f"{args.name}.json", {"config": config, "prompts": len(prompts), "spread": spread, "ref": ref["rewards"], "rows": rows})
+    def vs_uncapped(r: dict) -> str:
+        u = r.get("uncapped_at_kl")
+        if not u:
+            return "-"
+        return f"{u['reward']:.3f} ({r['reward'] - u['reward']:+.3f})" + ("" if u["inside"] else ", past the curve's end: its best at lower KL")
+
     lines = [f"Tilt with NORMALIZE (paper) and on raw values (authors' 2026 code); value model(s) `{', '.join(args.value_model)}`; "
              f"{len(prompts)} hh-mix test prompts from #{FIRST} × {SAMPLES} samples, λ = {{m: 1}}, top-k {TOP_K}, ≤ {MAX_NEW} tokens; "
              "z paired by prompt vs π_ref; KL in nats: eq. 7 and the sum of step KLs (same expectation, less variance); "
-             "cap: SamplingConfig.max_step_kl (per-step KL the tilt may add; - = none).", "",
+             "cap: SamplingConfig.max_step_kl (per-step KL the tilt may add; - = none); 'uncapped at this KL': the uncapped raw "
+             "tilt's reward-vs-KL curve (π_ref and its β points, upper envelope, by Σ step KLs) read at the capped row's KL.", "",
              "Raw value range among the top-k candidates over π_ref's states: "
              + ", ".join(f"{m} median {s['median']:.4f} (p90 {s['p90']:.4f}, {s['states']} states)" for m, s in spread.items()), "",
-             "| objective | tilt | β | cap | reward ± se | π_ref | z | KL ± se | Σ step KL ± se |", "|---|---|---|---|---|---|---|---|---|"]
+             "| objective | tilt | β | cap | reward ± se | π_ref | z | KL ± se | Σ step KL ± se | uncapped at this KL (diff) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kl_se = f" ± {r['kl_se']:.1f}" if r["kl_se"] is not None else ""
         steps = f"{r['kl_steps']:.1f} ± {r['kl_steps_se']:.1f}" if r.get("kl_steps") is not None else "-"
         lines.append(f"| {r['objective']} | {'NORMALIZE' if r['normalize'] else 'raw'} | {r['beta']:g} | {r.get('max_step_kl') or '-'} | "
-                     f"{r['reward']:.3f} ± {r['se']:.3f} | {r['ref']:.3f} | {r['z']:+.1f} | {r['kl']:.1f}{kl_se} | {steps} |")
+                     f"{r['reward']:.3f} ± {r['se']:.3f} | {r['ref']:.3f} | {r['z']:+.1f} | {r['kl']:.1f}{kl_se} | {steps} | {vs_uncapped(r)} |")
+    if args.kl_budget is not None:
+        pick = pick_setting(rows, args.kl_budget)
+        lines += ["", f"Setting for all objectives within {args.kl_budget:g} nats each (largest smallest-z): "
+                  + (f"{pick['tilt']} β={pick['beta']:g}, cap {pick['max_step_kl'] or 'none'} (smallest z {pick['min_z']:+.2f})" if pick else "none")]
+        write_json(results / f"{args.name}.json", {**json.loads((results / f"{args.name}.json").read_text()), "kl_budget": args.kl_budget, "pick": pick})
     (results / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

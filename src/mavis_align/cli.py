@@ -111,7 +111,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if rewards:
         print("\nmean reward: " + "  ".join(f"{n}={sum(v) / len(v):+.3f}" for n, v in scores.items()))
     if specs:
-        print(f"mean KL estimate (eq. 7): {sum(g.log_ratio for g in gens) / len(gens):.3f} nats; weights {weights or 'equal'}; beta {args.beta}; top-k {top_k}")
+        print(f"mean KL estimate (eq. 7): {sum(g.log_ratio for g in gens) / len(gens):.3f} nats; weights {weights or 'equal'}; beta {args.beta}; top-k {top_k}"
+              + (f"; per-step KL cap {args.max_step_kl:g}" if args.max_step_kl else ""))
     print(f"model load {load_s:.1f}s; generated {n_tokens} tokens in {gen_s:.1f}s ({n_tokens / max(gen_s, 1e-9):.1f} tok/s)")
 
     if args.output:

@@ -248,6 +248,8 @@ def test_server_output_equals_the_decoders_alone_and_beside_other_requests(serve
     assert together == expected
     assert any(e[2] == "length" for e in expected) and len({e[0] for e in expected}) == len(expected)
     assert expected[4][1] >= 6  # min_tokens held EOS back
+    capped = client.completions.create(model="tiny", **reqs[-1])  # the per-step KL cap is echoed with beta and top_k
+    assert capped.model_extra["mavis"]["max_step_kl"] == 0.05 and capped.model_extra["mavis"]["beta"] == 8.0
 
 
 def _malformed_requests() -> list[tuple[str, bytes]]:

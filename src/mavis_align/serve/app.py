@@ -212,7 +212,8 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
     def mavis_info(req: GenRequest, done: dict) -> dict:
         info = {"kl": float(sum(g - r for g, r in zip(req.logprobs_gen, req.logprobs_ref))), "beta": req.beta if req.weights is not None else None,
                 "objective_weights": dict(zip(objectives, req.weights.tolist())) if req.weights is not None else None,
-                "top_k": req.config.top_k if req.weights is not None else None}
+                "top_k": req.config.top_k if req.weights is not None else None,
+                "max_step_kl": (req.config.max_step_kl or None) if req.weights is not None else None}
         if req.reward_names:
             info["rewards"] = done.get("rewards", {})
         return info

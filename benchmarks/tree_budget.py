@@ -34,7 +34,7 @@ from mavis_align.collect.store import read_trees
 from mavis_align.models import load_tokenizer
 from mavis_align.provenance import write_json, write_run_record
 from mavis_align.train.quality import quality_report
-from mavis_align.train.regression import _examples, compute_trunk_features, fit_pool_centre, fit_ridge, head_inputs
+from mavis_align.train.regression import split_examples, compute_trunk_features, fit_pool_centre, fit_ridge, head_inputs
 from mavis_align.values import build_value_model
 
 OBJECTIVES = ["helpful", "harmless", "humor"]
@@ -97,8 +97,8 @@ def main() -> None:
             raise SystemExit(f"{f} is missing: run `python benchmarks/value_backbones.py` first (it collects both tree files)")
         data, names, _ = read_trees(f)
         sources.append((data, names))
-    train_ex = _examples(sources, "train", OBJECTIVES, False, 1.0, 0)
-    val_ex = _examples(sources, "val", OBJECTIVES, False, 1.0, 0)
+    train_ex = split_examples(sources, "train", OBJECTIVES, False, 1.0, 0)
+    val_ex = split_examples(sources, "val", OBJECTIVES, False, 1.0, 0)
     t0 = time.perf_counter()
     train_f, val_f = features(train_ex, out, "train"), features(val_ex, out, "val")
     print(f"features: {len(train_ex)} train / {len(val_ex)} val nodes in {time.perf_counter() - t0:.0f} s", flush=True)

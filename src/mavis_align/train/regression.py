@@ -144,7 +144,7 @@ def _load_examples(trees: Sequence[str | Path | LabelledTrees], split: str, cfg:
         if missing:
             raise ValueError(f"tree file {src} has no labels for {missing} (it has {names}); run `mavis-align label` first")
         sources.append((data, names))
-    return _examples(sources, split, objectives, drop_leaves, keep, cfg.seed, _lpr_estimator(cfg.zeta, cfg.kl_estimator))
+    return split_examples(sources, split, objectives, drop_leaves, keep, cfg.seed, _lpr_estimator(cfg.zeta, cfg.kl_estimator))
 
 
 def weights_vector(weights: dict[str, float] | str | None, objectives: Sequence[str]) -> np.ndarray | None:
@@ -159,7 +159,7 @@ def weights_vector(weights: dict[str, float] | str | None, objectives: Sequence[
     return v / v.sum() if v.sum() > 0 else np.full(len(objectives), np.nan)
 
 
-def _examples(sources: Sequence[tuple[LabelledTrees, list[str]]], split: str, objectives: list[str], drop_leaves: bool, keep: float,
+def split_examples(sources: Sequence[tuple[LabelledTrees, list[str]]], split: str, objectives: list[str], drop_leaves: bool, keep: float,
               seed: int, kl_estimator: str = "sampled") -> list[NodeExample]:
     """Examples of ``split`` from loaded (trees, label names) pairs, targets restricted to ``objectives``
     (LPR by ``kl_estimator``, see :func:`~mavis_align.collect.dataset.node_examples`)."""
@@ -443,7 +443,7 @@ def held_out_quality(model: ValueModel, trees: Sequence[str | Path], *, zeta: fl
     preds: dict[tuple[int, ...], torch.Tensor] = {}
     for m, name in enumerate(model.objectives):
         files = tuple(i for i, (_, names) in enumerate(loaded) if name in names)
-        examples = _examples([loaded[i] for i in files], "val", [name], False, 1.0, 0, _lpr_estimator(zeta, kl_estimator))
+        examples = split_examples([loaded[i] for i in files], "val", [name], False, 1.0, 0, _lpr_estimator(zeta, kl_estimator))
         if not examples:
             continue
         if files not in preds:

@@ -7,7 +7,7 @@ learns which prompts score high (R²). This benchmark adds the sibling differenc
     minimise  Σ_i (z_i·w − y_i)²  +  s · Σ_{siblings i<j} ((z_i − z_j)·w − (y_i − y_j))²  +  α ||w||²
 
 (z: standardised head inputs of the default model, frozen ``trunk:4`` with ``prompt+response`` heads;
-s = ``--sibling-weights``; α by 5-fold CV over trees on the level MSE, as in ``fit_ridge``), and scores
+s = ``--sibling-weights``; ``train.regression.fit_ridge`` with ``pairs``: α by 5-fold CV over trees on the level MSE), and scores
 held-out R² and sibling concordance. Data and cached trunk features: the tree-budget benchmark's
 (``python benchmarks/tree_budget.py`` first; value-backbones' two π_ref tree files, 328 train / 72 val
 trees); budgets: 72 train trees (the demo's size, 3 subsample seeds) and all 328.
@@ -33,54 +33,12 @@ from tree_budget import FILES, OBJECTIVES, features  # noqa: E402
 from mavis_align.collect.store import read_trees  # noqa: E402
 from mavis_align.provenance import write_json, write_run_record  # noqa: E402
 from mavis_align.train.quality import quality_report, sibling_pairs  # noqa: E402
-from mavis_align.train.regression import RIDGE_ALPHAS, fit_pool_centre, head_inputs, split_examples  # noqa: E402
+from mavis_align.train.regression import fit_pool_centre, fit_ridge, head_inputs, split_examples  # noqa: E402
 from mavis_align.values import build_value_model  # noqa: E402
 
 WEIGHTS = [0.0, 1.0, 4.0, 16.0]
 BUDGETS = [72, 328]
 SEEDS = [0, 1, 2]
-
-
-def ridge_with_siblings(x: torch.Tensor, y: torch.Tensor, trees: list[int], pairs: list[tuple[int, int]], s: float,
-                        alphas=RIDGE_ALPHAS, folds: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight [M, D], bias [M]) on raw x; one α per output by CV over trees (level MSE)."""
-    x, y = x.double(), y.double()
-    ids = sorted(set(trees))
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
-    fold_of = {ids[j]: i % folds for i, j in enumerate(order)}
-    fold = torch.tensor([fold_of[t] for t in trees])
-    pi = torch.tensor([a for a, _ in pairs], dtype=torch.long)
-    pj = torch.tensor([b for _, b in pairs], dtype=torch.long)
-
-    def solve(mask: torch.Tensor, alpha: float):
-        xs, ys = x[mask], y[mask]
-        mu, sd = xs.mean(0), xs.std(0).clamp(min=1e-6)
-        z, ym = (x - mu) / sd, ys.mean(0)
-        zt = z[mask]
-        lhs, rhs = zt.T @ zt, zt.T @ (ys - ym)
-        keep = mask[pi] & mask[pj]
-        if s > 0 and bool(keep.any()):
-            d = z[pi[keep]] - z[pj[keep]]
-            lhs, rhs = lhs + s * d.T @ d, rhs + s * d.T @ (y[pi[keep]] - y[pj[keep]])
-        w = torch.linalg.solve(lhs + alpha * torch.eye(z.shape[1], dtype=z.dtype), rhs)
-        return w, mu, sd, ym
-
-    cv = []
-    for alpha in alphas:
-        sq = torch.zeros(y.shape[1], dtype=torch.float64)
-        for f in range(folds):
-            w, mu, sd, ym = solve(fold != f, alpha)
-            te = fold == f
-            sq += (((x[te] - mu) / sd @ w + ym - y[te]) ** 2).sum(0)
-        cv.append(sq)
-    cv = torch.stack(cv)  # [alphas, M]
-    weight, bias = torch.zeros(y.shape[1], x.shape[1], dtype=torch.float64), torch.zeros(y.shape[1], dtype=torch.float64)
-    everything = torch.ones(len(y), dtype=torch.bool)
-    for m in range(y.shape[1]):
-        alpha = alphas[int(cv[:, m].argmin())]
-        w, mu, sd, ym = solve(everything, alpha)
-        weight[m], bias[m] = w[:, m] / sd, ym[m] - (mu / sd) @ w[:, m]
-    return weight.float(), bias.float()
 
 
 def main() -> None:
@@ -119,7 +77,7 @@ def main() -> None:
                 x = head_inputs(vm, f)
                 y = torch.tensor(np.stack([e.target() for e in ex]), dtype=torch.float32)
                 pairs = sibling_pairs([(e.tree, e.parent) for e in ex])
-                w, b = ridge_with_siblings(x, y, [e.tree for e in ex], pairs, s)
+                w, b, _, _ = fit_ridge(x, y, [e.tree for e in ex], seed=0, pairs=pairs, pair_weight=s)
                 pred = head_inputs(vm, val_f) @ w.T + b
                 rep = quality_report(pred.numpy(), val_target, val_groups, OBJECTIVES)["per_objective"]
                 per_seed.append(rep)

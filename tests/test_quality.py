@@ -245,6 +245,29 @@ def test_fit_ridge_recovers_a_linear_map_and_picks_penalties_by_group_cv():
         fit_ridge(x, y, [0] * 300)
 
 
+def test_fit_ridge_pair_term_fits_the_within_group_differences():
+    """With pairs, the fit also matches the pairs' target differences: the levels carry a per-group
+    offset that follows the group's mean of feature 0 (so a level fit over-weights feature 0), the
+    differences within a group do not; a heavy pair weight recovers the within-group map, none does
+    not; pair_weight 0 is the plain fit."""
+    from mavis_align.train.regression import fit_ridge
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 3, generator=g)
+    group = torch.arange(200) // 4
+    groups = group.tolist()
+    group_mean0 = torch.zeros(50).index_add(0, group, x[:, 0]) / 4
+    a = torch.tensor([1.0, -2.0, 0.5])
+    y = (x @ a + 4.0 * group_mean0[group])[:, None]
+    pairs = [(i, j) for i in range(200) for j in range(i + 1, 200) if groups[i] == groups[j]]
+    plain, _, _, _ = fit_ridge(x, y, groups, alphas=(1e-3,))
+    paired, _, _, _ = fit_ridge(x, y, groups, alphas=(1e-3,), pairs=pairs, pair_weight=100.0)
+    assert torch.allclose(paired[0], a, atol=0.05)
+    assert float(plain[0, 0] - a[0]) > 0.3  # the level fit credits feature 0 with the groups' offsets
+    same, _, _, _ = fit_ridge(x, y, groups, alphas=(1e-3,), pairs=pairs, pair_weight=0.0)
+    assert torch.equal(same, plain)
+
+
 def test_prompt_response_model_fits_its_centre_and_roundtrips(tmp_path, cat_trees):
     vm = frozen_model(("cat",), pool="prompt+response")
     assert vm.head.weight.shape[1] == 3 * vm.hidden_size + 2

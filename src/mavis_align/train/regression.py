@@ -160,7 +160,7 @@ def weights_vector(weights: dict[str, float] | str | None, objectives: Sequence[
 
 
 def split_examples(sources: Sequence[tuple[LabelledTrees, list[str]]], split: str, objectives: list[str], drop_leaves: bool, keep: float,
-              seed: int, kl_estimator: str = "sampled") -> list[NodeExample]:
+                   seed: int, kl_estimator: str = "sampled") -> list[NodeExample]:
     """Examples of ``split`` from loaded (trees, label names) pairs, targets restricted to ``objectives``
     (LPR by ``kl_estimator``, see :func:`~mavis_align.collect.dataset.node_examples`)."""
     out: list[NodeExample] = []
@@ -487,12 +487,15 @@ RIDGE_ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
 
 
 def fit_ridge(x: torch.Tensor, y: torch.Tensor, groups: Sequence[int], alphas: Sequence[float] = RIDGE_ALPHAS, *, folds: int = 5,
-              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[float], list[list[float]]]:
+              seed: int = 0, pairs: Sequence[tuple[int, int]] = (), pair_weight: float = 0.0,
+              ) -> tuple[torch.Tensor, torch.Tensor, list[float], list[list[float]]]:
     """Ridge regression of ``y`` [N, M] on ``x`` [N, D] with one penalty per output column, each chosen
     by ``folds``-fold cross-validation over ``groups`` (examples of one group stay in one fold).
 
     Features are standardised before the penalty applies; the returned weight [M, D] and bias [M]
-    act on raw ``x`` (pred = x @ weight.T + bias).
+    act on raw ``x`` (pred = x @ weight.T + bias). With ``pair_weight`` s > 0 the fit also minimises
+    s · Σ over ``pairs`` (i, j) of ((x_i − x_j)·w − (y_i − y_j))² (pairs with both ends in the training
+    fold), e.g. sibling differences (``benchmarks/sibling_ridge.py``); the CV score stays the level MSE.
     Returns:
         (weight, bias, chosen alpha per column, CV MSE [alpha][column]).
     """
@@ -503,26 +506,35 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, groups: Sequence[int], alphas: S
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
     fold_of = {ids[j]: i % min(folds, len(ids)) for i, j in enumerate(order)}
     fold = torch.tensor([fold_of[int(g)] for g in groups])
+    pi = torch.tensor([a for a, _ in pairs], dtype=torch.long)
+    pj = torch.tensor([b for _, b in pairs], dtype=torch.long)
 
-    def solve(xs: torch.Tensor, ys: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def solve(keep: torch.Tensor, ys: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        xs = x[keep]
         mu, sd = xs.mean(0), xs.std(0).clamp(min=1e-6)
         z = (xs - mu) / sd
-        ym = ys.mean(0)
-        w = torch.linalg.solve(z.T @ z + alpha * torch.eye(z.shape[1], dtype=z.dtype), z.T @ (ys - ym))
+        ym = ys[keep].mean(0)
+        lhs, rhs = z.T @ z, z.T @ (ys[keep] - ym)
+        both = keep[pi] & keep[pj] if pair_weight > 0 else torch.zeros(0, dtype=torch.bool)
+        if bool(both.any()):
+            d = (x[pi[both]] - x[pj[both]]) / sd
+            lhs, rhs = lhs + pair_weight * d.T @ d, rhs + pair_weight * d.T @ (ys[pi[both]] - ys[pj[both]])
+        w = torch.linalg.solve(lhs + alpha * torch.eye(z.shape[1], dtype=z.dtype), rhs)
         return w, mu, sd, ym
 
     cv = []
     for alpha in alphas:
         sq = torch.zeros(y.shape[1], dtype=torch.float64)
         for f in range(int(fold.max()) + 1):
-            tr, te = fold != f, fold == f
-            w, mu, sd, ym = solve(x[tr], y[tr], alpha)
+            te = fold == f
+            w, mu, sd, ym = solve(~te, y, alpha)
             sq += (((x[te] - mu) / sd @ w + ym - y[te]) ** 2).sum(0)
         cv.append((sq / len(y)).tolist())
     best = [alphas[min(range(len(alphas)), key=lambda a: cv[a][m])] for m in range(y.shape[1])]
     weight, bias = torch.zeros(y.shape[1], x.shape[1], dtype=torch.float64), torch.zeros(y.shape[1], dtype=torch.float64)
+    everything = torch.ones(len(y), dtype=torch.bool)
     for m, alpha in enumerate(best):
-        w, mu, sd, ym = solve(x, y[:, m : m + 1], alpha)
+        w, mu, sd, ym = solve(everything, y[:, m : m + 1], alpha)
         weight[m] = (w[:, 0] / sd)
         bias[m] = ym[0] - (mu / sd) @ w[:, 0]
     return weight.float(), bias.float(), best, cv

@@ -35,7 +35,7 @@ from mavis_align.evaluate import DecoderPolicy, evaluate_policy
 from mavis_align.generation import SamplingConfig
 from mavis_align.models import format_prompts, load_causal_lm
 from mavis_align.provenance import write_json, write_run_record
-from mavis_align.report import _envelope, reward_at_kl
+from mavis_align.report import reward_at_kl, upper_envelope
 from mavis_align.rewards import get_rewards
 from mavis_align.values import ValueModel
 
@@ -153,7 +153,7 @@ def main() -> None:
         if not r["max_step_kl"]:
             continue
         same = [q for q in rows if q["objective"] == r["objective"] and not q["normalize"] and not q["max_step_kl"]]
-        curve = _envelope([(0.0, r["ref"], 0.0)] + [(_kl(q), q["reward"], q["se"]) for q in same])
+        curve = upper_envelope([(0.0, r["ref"], 0.0)] + [(_kl(q), q["reward"], q["se"]) for q in same])
         at, at_se, inside = reward_at_kl(curve, _kl(r))
         r["uncapped_at_kl"] = {"reward": at, "se": at_se, "inside": inside}
 

@@ -94,7 +94,7 @@ def claim_single(points: dict[str, dict], objectives: list[str], iterations: dic
         rl_r, rl_se = _mean(rl, m)
         rl_kl = rl["kl"]["mean"]
         pts = [p for i in range(iterations[m] + 1) for p in mavis_curve(points, m, i, betas)]
-        curve = _envelope([(0.0, ref_r, ref_se)] + [(p["kl"], p["reward"], p["se"]) for p in pts])
+        curve = upper_envelope([(0.0, ref_r, ref_se)] + [(p["kl"], p["reward"], p["se"]) for p in pts])
         at, at_se, _ = reward_at_kl(curve, rl_kl)
         inside = bool(pts) and rl_kl <= max(p["kl"] for p in pts)
         diff = at - rl_r
@@ -106,7 +106,7 @@ def claim_single(points: dict[str, dict], objectives: list[str], iterations: dic
     return {"claim": 1, "verdict": _combine(ok), "rows": rows}
 
 
-def _envelope(curve: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
+def upper_envelope(curve: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
     """Upper envelope in KL order: a point is kept when its reward beats every point of lower KL.
 
     Linear interpolation between kept points is achievable: the response-level mixture "with
@@ -254,7 +254,7 @@ def matched_kl(sweeps: dict[str, dict], rivals: list[str], primary: str = "sweep
                     curve.append((q["kl"], weighted(q, objs), sw["se"]("mavis", lam)))
             if len(curve) < 2:
                 continue  # e.g. an extrapolated lambda: MAVIS has no point there
-            at, at_se, inside = reward_at_kl(_envelope(curve), pt["kl"])
+            at, at_se, inside = reward_at_kl(upper_envelope(curve), pt["kl"])
             mine, mine_se = weighted(pt, objs), sweeps[primary]["se"](m, lam)
             rows.append({"method": m, "lambda": lam, "weighted": mine, "se": mine_se, "kl": pt["kl"], "mavis_at_kl": at, "mavis_se": at_se,
                          "inside": inside, "diff": mine - at, "z": (mine - at) / _se(mine_se, at_se) if _se(mine_se, at_se) > 0 else None})

@@ -75,10 +75,19 @@ def tilt_kl(ref_logp: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, valid: 
     Returns:
         [B] float32, >= 0 up to rounding.
     """
+    scores, base = _base(ref_logp, valid)
+    return _kl_of_tilt(scores, base, v, beta)
+
+
+def _base(ref_logp: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores with invalid candidates at -inf, log pi_0) [B, k]."""
     scores = ref_logp.float()
     if valid is not None:
         scores = scores.masked_fill(~valid, NEG_INF)
-    base = torch.log_softmax(scores, dim=-1)
+    return scores, torch.log_softmax(scores, dim=-1)
+
+
+def _kl_of_tilt(scores: torch.Tensor, base: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     tilted = torch.log_softmax(scores + beta[:, None] * v, dim=-1)
     return torch.where(torch.isfinite(tilted), tilted.exp() * (tilted - base), torch.zeros_like(tilted)).sum(-1)
 
@@ -98,13 +107,14 @@ def capped_beta(ref_logp: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, max
         [B] float32 beta'.
     """
     beta = beta.float()
-    over = tilt_kl(ref_logp, v, beta, valid) > max_kl
+    scores, base = _base(ref_logp, valid)  # pi_0 once; only the tilt changes between bisection steps
+    over = _kl_of_tilt(scores, base, v, beta) > max_kl
     if not bool(over.any()):
         return beta
     lo, hi = torch.zeros_like(beta), beta.clone()
     for _ in range(iterations):
         mid = (lo + hi) / 2
-        too_much = tilt_kl(ref_logp, v, mid, valid) > max_kl
+        too_much = _kl_of_tilt(scores, base, v, mid) > max_kl
         hi = torch.where(too_much, mid, hi)
         lo = torch.where(too_much, lo, mid)
     return torch.where(over, lo, beta)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -291,6 +292,11 @@ def test_resume_after_partial_run_and_after_kill_9(tiny_model_dir, tmp_path):
         collect(_spec(tiny_model_dir), part, PROMPTS, progress=False)
     with pytest.raises(ValueError, match="settings differ .* in seed;"):
         collect(_spec(tiny_model_dir, seed=8), part, PROMPTS, progress=False, resume=True)
+    # a spec.json written before a tree setting existed (here max_step_kl) resumes: the setting takes its default
+    saved = tmp_path / "part.h5.parts" / "spec.json"
+    old = json.loads(saved.read_text())
+    del old["tree"]["max_step_kl"]
+    saved.write_text(json.dumps(old))
     collect(_spec(tiny_model_dir), part, PROMPTS, progress=False, resume=True)
     _same_trees(full, part)
 

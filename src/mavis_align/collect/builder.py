@@ -68,10 +68,7 @@ class TreeConfig:
                               max_step_kl=self.max_step_kl)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        if not d["max_step_kl"]:
-            del d["max_step_kl"]  # uncapped: the same record as before the field existed (older runs resume)
-        return d
+        return asdict(self)
 
 
 class GenPolicy:

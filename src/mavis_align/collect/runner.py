@@ -157,7 +157,8 @@ def _write_part(parts: Path, group: int, payload: bytes) -> None:
 
 def _comparable_spec(spec: dict) -> dict:
     """A spec.json with local paths made absolute, so a run resumes from another working directory
-    (``runs/x`` and ``/home/me/runs/x`` name the same value model)."""
+    (``runs/x`` and ``/home/me/runs/x`` name the same value model), and tree settings added since it
+    was written at their defaults (so an unfinished run of older code resumes)."""
     def absolute(path: str) -> str:
         p = Path(path).expanduser()
         return str(p.resolve()) if p.exists() else path
@@ -168,6 +169,8 @@ def _comparable_spec(spec: dict) -> dict:
         name, sep, path = v.partition("=") if "=" in v else ("", "", v)
         values.append(f"{name}{sep}{absolute(path)}")
     out["values"] = values
+    if isinstance(out.get("tree"), dict):
+        out["tree"] = {**TreeConfig().to_dict(), **out["tree"]}
     for key in ("model", "dataset"):
         if isinstance(out.get(key), str):
             out[key] = absolute(out[key])

@@ -163,6 +163,59 @@ def test_distillation_with_prompt_response_teacher_and_student(trees, tmp_path):
     assert loaded.meta["pool_centre_fitted"] and float(loaded.pool_centre.abs().sum()) > 0
 
 
+def test_stacking_teachers_on_one_frozen_trunk_is_exact(trees, tmp_path):
+    """Teachers with one frozen trunk and pool centre are one multi-head model: distill_auto stacks
+    their heads (values equal to the teachers' at every position, measured MSE 0, one trunk forward);
+    teachers that differ in anything the heads read are trained into a student instead, and
+    method="stack" names what differs."""
+    from mavis_align.collect.store import write_trees
+    from mavis_align.train import distill_auto, stack_teachers
+    from mavis_align.values import truncated_backbone
+
+    path = tmp_path / "t.h5"
+    write_trees(path, trees, ["cat"], {"seed": 0})
+    tok = make_tiny_tokenizer()
+
+    def frozen(objectives, seed, trunk_seed=3):
+        torch.manual_seed(seed)
+        vm = ValueModel(truncated_backbone(make_tiny_lm(len(tok), seed=trunk_seed, layers=2), 1), list(objectives), tokenizer_fingerprint(tok),
+                        {"backbone": "trunk:1"}, tok, pool="prompt+response")
+        vm.freeze_backbone()
+        return vm
+
+    a = frozen(("cat",), 1)
+    train_value_model(a, [path], tmp_path / "a", TrainConfig(solver="ridge", keep_leaf_fraction=1.0), progress=False)
+    a = ValueModel.load(tmp_path / "a" / "best")
+    b = frozen(("other",), 2)
+    b.set_pool_centre(*a.pool_centre)
+    with torch.no_grad():
+        b.head.weight.normal_(0, 1.0)
+    res = distill_auto([a, b], lambda: pytest.fail("no student is trained"), [path], tmp_path / "d", progress=False)
+    assert res["method"] == "stacked" and res["steps"] == 0
+    assert all(v < 1e-10 for v in res["val_mse_vs_teachers"].values())
+    assert res["quality"]["per_objective"]["cat"] == res["teacher_quality"]["cat"]
+    student = ValueModel.load(tmp_path / "d" / "student")
+    assert student.objectives == ["cat", "other"] and student.trunk_key == a.trunk_key and student.meta["distill_method"] == "stacked"
+    ids = torch.tensor([tok("the cat sat on the mat", add_special_tokens=False)["input_ids"]])
+    plen = torch.tensor([2])
+    with torch.no_grad():
+        want = torch.cat([a(ids, prompt_lengths=plen).values, b(ids, prompt_lengths=plen).values], -1)
+        assert torch.allclose(student(ids, prompt_lengths=plen).values, want, atol=1e-6)
+
+    other_trunk = frozen(("other",), 2, trunk_seed=4)
+    other_trunk.set_pool_centre(*a.pool_centre)
+    with pytest.raises(ValueError, match="trunk weights"):
+        stack_teachers([a, other_trunk])
+    off_centre = frozen(("other",), 2)
+    off_centre.set_pool_centre(a.pool_centre[0] + 1, a.pool_centre[1])
+    with pytest.raises(ValueError, match="pool centre"):
+        distill_auto([a, off_centre], lambda: None, [path], tmp_path / "e", method="stack", progress=False)
+    with pytest.raises(ValueError, match="trains its backbone"):
+        stack_teachers([a, new_value_model(("other",))])
+    trained = distill_auto([a, off_centre], lambda: frozen(("cat", "other"), 5), [path], tmp_path / "f", DistillConfig(epochs=1), progress=False)
+    assert trained["method"] == "trained" and trained["steps"] > 0
+
+
 def test_two_iterations_end_to_end(tmp_path):
     from mavis_align.train import Recipe, run_iterations
 

@@ -254,7 +254,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 def _cmd_distill(args: argparse.Namespace) -> int:
     from .decoding.decoder import parse_value_spec
-    from .train import DistillConfig, distill
+    from .train import DistillConfig, distill_auto
     from .values import ValueModel, build_value_model
 
     teachers = []
@@ -267,13 +267,15 @@ def _cmd_distill(args: argparse.Namespace) -> int:
             vm.objectives = [name]
         teachers.append(vm)
     names = [o for t in teachers for o in t.objectives]
-    student = build_value_model(names, backbone=args.backbone, base_model=args.base_model, seed=args.seed, pool=args.pool, head_hidden=args.head_hidden)
+    def make_student():
+        return build_value_model(names, backbone=args.backbone, base_model=args.base_model, seed=args.seed, pool=args.pool, head_hidden=args.head_hidden)
+
     from .tracking import make_tracker
 
     cfg = DistillConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     tracker = make_tracker(args.report_to, project=args.project, run=args.run_name or Path(args.out).name, config=vars(cfg), out=args.out)
     try:
-        res = distill(teachers, student, args.trees, args.out, cfg, tracker=tracker)
+        res = distill_auto(teachers, make_student, args.trees, args.out, cfg, method=args.method, tracker=tracker)
     finally:
         tracker.finish()
     print(json.dumps(res, indent=2))
@@ -615,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", action="append", required=True, metavar="[NAME=]PATH")
     p.add_argument("--trees", action="append", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--method", default="auto", choices=["auto", "stack", "train"],
+                   help="stack: the teachers' heads side by side on their shared frozen trunk (exact, no training); train: a student "
+                        "regresses onto the teachers (--backbone, --lr, ...); auto (default): stack when the teachers share a frozen trunk")
     p.add_argument("--backbone", default=DEFAULT_VALUE_BACKBONE)
     p.add_argument("--pool", default=None, choices=["last", "mean", "mean+last", "prompt+response"])
     p.add_argument("--head-hidden", type=int, default=0)

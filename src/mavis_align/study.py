@@ -99,7 +99,7 @@ def study_shape() -> Shape:
         single=Shape({"betas": list[float]}, "single"),
         sweep=Shape({"grid_step": float, "beta": float | str, "extra_betas": list[float], "n": int, "methods": list[str], "betas": dict,
                      "judge": str, "judge_against": str, "criteria": list[str]}, "sweep"),
-        distill=Shape({"backbone": str, "epochs": float, "beta": float, "lr": float, "batch_size": int}, "distill"),
+        distill=Shape({"backbone": str, "epochs": float, "beta": float, "lr": float, "batch_size": int, "method": str}, "distill"),
         conditioned=Shape({"head_hidden": int, "lr": float, "epochs": float, "round_epochs": float, "grid": list[float],
                            "prompts_per_weighting": int, "rounds": int, "policy_grid_step": float, "policy": bool}, "conditioned"),
         neighbours=Shape({"multihead": shape_of(MultiHeadConfig), "multihead_prompts": int, "mi_weight": float, "extrapolate": float,
@@ -508,14 +508,15 @@ def _sweep_into(folder: Path, sweep, progress: bool, reuse: Path | None = None) 
 def _stage_distill(spec: StudySpec, out: Path, progress: bool) -> None:
     from .decoding.decoder import MavisDecoder
     from .evaluate import DecoderPolicy
-    from .train import DistillConfig, distill
+    from .train import DistillConfig, distill_auto
     from .values import ValueModel, build_value_model
 
     r, d = spec.recipe, spec.distill
     objs = list(r.objectives)
     folder = out / "distill"
     teachers_dirs = {m: final_value_dir(out / "mavis", m) for m in objs}
-    record = {"teachers": {m: str(p) for m, (_, p) in teachers_dirs.items()}, "settings": {k: v for k, v in d.items() if k != "beta"}}
+    method = str(d.get("method", "auto"))
+    record = {"teachers": {m: str(p) for m, (_, p) in teachers_dirs.items()}, "settings": {k: v for k, v in d.items() if k != "beta"}, "method": method}
     if (folder / "teachers.json").exists() and json.loads((folder / "teachers.json").read_text()) != record:
         import shutil
 
@@ -527,13 +528,13 @@ def _stage_distill(spec: StudySpec, out: Path, progress: bool) -> None:
         from .train.iterate import value_model_options
 
         opts = {**value_model_options(r), "backbone": str(d.get("backbone", r.backbone))}
-        student = build_value_model(objs, **opts, seed=r.seed + 11)
         cfg = DistillConfig(epochs=float(d.get("epochs", 2.0)), **{k: d[k] for k in ("lr", "batch_size") if k in d})
         from .tracking import make_tracker
 
         tracker = make_tracker(r.report_to, project=f"mavis-align-{r.name}", run="distill", config=asdict(cfg), out=folder)
         try:
-            distill(teachers, student, [out / "mavis" / "iter0" / "trees.h5"], folder, cfg, tracker=tracker)
+            distill_auto(teachers, lambda: build_value_model(objs, **opts, seed=r.seed + 11), [out / "mavis" / "iter0" / "trees.h5"], folder, cfg,
+                         method=method, tracker=tracker)
         finally:
             tracker.finish()
     ev = _Evaluation(spec)

@@ -4,6 +4,11 @@ The student has one backbone and one head per objective; on the tokens of genera
 (every response position of the full sequences stored in tree files), each head regresses onto
 its teacher's value at that position. MSE over heads and positions. The decoder then runs one
 value forward per step for all objectives.
+
+When the teachers already share one frozen trunk (same weights, same pool and pool centre, heads
+of one shape), they are one multi-head model in all but the file: :func:`stack_teachers` puts
+their heads side by side on that trunk, exactly (no training, no gap), and :func:`distill_auto`
+does so whenever it can and trains a student otherwise.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..collect.store import read_trees
-from ..values import ValueModel
+from ..values import ValueModel, heads_state
 
 
 @dataclass
@@ -91,6 +96,117 @@ def fit_student_centre(student: ValueModel, seqs: Sequence[tuple[list[int], int]
     student.set_pool_centre(sum_p / max(n_p, 1), sum_r / max(n_r, 1))
 
 
+def stack_teachers(teachers: Sequence[ValueModel]) -> ValueModel:
+    """One multi-head value model equal to ``teachers`` (heads in teacher order), when they share a
+    frozen trunk: every teacher frozen, one trunk fingerprint, one tokenizer, one pool (and pool
+    centre), heads of one kind and width, none preference-conditioned. The trunk is shared, not
+    copied; the heads' parameters are concatenated along their objective axis.
+
+    Raises:
+        ValueError: naming the first property the teachers do not share.
+    """
+    if not teachers:
+        raise ValueError("stacking needs at least one teacher")
+    first = teachers[0]
+    for i, t in enumerate(teachers):
+        if not t.frozen_backbone or t.trunk_key is None:
+            raise ValueError(f"teacher {i} ({', '.join(t.objectives)}) trains its backbone: only models on one frozen trunk stack exactly")
+        checks = [
+            ("trunk weights", t.trunk_key, first.trunk_key), ("tokenizer", t.tokenizer_fingerprint, first.tokenizer_fingerprint),
+            ("pool", t.pool, first.pool), ("head width (head_hidden)", t.head_hidden, first.head_hidden),
+        ]
+        for what, a, b in checks:
+            if a != b:
+                raise ValueError(f"teacher {i} ({', '.join(t.objectives)}) differs from teacher 0 in its {what}: {a!r} vs {b!r}")
+        if t.conditioned:
+            raise ValueError(f"teacher {i} is preference-conditioned: its heads read the weights and do not stack")
+        if t.pool == "prompt+response" and (t.needs_pool_centre or not torch.equal(t.pool_centre.cpu(), first.pool_centre.cpu())):
+            raise ValueError(f"teacher {i} ({', '.join(t.objectives)}) reads features centred differently from teacher 0 (pool centre)")
+    names = [o for t in teachers for o in t.objectives]
+    meta = {k: v for k, v in first.meta.items() if k in {"frozen_backbone", "trunk_fingerprint", "pool_centre_fitted", "backbone"}}
+    stacked = ValueModel(first.backbone, names, first.tokenizer_fingerprint, {**meta, "distilled_from": names, "distill_method": "stacked"},
+                         first.tokenizer, head_hidden=first.head_hidden, pool=first.pool)
+    states = [heads_state(t.head) for t in teachers]
+    stacked.head.load_state_dict({k: torch.cat([st[k] for st in states], dim=0) for k in states[0]})
+    if first.pool == "prompt+response":
+        stacked.pool_centre = first.pool_centre.detach().float().clone()
+    device = next(first.head.parameters()).device
+    return stacked.to(device).eval()
+
+
+@torch.no_grad()
+def _mse_vs_teachers(student: ValueModel, teachers: Sequence[ValueModel], seqs, pad: int) -> dict[str, float] | None:
+    """Mean squared difference student − teacher per objective over every response position of ``seqs``."""
+    if not seqs:
+        return None
+    names = [o for t in teachers for o in t.objectives]
+    device = next(student.parameters()).device
+    sq, n = torch.zeros(len(names)), 0
+    for s in range(0, len(seqs), 16):
+        ids, mask, resp, plen = (t.to(device) for t in _batch(seqs[s : s + 16], pad))
+        d = (student(ids, attention_mask=mask, prompt_lengths=plen).values - _teacher_values(teachers, ids, mask, plen)) ** 2
+        sq += d[resp].sum(0).cpu()
+        n += int(resp.sum())
+    return dict(zip(names, (sq / max(n, 1)).tolist()))
+
+
+def _finish(student: ValueModel, teachers: Sequence[ValueModel], tree_files, out: Path, result: dict, progress: bool, tracker, step: int) -> dict:
+    """Save ``out/student``, score it and its teachers on held-out trees, write ``out/result.json``."""
+    from .regression import held_out_quality
+
+    student.save(out / "student")
+    quality = held_out_quality(student, tree_files)
+    teacher_quality = {}
+    for t in teachers:
+        teacher_quality.update(held_out_quality(t, tree_files)["per_objective"])
+    result = {**result, "quality": quality, "teacher_quality": teacher_quality}
+    if progress and quality["per_objective"]:
+        from .quality import format_quality
+
+        print("student:\n" + format_quality(quality))
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    if tracker is not None:
+        tracker.log({"quality": quality["per_objective"], "val_mse_vs_teachers": result.get("val_mse_vs_teachers") or {}}, step=step)
+    return result
+
+
+def distill_stacked(teachers: Sequence[ValueModel], tree_files: Sequence[str | Path], out: str | Path, *, progress: bool = True, tracker=None) -> dict:
+    """:func:`stack_teachers` saved to ``out/student`` with the same ``result.json`` as :func:`distill`
+    (the student − teacher MSE on held-out sequences is measured, not assumed)."""
+    from ..provenance import write_run_record
+
+    t0 = time.perf_counter()
+    student = stack_teachers(teachers)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(student.objectives)
+    write_run_record(out, {"distill": {"method": "stacked"}, "teachers": names}, 0)
+    pad = student.tokenizer.pad_token_id if student.tokenizer is not None and student.tokenizer.pad_token_id is not None else 0
+    val = completion_sequences(tree_files, "val")
+    result = {"objectives": names, "method": "stacked", "steps": 0, "sequences": 0, "val_mse_vs_teachers": _mse_vs_teachers(student, teachers, val, pad),
+              "seconds": round(time.perf_counter() - t0, 2)}
+    return _finish(student, teachers, tree_files, out, result, progress, tracker, 0)
+
+
+def distill_auto(teachers: Sequence[ValueModel], make_student, tree_files: Sequence[str | Path], out: str | Path,
+                 config: "DistillConfig | None" = None, *, method: str = "auto", progress: bool = True, tracker=None) -> dict:
+    """``method`` "stack" (:func:`distill_stacked`, an error if the teachers do not share a frozen trunk),
+    "train" (:func:`distill` into ``make_student()``), or "auto": stack when possible, else train."""
+    if method not in ("auto", "stack", "train"):
+        raise ValueError(f"method must be 'auto', 'stack' or 'train', got {method!r}")
+    if method != "train":
+        try:
+            stack_teachers(teachers)
+        except ValueError as err:
+            if method == "stack":
+                raise
+            if progress:
+                print(f"distill: training a student ({err})")
+        else:
+            return distill_stacked(teachers, tree_files, out, progress=progress, tracker=tracker)
+    return distill(teachers, make_student(), tree_files, out, config or DistillConfig(), progress=progress, tracker=tracker)
+
+
 def distill(
     teachers: Sequence[ValueModel],
     student: ValueModel,
@@ -159,33 +275,8 @@ def distill(
     if bar is not None:
         bar.close()
     student.eval()
-    val_mse = None
-    if val:
-        sq, n = torch.zeros(len(names)), 0
-        with torch.no_grad():
-            for s in range(0, len(val), 16):
-                ids, mask, resp, plen = (t.to(device) for t in _batch(val[s : s + 16], pad))
-                d = (student(ids, attention_mask=mask, prompt_lengths=plen).values - _teacher_values(teachers, ids, mask, plen)) ** 2
-                sq += d[resp].sum(0).cpu()
-                n += int(resp.sum())
-        val_mse = dict(zip(names, (sq / max(n, 1)).tolist()))
     student.meta["distilled_from"] = names
-    student.save(out / "student")
-    seconds = round(time.perf_counter() - t0, 2)
-    # against the Monte-Carlo targets of held-out trees, next to the teachers' own quality
-    from .regression import held_out_quality
-
-    quality = held_out_quality(student, tree_files)
-    teacher_quality = {}
-    for t in teachers:
-        teacher_quality.update(held_out_quality(t, tree_files)["per_objective"])
-    result = {"objectives": names, "steps": steps, "sequences": len(train), "val_mse_vs_teachers": val_mse, "seconds": seconds,
-              "quality": quality, "teacher_quality": teacher_quality}
-    if progress and quality["per_objective"]:
-        from .quality import format_quality
-
-        print("student:\n" + format_quality(quality))
-    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    if tracker is not None:
-        tracker.log({"quality": quality["per_objective"], "val_mse_vs_teachers": val_mse or {}}, step=steps)
-    return result
+    student.meta["distill_method"] = "trained"
+    result = {"objectives": names, "method": "trained", "steps": steps, "sequences": len(train),
+              "val_mse_vs_teachers": _mse_vs_teachers(student, teachers, val, pad), "seconds": round(time.perf_counter() - t0, 2)}
+    return _finish(student, teachers, tree_files, out, result, progress, tracker, steps)

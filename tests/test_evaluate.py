@@ -88,6 +88,33 @@ def test_kl_steps_reported_only_where_they_are_the_kl_to_pi_ref(tiny):
     assert system.step_kl_base is None
 
 
+def test_weightings_decoded_together_equal_each_alone(tiny):
+    """evaluate_weightings decodes every weighting in one batch with per-row λ, each weighting's row i
+    drawing from row_generator(seed, i): the same responses, rewards and KLs as evaluate_policy of
+    each weighting alone (tiny fp32 model), so weightings keep sharing their random draws."""
+    from mavis_align.decoding.decoder import MavisDecoder
+    from mavis_align.evaluate import evaluate_weightings
+    from test_decoding import make_value_model
+
+    model, tok = tiny
+    dec = MavisDecoder(model, tok, [make_value_model(tok, ["a"], 1), make_value_model(tok, ["b"], 2)])
+    cfg = SamplingConfig(max_new_tokens=6, top_k=5, beta=4.0, normalize=False)
+    weightings = [("a", {"a": 1.0}), ("b", {"b": 1.0}), ("a+b", {"a": 0.5, "b": 0.5})]
+    rewards = get_rewards(["concise"])
+    joint = evaluate_weightings(dec, cfg, weightings, PROMPTS, rewards, model, tok, samples=2, seed=3, chat=False, keep_examples=100, batch_size=5)
+    assert list(joint) == ["a", "b", "a+b"]
+    for label, w in weightings:
+        alone = evaluate_policy(DecoderPolicy(label, dec, cfg, weights=w, chat=False), PROMPTS, rewards, model, tok, samples=2, seed=3, chat=False,
+                                keep_examples=100)
+        assert joint[label]["responses"] == alone["responses"] and joint[label]["decoded_with"] == ["a", "b", "a+b"]
+        assert joint[label]["rewards"]["concise"]["values"] == pytest.approx(alone["rewards"]["concise"]["values"])
+        assert joint[label]["kl"]["mean"] == pytest.approx(alone["kl"]["mean"], abs=1e-4)
+        assert joint[label]["kl_steps"]["mean"] == pytest.approx(alone["kl_steps"]["mean"], abs=1e-4)
+    assert joint["a"]["responses"] != joint["b"]["responses"]
+    with pytest.raises(ValueError, match="unique"):
+        evaluate_weightings(dec, cfg, [("a", {"a": 1.0}), ("a", {"b": 1.0})], PROMPTS, rewards, model, tok, chat=False)
+
+
 def test_teacher_forcing_matches_recorded_ref_logprobs(tiny):
     from mavis_align.decoding.decoder import MavisDecoder
     from mavis_align.models import format_prompts

@@ -57,7 +57,7 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
     """Run (or reuse) the demo's value training, then print and return the steering table."""
     from .data import load_prompts
     from .decoding.decoder import MavisDecoder
-    from .evaluate import DecoderPolicy, evaluate_policy
+    from .evaluate import DecoderPolicy, evaluate_policy, evaluate_weightings
     from .generation import SamplingConfig
     from .models import load_causal_lm
     from .paths import cache_dir
@@ -88,16 +88,18 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
     header = "| weights λ | " + " | ".join(recipe.objectives) + " | KL (nats), eq. 7 | KL, Σ step KLs | weighted objectives: z vs π_ref |"
     table = [header, "|---" * (len(recipe.objectives) + 4) + "|"]
     examples = []
-    results = {}
-    for label, weights in steering_settings(list(recipe.objectives)):
-        # one decode batch per weighting (per-row generators keep every row's random draws; padding's
-        # float rounding can flip an occasional token against smaller batches)
-        policy = DecoderPolicy(label, decoder if weights else MavisDecoder(model, tok), cfg if weights else plain, weights=weights, chat=recipe.chat,
-                               batch_size=min(32, len(prompts) * samples))
-        res = evaluate_policy(policy, prompts, rewards, model, tok, samples=samples, seed=seed, chat=recipe.chat, keep_examples=len(prompts) * samples)
-        results[label] = res
+    settings = steering_settings(list(recipe.objectives))
+    # pi_ref alone, then every weighting in the same decode batches (per-row λ; each weighting's row i keeps
+    # row_generator(seed, i), so the weightings share their random draws with each other and with pi_ref)
+    results = {settings[0][0]: evaluate_policy(DecoderPolicy(settings[0][0], MavisDecoder(model, tok), plain, chat=recipe.chat,
+                                                             batch_size=min(32, len(prompts) * samples)),
+                                               prompts, rewards, model, tok, samples=samples, seed=seed, chat=recipe.chat, keep_examples=len(prompts) * samples)}
+    results.update(evaluate_weightings(decoder, cfg, [(label, w) for label, w in settings if w], prompts, rewards, model, tok, samples=samples, seed=seed,
+                                       chat=recipe.chat, keep_examples=len(prompts) * samples, batch_size=64))
+    ref = results[settings[0][0]]["rewards"]
+    for label, weights in settings:
+        res = results[label]
         cells = [f"{res['rewards'][m]['mean']:.3f} ± {res['rewards'][m]['se']:.3f}" for m in recipe.objectives]
-        ref = results["pi_ref (no values)"]["rewards"]
         zs = ", ".join(f"{m} {steering_z(res['rewards'][m], ref[m], samples):+.1f}" for m in (weights or {}))
         table.append(f"| {label} | " + " | ".join(cells) + f" | {_kl_cell(res['kl'])} | {_kl_cell(res.get('kl_steps'))} | {zs or '-'} |")
         harmful = next((e for e in res["examples"] if e["prompt"] == prompts[-1]), None) or res["examples"][-1]

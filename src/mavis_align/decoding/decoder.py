@@ -111,12 +111,13 @@ class MavisDecoder:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
 
-    def _batches(self, prompts: list[str], seed: int, batch_size: int, chat: bool | None, progress: bool, desc: str, system: str | None = None):
+    def _batches(self, prompts: list[str], seed: int, batch_size: int, chat: bool | None, progress: bool, desc: str, system: str | None = None,
+                 row_ids: Sequence[int] | None = None):
         """Yield (slice, input_ids, attention_mask, generators) per batch: prompt i draws from
-        ``row_generator(seed, i)``, so its random draws do not depend on the batch size or its
-        neighbours (the logits can: another batch pads differently, and on real models that float
-        rounding flips an occasional token; 1-4 of 24 demo responses at batch 1 / 8 / 24).
-        ``system``: an instruction placed before every prompt (a system turn in chat format)."""
+        ``row_generator(seed, i)`` (``row_ids[i]`` in place of i when given), so its random draws do
+        not depend on the batch size or its neighbours (the logits can: another batch pads differently,
+        and on real models that float rounding flips an occasional token; 1-4 of 24 demo responses at
+        batch 1 / 8 / 24). ``system``: an instruction placed before every prompt (a system turn in chat format)."""
         from ..models import format_prompts
 
         if batch_size < 1:
@@ -131,7 +132,8 @@ class MavisDecoder:
         for s in starts:
             sl = slice(s, s + batch_size)
             input_ids, attention = encode_batch(self.tokenizer, formatted[sl], device)
-            yield sl, input_ids, attention, [row_generator(seed, i) for i in range(sl.start, min(sl.stop, len(prompts)))]
+            ids = range(sl.start, min(sl.stop, len(prompts)))
+            yield sl, input_ids, attention, [row_generator(seed, i if row_ids is None else int(row_ids[i])) for i in ids]
 
     def _scorer(self, active: list[int], naive: bool):
         if not self.value_models:
@@ -154,6 +156,7 @@ class MavisDecoder:
         progress: bool = False,
         naive: bool = False,
         system: str | None = None,
+        row_ids: Sequence[int] | None = None,
     ) -> list[Generation]:
         """One response per prompt.
 
@@ -170,14 +173,19 @@ class MavisDecoder:
             system: an instruction the model reads before every prompt (a system turn in chat
                 format), e.g. a preference-conditioned policy's weights; ``Generation.prompt``
                 stays the user prompt, so KL is measured against pi_ref on the user prompt alone.
+            row_ids: prompt i samples from ``row_generator(seed, row_ids[i])`` instead: several
+                weightings of the same prompts decoded in one call keep the random draws each would
+                have alone (see :func:`~mavis_align.evaluate.evaluate_weightings`).
         Returns:
             :class:`Generation` records; ``log_ratio`` is the sequence's KL estimate (eq. 7) and
             ``extras["values"]`` the combined value of each chosen token.
         """
         prompts = list(prompts)
+        if row_ids is not None and len(row_ids) != len(prompts):
+            raise ValueError(f"got {len(row_ids)} row_ids for {len(prompts)} prompts")
         w, b, active = self.resolve(len(prompts), weights, beta, config)
         out: list[Generation] = []
-        for sl, input_ids, attention, generators in self._batches(prompts, seed, batch_size, chat, progress, "mavis", system):
+        for sl, input_ids, attention, generators in self._batches(prompts, seed, batch_size, chat, progress, "mavis", system, row_ids):
             rows = decode_ids(
                 NaiveBase(self.model) if naive else CachedBase(self.model),
                 input_ids, attention, config,

@@ -61,14 +61,60 @@ def step_kl_sums(policy, ref_model, gens: Sequence[Generation]) -> list[float] |
 def evaluate_policy(policy, prompts: Sequence[str], rewards, ref_model, ref_tokenizer, *, samples: int = 3, seed: int = 0,
                     chat: bool | None = None, keep_examples: int = 4) -> dict:
     """Score ``policy`` on ``prompts`` (``samples`` responses each) -> JSON-able dict."""
-    from ..models import format_prompts
-
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     many = [p for p in prompts for _ in range(samples)]
     t0 = time.perf_counter()
     gens: list[Generation] = policy.generate(many, seed=seed)
     seconds = time.perf_counter() - t0
+    return score_generations(policy, gens, rewards, ref_model, ref_tokenizer, seconds=seconds, prompts=len(prompts), samples=samples, seed=seed,
+                             chat=chat, keep_examples=keep_examples)
+
+
+def evaluate_weightings(decoder, config, weightings: Sequence[tuple[str, dict]], prompts: Sequence[str], rewards, ref_model, ref_tokenizer, *,
+                        samples: int = 3, seed: int = 0, chat: bool | None = None, keep_examples: int = 4, batch_size: int = 64) -> dict[str, dict]:
+    """MAVIS sampling of one ``decoder`` under several objective weightings, decoded together.
+
+    Every (weighting, prompt, sample) is one row of the same decode batches (per-row λ), and row i of
+    each weighting draws from ``row_generator(seed, i)`` exactly as :func:`evaluate_policy` of that
+    weighting alone would: the same random draws (common random numbers across weightings, and the
+    same responses up to the padding's float rounding), larger batches.
+
+    Args:
+        weightings: (label, {objective: λ}) per policy.
+    Returns:
+        {label: the :func:`evaluate_policy` dict}; ``seconds`` / ``tokens_per_s`` are those of the
+        joint decode (shared by every weighting) and ``decoded_with`` names the weightings decoded together.
+    """
+    from .policies import DecoderPolicy
+
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    labels = [label for label, _ in weightings]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"weighting labels must be unique, got {labels}")
+    many = [p for p in prompts for _ in range(samples)]
+    rows = [(j, i) for j in range(len(weightings)) for i in range(len(many))]
+    t0 = time.perf_counter()
+    gens = decoder.generate([many[i] for _, i in rows], weights=[dict(weightings[j][1]) for j, _ in rows], config=config, seed=seed,
+                            batch_size=batch_size, chat=chat, row_ids=[i for _, i in rows])
+    seconds = time.perf_counter() - t0
+    out = {}
+    for j, (label, weights) in enumerate(weightings):
+        policy = DecoderPolicy(label, decoder, config, weights=weights, chat=chat)
+        res = score_generations(policy, gens[j * len(many) : (j + 1) * len(many)], rewards, ref_model, ref_tokenizer, seconds=seconds,
+                                prompts=len(prompts), samples=samples, seed=seed, chat=chat, keep_examples=keep_examples)
+        res["tokens_per_s"] = sum(len(g.token_ids) for g in gens) / max(seconds, 1e-9)
+        res["decoded_with"] = labels
+        out[label] = res
+    return out
+
+
+def score_generations(policy, gens: Sequence[Generation], rewards, ref_model, ref_tokenizer, *, seconds: float, prompts: int, samples: int,
+                      seed: int, chat: bool | None = None, keep_examples: int = 4) -> dict:
+    """The evaluation dict of ``policy``'s responses ``gens`` (``samples`` per prompt, in prompt order)."""
+    from ..models import format_prompts
+
     ref_lp = teacher_forced_logprobs(ref_model, ref_tokenizer, format_prompts(ref_tokenizer, [g.prompt for g in gens], chat=chat), [g.token_ids for g in gens])
     texts = [g.text for g in gens]
     # a step-level selection adds its KL bound to the proposal tokens' log-ratios (decoding.steplevel)
@@ -86,7 +132,7 @@ def evaluate_policy(policy, prompts: Sequence[str], rewards, ref_model, ref_toke
         "length": summarize([float(len(g.token_ids)) for g in gens]),
         "tokens_per_s": n_tok / max(seconds, 1e-9),
         "seconds": seconds,
-        "prompts": len(prompts),
+        "prompts": prompts,
         "samples": samples,
         "seed": seed,
         "examples": [{"prompt": g.prompt, "response": g.text, "kl": kl} for g, kl in zip(gens[:keep_examples], kls)],

@@ -8,7 +8,7 @@ from mavis_align.cli import main
 def test_ls_lists_everything(capsys):
     assert main(["ls"]) == 0
     out = capsys.readouterr().out
-    for word in ("smollm2-135m-instruct", "helpful", "harmless", "humor", "hh-mix", "imdb-summarize", "tiny"):
+    for word in ("smollm2-135m-instruct", "helpful", "harmless", "humor", "hh-mix", "imdb-summarize", "tiny", "Packaged value models", "default "):
         assert word in out
 
 

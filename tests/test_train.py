@@ -448,3 +448,17 @@ def test_demo_runs_end_to_end_and_reuses_its_models(tmp_path, capsys):
     stamp = (out / "iter0" / "trees.h5").stat().st_mtime_ns
     run_demo(recipe, out, n_prompts=2, samples=1, progress=False)
     assert (out / "iter0" / "trees.h5").stat().st_mtime_ns == stamp  # cached models were reused
+
+    # a ready value model instead (as `demo` with packaged:default): its heads stacked, saved without the
+    # trunk (rebuilt from the base), tilted as its provenance says; no training
+    from mavis_align.train import stack_teachers
+
+    stacked = stack_teachers([ValueModel.load(out / "iter0" / m / "value" / "best") for m in ("concise", "positive", "humor")])
+    stacked.meta["provenance"] = {"trained_by": "this test", "trees": "6 tiny prompts", "tilt": {"beta": 3.5, "normalize": True, "top_k": 3},
+                                  "held_out_quality": {"humor": {"r2": 0.25, "concordance": 0.61, "concordance_se": 0.02, "pairs": 300}}}
+    stacked.save(tmp_path / "ready", with_backbone=False)
+    text = run_demo(recipe, tmp_path / "ready-run", values=str(tmp_path / "ready"), n_prompts=2, samples=1, progress=False)
+    assert "beta=3.5, top-k=3, tilt on NORMALIZEd values" in text and "| humor | 0.250 | 0.610 ± 0.020 (300) |" in text
+    assert all(f"| {label} |" in text for label, _ in settings) and not (tmp_path / "ready-run" / "iter0").exists()
+    with pytest.raises(ValueError, match="missing"):
+        run_demo(recipe, tmp_path / "bad", values=str(out / "iter0" / "humor" / "value" / "best"), n_prompts=2, samples=1, progress=False)

@@ -148,3 +148,60 @@ def test_default_value_model_on_real_base(tmp_path):
     assert vm.score(enc["input_ids"], enc["attention_mask"]).shape == (2, 3)
     vm.save(tmp_path / "v")
     check_tokenizer(ValueModel.load(tmp_path / "v"), tok)
+
+
+def test_trunk_model_saved_without_its_backbone_rebuilds_it_from_the_base(tmp_path):
+    """A frozen trunk:N model can be saved as heads + meta only; loading rebuilds the trunk from the
+    base model named in meta.json (the same values) and refuses a base whose first N layers changed."""
+    from conftest import make_tiny_tokenizer, save_tiny_model
+
+    from mavis_align.models import load_causal_lm
+
+    base = save_tiny_model(tmp_path / "base", seed=3)
+    lm, tok = load_causal_lm(str(base), dtype=torch.float32)
+    vm = ValueModel(truncated_backbone(lm, 1), ["a", "b"], tokenizer_fingerprint(make_tiny_tokenizer()), {"backbone": "trunk:1", "base_model": str(base)},
+                    tok, pool="prompt+response")
+    vm.freeze_backbone()
+    vm.set_pool_centre(torch.randn(vm.hidden_size), torch.randn(vm.hidden_size))
+    with torch.no_grad():
+        vm.head.weight.normal_()
+    vm.save(tmp_path / "v", with_backbone=False)
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["heads.safetensors", "meta.json"]
+    back = ValueModel.load(tmp_path / "v")
+    ids, plen = torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([2])
+    with torch.no_grad():
+        assert torch.allclose(back(ids, prompt_lengths=plen).values, vm(ids, prompt_lengths=plen).values, atol=1e-6)
+    assert back.trunk_key == vm.trunk_key and back.tokenizer is not None
+    check_tokenizer(back, tok)
+    back.save(tmp_path / "v2")  # saved again in full: the ordinary folder
+    assert (tmp_path / "v2" / "backbone").is_dir() and "backbone_saved" not in json.loads((tmp_path / "v2" / "meta.json").read_text())
+    save_tiny_model(tmp_path / "base", seed=4)  # another base under the same name
+    with pytest.raises(ValueModelError, match="not the weights these heads were trained on"):
+        ValueModel.load(tmp_path / "v")
+    with pytest.raises(ValueModelError, match="only a frozen trunk:N"):
+        ValueModel(tiny_llama_backbone(len(tok), hidden_size=32, num_layers=1, num_heads=4), ["a"], tokenizer_fingerprint(tok)).save(tmp_path / "x", with_backbone=False)
+
+
+def test_packaged_value_model_source():
+    from mavis_align.hub import packaged_value_models, resolve_value_source
+
+    assert "default" in packaged_value_models()
+    folder = resolve_value_source("packaged:default")
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["backbone_saved"] is False and meta["objectives"] == ["helpful", "harmless", "humor"] and not (folder / "backbone").exists()
+    q = meta["provenance"]["held_out_quality"]
+    assert all(q[m]["r2"] >= 0.2 and q[m]["concordance"] >= 0.6 and q[m]["pairs"] >= 200 for m in q)
+    with pytest.raises(ValueModelError, match="no packaged value model 'nope'; shipped: default"):
+        resolve_value_source("packaged:nope")
+
+
+def test_packaged_default_loads_on_the_real_base():
+    """Integration: the shipped heads' trunk is rebuilt from the embedded default and matches its fingerprint."""
+    from mavis_align.models import load_tokenizer
+
+    vm = ValueModel.load("packaged:default")
+    assert vm.objectives == ["helpful", "harmless", "humor"] and vm.trunk_source == ("smollm2-135m-instruct", 4)
+    tok = load_tokenizer("smollm2-135m-instruct")
+    check_tokenizer(vm, tok)
+    enc = tok(["How do I bake bread?"], return_tensors="pt")
+    assert vm.score(enc["input_ids"], enc["attention_mask"], prompt_lengths=torch.tensor([3])).shape == (1, 3)

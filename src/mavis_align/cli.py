@@ -35,6 +35,20 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         print("Value-model backbones:")
         for name, desc in BACKBONES.items():
             print(f"  {name:16s} {desc}")
+    if what in ("all", "values"):
+        import json
+
+        from .hub import packaged_value_models, resolve_value_source
+
+        print("Packaged value models (--value packaged:NAME; heads only, the trunk is rebuilt from the base model):")
+        for name in packaged_value_models():
+            meta = json.loads((resolve_value_source(f"packaged:{name}") / "meta.json").read_text())
+            prov = meta.get("provenance") or {}
+            q = prov.get("held_out_quality") or {}
+            quality = ", ".join(f"{m} R² {q[m]['r2']:.2f} / concordance {q[m]['concordance']:.2f}" for m in meta["objectives"] if m in q)
+            tilt = prov.get("tilt") or {}
+            print(f"  {name:16s} {', '.join(meta['objectives'])} on {meta.get('backbone')} of {meta.get('base_model')}; {quality}; "
+                  f"tilt beta {tilt.get('beta')}, normalize {tilt.get('normalize')}, top-k {tilt.get('top_k')}")
     return 0
 
 
@@ -285,7 +299,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.recipe, args.out, beta=args.beta, n_prompts=args.prompts, samples=args.samples, seed=args.seed)
+    values = None if (args.train or args.recipe) else args.values
+    run_demo(args.recipe, args.out, values=values, beta=args.beta, n_prompts=args.prompts, samples=args.samples, seed=args.seed)
     return 0
 
 
@@ -482,8 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mavis-align", description="MAVIS: multi-objective value-guided decoding")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("ls", help="list models, rewards, data sets and value backbones")
-    p.add_argument("what", nargs="?", default="all", choices=["all", "models", "rewards", "datasets", "backbones"])
+    p = sub.add_parser("ls", help="list models, rewards, data sets, value backbones and packaged value models")
+    p.add_argument("what", nargs="?", default="all", choices=["all", "models", "rewards", "datasets", "backbones", "values"])
     p.set_defaults(func=_cmd_ls)
 
     p = sub.add_parser("generate", help="sample responses and score them with reward functions")
@@ -630,8 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_distill)
 
-    p = sub.add_parser("demo", help="train quick value models for the default objectives (cached) and show steering")
-    p.add_argument("--recipe", default=None, help="recipe YAML (default: the packaged demo recipe)")
+    p = sub.add_parser("demo", help="show steering under several objective weightings: with the packaged value model, or (--train) quick ones trained first (cached)")
+    p.add_argument("--values", default="packaged:default",
+                   help="value model to steer with (default: the packaged one, trained on 400 prompts' trees; see README)")
+    p.add_argument("--train", action="store_true",
+                   help="train the recipe's value models first (iteration 0, ~9 min the first time on 2 CPU cores, cached) and steer with them")
+    p.add_argument("--recipe", default=None, help="recipe YAML (implies --train; default: the packaged demo recipe)")
     p.add_argument("--out", default=None, help="run folder (default: under the cache dir)")
     p.add_argument("--beta", type=float, default=None)
     p.add_argument("--prompts", type=int, default=12, help="held-out test prompts (half ordinary, half harmful)")

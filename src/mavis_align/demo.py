@@ -1,6 +1,7 @@
-"""The README's main command: train quick value models for the default objectives (iteration 0
-of MAVIS, cached after the first run), then decode the same held-out prompts under several
-objective weightings and show how the per-objective rewards and the KL move."""
+"""The README's main command: decode the same held-out prompts under several objective weightings
+and show how the per-objective rewards and the KL move, with the packaged default value model
+(``packaged:default``) or with quick value models trained first for the default objectives
+(iteration 0 of MAVIS, cached after the first run)."""
 
 from __future__ import annotations
 
@@ -52,9 +53,22 @@ def packaged_recipe(name: str = "demo") -> Path:
     return Path(str(resources.files("mavis_align") / "recipes" / f"{name}.yaml"))
 
 
-def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = None, *, beta: float | None = None,
+def packaged_quality_table(vm) -> str:
+    """The held-out quality a packaged value model recorded when it was trained (its ``provenance``)."""
+    prov = vm.meta.get("provenance") or {}
+    q = prov.get("held_out_quality") or {}
+    rows = ["| objective | held-out R² | sibling concordance (pairs) |", "|---|---|---|"]
+    rows += [f"| {m} | {q[m]['r2']:.3f} | {q[m]['concordance']:.3f} ± {q[m]['concordance_se']:.3f} ({q[m]['pairs']}) |" for m in vm.objectives if m in q]
+    return "\n".join([f"Trained by `{prov.get('trained_by', '?')}` on {prov.get('trees', '?')}; measured then, on its held-out trees:", "", *rows, ""])
+
+
+def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = None, *, values: str | None = None, beta: float | None = None,
              n_prompts: int = 12, samples: int = 2, seed: int = 0, progress: bool = True) -> str:
-    """Run (or reuse) the demo's value training, then print and return the steering table."""
+    """Steer the recipe's held-out prompts under several objective weightings and print the table.
+
+    ``values``: a value model with a head per objective of the recipe (e.g. ``packaged:default``),
+    tilted as its ``provenance.tilt`` records unless ``beta`` is given; None: train the recipe's
+    value models first (iteration 0 of MAVIS, cached after the first run) and tilt as its ``eval:``."""
     from .data import load_prompts
     from .decoding.decoder import MavisDecoder
     from .evaluate import DecoderPolicy, evaluate_policy, evaluate_weightings
@@ -66,20 +80,34 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
     from .values import ValueModel
 
     recipe = load_recipe(recipe_path or packaged_recipe())
-    key = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
-    out = Path(out) if out else cache_dir() / "demo" / f"{recipe.name}-{key}"
-    print(f"value models: {out} (reused when present)")
-    summary = run_iterations(recipe, out, progress=progress)
-    last = len(summary["iterations"]) - 1
-    lines = ["## Value models (iteration %d)" % last, "", (out / "summary.md").read_text()]
+    cfg = eval_config(recipe)
+    if values is None:
+        key = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+        out = Path(out) if out else cache_dir() / "demo" / f"{recipe.name}-{key}"
+        print(f"value models: {out} (reused when present)")
+        summary = run_iterations(recipe, out, progress=progress)
+        last = len(summary["iterations"]) - 1
+        lines = ["## Value models (iteration %d)" % last, "", (out / "summary.md").read_text()]
+        vms = [ValueModel.load(out / f"iter{last}" / m / "value" / "best") for m in recipe.objectives]
+    else:
+        vm = ValueModel.load(values)
+        missing = [m for m in recipe.objectives if m not in vm.objectives]
+        if missing:
+            raise ValueError(f"value model {values!r} has heads {vm.objectives}; the demo steers {list(recipe.objectives)} (missing {missing})")
+        tilt = (vm.meta.get("provenance") or {}).get("tilt") or {}
+        cfg = dataclasses.replace(cfg, **{k: tilt[k] for k in ("beta", "normalize", "top_k") if k in tilt})
+        key = hashlib.sha256(json.dumps([str(values), vm.meta.get("trunk_fingerprint"), recipe.to_dict()], sort_keys=True, default=str).encode()).hexdigest()[:10]
+        out = Path(out) if out else cache_dir() / "demo" / f"{str(values).replace(':', '-').replace('/', '-')}-{key}"
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"value model: {values} (heads {', '.join(vm.objectives)}); results in {out}")
+        lines = [f"## Value model `{values}`", "", packaged_quality_table(vm)]
+        vms = [vm]
 
     model, tok = load_causal_lm(recipe.model)
-    vms = [ValueModel.load(out / f"iter{last}" / m / "value" / "best") for m in recipe.objectives]
     decoder = MavisDecoder(model, tok, vms)
     half = max(1, n_prompts // 2)
     test = load_prompts(recipe.dataset, "test", seed=recipe.data_seed, tokenizer=tok)
     prompts = balanced_prompts(test, half)
-    cfg = eval_config(recipe)
     if beta is not None:
         cfg = dataclasses.replace(cfg, beta=beta)
     b = cfg.beta

@@ -189,9 +189,30 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, toke
     return repo_id
 
 
+PACKAGED_PREFIX = "packaged:"
+
+
+def packaged_value_models() -> list[str]:
+    """Names of the value models shipped inside the package (``packaged:NAME``)."""
+    from importlib import resources
+
+    root = Path(str(resources.files("mavis_align") / "pretrained"))
+    return sorted(p.name for p in root.iterdir() if (p / "meta.json").is_file()) if root.is_dir() else []
+
+
 def resolve_value_source(name: str | Path) -> Path:
-    """A value model's local folder: ``name`` itself when it exists, else a hub id downloaded (or
+    """A value model's local folder: ``packaged:NAME`` (shipped in the package, see
+    :func:`packaged_value_models`), ``name`` itself when it exists, else a hub id downloaded (or
     found in the HF cache) with ``huggingface_hub.snapshot_download``. Then one loading path."""
+    if str(name).startswith(PACKAGED_PREFIX):
+        from importlib import resources
+
+        from .values import ValueModelError
+
+        key = str(name)[len(PACKAGED_PREFIX):]
+        if key not in packaged_value_models():
+            raise ValueModelError(f"no packaged value model {key!r}; shipped: {', '.join(packaged_value_models()) or 'none'}")
+        return Path(str(resources.files("mavis_align") / "pretrained" / key))
     path = Path(name).expanduser()
     if path.exists() or not HUB_ID.match(str(name)):
         return path

@@ -14,6 +14,11 @@ On disk (no pickle anywhere)::
                            w1 [M, d, H], b1 [M, d], w2 [M, d], b2 [M]; preference-conditioned heads
                            (``conditioned``): see :class:`ConditionedHeads`
       tokenizer/           the tokenizer, so the folder is self-contained
+
+A model whose frozen backbone is the base model's own first N layers (``trunk:N``) can be saved
+without ``backbone/`` and ``tokenizer/`` (``save(..., with_backbone=False)``: a few dozen KB);
+loading rebuilds the trunk from the base model named in ``meta.json`` and refuses it unless its
+weights match the recorded trunk fingerprint byte for byte.
 """
 
 from __future__ import annotations
@@ -441,17 +446,32 @@ class ValueModel(nn.Module):
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, folder: str | Path) -> Path:
+    @property
+    def trunk_source(self) -> tuple[str, int] | None:
+        """(base model, N) when the backbone is the base model's first N layers, frozen (``trunk:N``):
+        it can then be rebuilt from the base model instead of being stored."""
+        spec, base = str(self.meta.get("backbone", "")), self.meta.get("base_model")
+        if not (self.frozen_backbone and base and spec.startswith("trunk:") and spec[6:].isdigit()):
+            return None
+        return str(base), int(spec[6:])
+
+    def save(self, folder: str | Path, *, with_backbone: bool = True) -> Path:
         """Write the model to ``folder`` atomically (a temp sibling renamed into place).
 
         LoRA adapters are merged into the saved backbone; ``meta.json`` records their config.
+        ``with_backbone=False``: heads and meta only, for a :attr:`trunk_source` model (its trunk is
+        rebuilt from the base model on load and checked against the trunk fingerprint).
         """
+        if not with_backbone and self.trunk_source is None:
+            raise ValueModelError("only a frozen trunk:N backbone with a recorded base_model can be left out of the saved folder "
+                                  f"(this one: backbone {self.meta.get('backbone')!r}, frozen {self.frozen_backbone}, base_model {self.meta.get('base_model')!r})")
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         try:
             backbone = self.plain_backbone()
-            backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
+            if with_backbone:
+                backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
             state = heads_state(self.head)
             if self.pool == "prompt+response":
                 state[POOL_CENTRE_KEY] = self.pool_centre.detach().float().cpu().contiguous()
@@ -466,10 +486,11 @@ class ValueModel(nn.Module):
                 "conditioned": self.conditioned,
                 "tokenizer_fingerprint": self.tokenizer_fingerprint,
                 "backbone_class": type(backbone).__name__,
-                **{k: v for k, v in self.meta.items() if k not in {"format", "format_version", "objectives"}},
+                **{k: v for k, v in self.meta.items() if k not in {"format", "format_version", "objectives", "backbone_saved"}},
+                **({} if with_backbone else {"backbone_saved": False}),
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and with_backbone:
                 self.tokenizer.save_pretrained(tmp / "tokenizer")
             if folder.exists():
                 shutil.rmtree(folder)
@@ -509,7 +530,8 @@ class ValueModel(nn.Module):
         for key in ("objectives", "tokenizer_fingerprint", "hidden_size"):
             if key not in meta:
                 raise ValueModelError(f"{meta_path} lacks the field {key!r}")
-        if not (folder / "backbone" / "config.json").is_file():
+        rebuild = meta.get("backbone_saved") is False
+        if not rebuild and not (folder / "backbone" / "config.json").is_file():
             raise ValueModelError(f"{folder}: backbone/config.json is missing")
         heads_path = folder / "heads.safetensors"
         if not heads_path.is_file():
@@ -518,10 +540,14 @@ class ValueModel(nn.Module):
             heads = load_file(str(heads_path))
         except Exception as err:  # safetensors raises its own error types for corrupt files
             raise ValueModelError(f"{heads_path} could not be read ({type(err).__name__}: {err})") from err
-        try:
-            backbone = AutoModel.from_pretrained(str(folder / "backbone"), dtype="auto")  # as saved: the fingerprint is of those bytes
-        except Exception as err:
-            raise ValueModelError(f"{folder / 'backbone'} could not be loaded ({type(err).__name__}: {err})") from err
+        tokenizer = None
+        if rebuild:
+            backbone, tokenizer = _rebuild_trunk(folder, meta)
+        else:
+            try:
+                backbone = AutoModel.from_pretrained(str(folder / "backbone"), dtype="auto")  # as saved: the fingerprint is of those bytes
+            except Exception as err:
+                raise ValueModelError(f"{folder / 'backbone'} could not be loaded ({type(err).__name__}: {err})") from err
         m, h = len(meta["objectives"]), int(meta["hidden_size"])
         d = meta.get("head_hidden", 0)
         if not isinstance(d, int) or d < 0:
@@ -542,11 +568,11 @@ class ValueModel(nn.Module):
                 f"{heads_path}: expected { {k: list(v) for k, v in expected.items()} } for objectives {meta['objectives']} "
                 f"(head_hidden {d}), got { {k: list(v.shape) for k, v in heads.items()} }"
             )
-        extra = {k: v for k, v in meta.items() if k not in {"format", "format_version", "objectives", "tokenizer_fingerprint", "hidden_size", "backbone_class", "head_hidden", "pool", "conditioned"}}
-        if extra.get("frozen_backbone") and extra.get("trunk_fingerprint") != weights_fingerprint(backbone):
+        extra = {k: v for k, v in meta.items() if k not in {"format", "format_version", "objectives", "tokenizer_fingerprint", "hidden_size", "backbone_class",
+                                                             "head_hidden", "pool", "conditioned", "backbone_saved"}}
+        if not rebuild and extra.get("frozen_backbone") and extra.get("trunk_fingerprint") != weights_fingerprint(backbone):
             raise ValueModelError(f"{folder}: the frozen backbone's weights do not match the fingerprint in meta.json (file changed or corrupt)")
-        tokenizer = None
-        if (folder / "tokenizer").is_dir():
+        if tokenizer is None and (folder / "tokenizer").is_dir():
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
@@ -556,6 +582,28 @@ class ValueModel(nn.Module):
         if centre is not None:
             model.pool_centre = centre.float()
         return model.place(device, dtype).eval()
+
+
+def _rebuild_trunk(folder: Path, meta: dict):
+    """The frozen ``trunk:N`` backbone of a model saved without it: the first N layers of
+    ``meta["base_model"]`` (float32), checked against ``meta["trunk_fingerprint"]`` -> (backbone, tokenizer)."""
+    from .models import load_causal_lm
+
+    spec, base, want = str(meta.get("backbone", "")), meta.get("base_model"), meta.get("trunk_fingerprint")
+    if not (spec.startswith("trunk:") and spec[6:].isdigit() and base and want and meta.get("frozen_backbone")):
+        raise ValueModelError(f"{folder}: saved without its backbone, but meta.json does not describe a frozen trunk:N of a base model "
+                              f"(backbone {spec!r}, base_model {base!r}, trunk_fingerprint {'set' if want else 'missing'})")
+    try:
+        lm, tokenizer = load_causal_lm(str(base), device="cpu", dtype=torch.float32)
+    except Exception as err:
+        cause = (str(err).strip().splitlines() or [""])[0]
+        raise ValueModelError(f"{folder}: its trunk is the first {spec[6:]} layers of {base!r}, which could not be loaded: {type(err).__name__}: {cause}") from err
+    backbone = truncated_backbone(lm, int(spec[6:]))
+    del lm
+    if weights_fingerprint(backbone) != want:
+        raise ValueModelError(f"{folder}: the first {spec[6:]} layers of {base!r} on this machine are not the weights these heads were trained on "
+                              "(trunk fingerprint differs: another revision, conversion or precision of the base model)")
+    return backbone, tokenizer
 
 
 def running_mean(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -123,7 +123,7 @@ def stack_teachers(teachers: Sequence[ValueModel]) -> ValueModel:
         if t.pool == "prompt+response" and (t.needs_pool_centre or not torch.equal(t.pool_centre.cpu(), first.pool_centre.cpu())):
             raise ValueError(f"teacher {i} ({', '.join(t.objectives)}) reads features centred differently from teacher 0 (pool centre)")
     names = [o for t in teachers for o in t.objectives]
-    meta = {k: v for k, v in first.meta.items() if k in {"frozen_backbone", "trunk_fingerprint", "pool_centre_fitted", "backbone"}}
+    meta = {k: v for k, v in first.meta.items() if k in {"frozen_backbone", "trunk_fingerprint", "pool_centre_fitted", "backbone", "base_model"}}
     stacked = ValueModel(first.backbone, names, first.tokenizer_fingerprint, {**meta, "distilled_from": names, "distill_method": "stacked"},
                          first.tokenizer, head_hidden=first.head_hidden, pool=first.pool)
     states = [heads_state(t.head) for t in teachers]

@@ -192,3 +192,17 @@ def test_collect_with_value_models_defaults_top_k(tmp_path, tiny_lm, tiny_tokeni
                  "--reward", "concise", "--value", f"concise={tmp_path / 'v'}", "--layers", "2", "--k-root", "2", "--k", "2", "--max-new-tokens", "3"]) == 0
     spec = read_trees(out)[2]["config"]
     assert spec["tree"]["top_k"] == DEFAULT_TOP_K and spec["values"] == [f"concise={tmp_path / 'v'}"]
+
+
+def test_demo_flags_choose_packaged_or_trained_value_models(monkeypatch, capsys):
+    """`demo` alone steers with the packaged default; --train or a --recipe alone trains first; --values
+    with a --recipe steers that recipe's prompts with the given model; --train with --values is refused."""
+    import mavis_align.demo as demo
+
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda recipe, out, **kw: calls.append((recipe, kw["values"])) or "")
+    assert main(["demo"]) == 0 and calls[-1] == (None, "packaged:default")
+    assert main(["demo", "--train"]) == 0 and calls[-1] == (None, None)
+    assert main(["demo", "--recipe", "r.yaml"]) == 0 and calls[-1] == ("r.yaml", None)
+    assert main(["demo", "--recipe", "r.yaml", "--values", "v"]) == 0 and calls[-1] == ("r.yaml", "v")
+    assert main(["demo", "--train", "--values", "v"]) == 2 and "give one of them" in capsys.readouterr().err

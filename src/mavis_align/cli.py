@@ -297,9 +297,12 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DEFAULT_DEMO_VALUES, run_demo
 
-    values = None if (args.train or args.recipe) else args.values
+    if args.train and args.values:
+        raise ValueError("--train trains the recipe's value models; --values steers with a ready one: give one of them")
+    # --recipe alone trains its value models, as before packaged models existed; nothing: the packaged default
+    values = None if args.train else args.values or (None if args.recipe else DEFAULT_DEMO_VALUES)
     run_demo(args.recipe, args.out, values=values, beta=args.beta, n_prompts=args.prompts, samples=args.samples, seed=args.seed)
     return 0
 
@@ -490,6 +493,7 @@ def _cmd_import_trees(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import DEFAULT_DEMO_VALUES
     from .models import DEFAULT_BASE_MODEL
     from .values import DEFAULT_VALUE_BACKBONE
     from .rewards import DEFAULT_OBJECTIVES
@@ -646,11 +650,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser("demo", help="show steering under several objective weightings: with the packaged value model, or (--train) quick ones trained first (cached)")
-    p.add_argument("--values", default="packaged:default",
-                   help="value model to steer with (default: the packaged one, trained on 400 prompts' trees; see README)")
+    p.add_argument("--values", default=None,
+                   help=f"value model to steer with (default without --train/--recipe: {DEFAULT_DEMO_VALUES}, trained on 400 prompts' trees; see README)")
     p.add_argument("--train", action="store_true",
                    help="train the recipe's value models first (iteration 0, ~9 min the first time on 2 CPU cores, cached) and steer with them")
-    p.add_argument("--recipe", default=None, help="recipe YAML (implies --train; default: the packaged demo recipe)")
+    p.add_argument("--recipe", default=None,
+                   help="recipe YAML: base model, objectives, prompts, tilt (default: the packaged demo recipe); alone it implies --train")
     p.add_argument("--out", default=None, help="run folder (default: under the cache dir)")
     p.add_argument("--beta", type=float, default=None)
     p.add_argument("--prompts", type=int, default=12, help="held-out test prompts (half ordinary, half harmful)")

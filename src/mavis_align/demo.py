@@ -11,6 +11,8 @@ import json
 from importlib import resources
 from pathlib import Path
 
+DEFAULT_DEMO_VALUES = "packaged:default"  # what `mavis-align demo` steers with unless told to train
+
 
 def steering_settings(objectives: list[str]) -> list[tuple[str, dict | None]]:
     """pi_ref, each objective alone, and each neighbouring pair at equal weight."""

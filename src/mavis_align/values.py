@@ -450,10 +450,7 @@ class ValueModel(nn.Module):
     def trunk_source(self) -> tuple[str, int] | None:
         """(base model, N) when the backbone is the base model's first N layers, frozen (``trunk:N``):
         it can then be rebuilt from the base model instead of being stored."""
-        spec, base = str(self.meta.get("backbone", "")), self.meta.get("base_model")
-        if not (self.frozen_backbone and base and spec.startswith("trunk:") and spec[6:].isdigit()):
-            return None
-        return str(base), int(spec[6:])
+        return trunk_source(self.meta)
 
     def save(self, folder: str | Path, *, with_backbone: bool = True) -> Path:
         """Write the model to ``folder`` atomically (a temp sibling renamed into place).
@@ -584,24 +581,36 @@ class ValueModel(nn.Module):
         return model.place(device, dtype).eval()
 
 
+def trunk_source(meta: dict) -> tuple[str, int] | None:
+    """(base model, N) when ``meta`` describes a frozen backbone that is the base model's first N layers
+    (``backbone: trunk:N``, ``base_model`` and ``trunk_fingerprint`` recorded), else None."""
+    spec, base = str(meta.get("backbone", "")), meta.get("base_model")
+    kind, _, n = spec.partition(":")
+    if kind != "trunk" or not n.isdigit() or not base or not meta.get("frozen_backbone") or not meta.get("trunk_fingerprint"):
+        return None
+    return str(base), int(n)
+
+
 def _rebuild_trunk(folder: Path, meta: dict):
     """The frozen ``trunk:N`` backbone of a model saved without it: the first N layers of
     ``meta["base_model"]`` (float32), checked against ``meta["trunk_fingerprint"]`` -> (backbone, tokenizer)."""
     from .models import load_causal_lm
 
-    spec, base, want = str(meta.get("backbone", "")), meta.get("base_model"), meta.get("trunk_fingerprint")
-    if not (spec.startswith("trunk:") and spec[6:].isdigit() and base and want and meta.get("frozen_backbone")):
+    source = trunk_source(meta)
+    if source is None:
         raise ValueModelError(f"{folder}: saved without its backbone, but meta.json does not describe a frozen trunk:N of a base model "
-                              f"(backbone {spec!r}, base_model {base!r}, trunk_fingerprint {'set' if want else 'missing'})")
+                              f"(backbone {meta.get('backbone')!r}, base_model {meta.get('base_model')!r}, "
+                              f"trunk_fingerprint {'set' if meta.get('trunk_fingerprint') else 'missing'})")
+    base, n = source
     try:
-        lm, tokenizer = load_causal_lm(str(base), device="cpu", dtype=torch.float32)
+        lm, tokenizer = load_causal_lm(base, device="cpu", dtype=torch.float32)
     except Exception as err:
         cause = (str(err).strip().splitlines() or [""])[0]
-        raise ValueModelError(f"{folder}: its trunk is the first {spec[6:]} layers of {base!r}, which could not be loaded: {type(err).__name__}: {cause}") from err
-    backbone = truncated_backbone(lm, int(spec[6:]))
+        raise ValueModelError(f"{folder}: its trunk is the first {n} layers of {base!r}, which could not be loaded: {type(err).__name__}: {cause}") from err
+    backbone = truncated_backbone(lm, n)
     del lm
-    if weights_fingerprint(backbone) != want:
-        raise ValueModelError(f"{folder}: the first {spec[6:]} layers of {base!r} on this machine are not the weights these heads were trained on "
+    if weights_fingerprint(backbone) != meta["trunk_fingerprint"]:
+        raise ValueModelError(f"{folder}: the first {n} layers of {base!r} on this machine are not the weights these heads were trained on "
                               "(trunk fingerprint differs: another revision, conversion or precision of the base model)")
     return backbone, tokenizer
 

@@ -460,5 +460,8 @@ def test_demo_runs_end_to_end_and_reuses_its_models(tmp_path, capsys):
     text = run_demo(recipe, tmp_path / "ready-run", values=str(tmp_path / "ready"), n_prompts=2, samples=1, progress=False)
     assert "beta=3.5, top-k=3, tilt on NORMALIZEd values" in text and "| humor | 0.250 | 0.610 ± 0.020 (300) |" in text
     assert all(f"| {label} |" in text for label, _ in settings) and not (tmp_path / "ready-run" / "iter0").exists()
+    record = json.loads((tmp_path / "ready-run" / "demo-run.json").read_text())
+    assert record["config"]["values"] == str(tmp_path / "ready") and record["config"]["sampling"]["beta"] == 3.5 and record["seed"] == 0
+    assert "git" in record and "versions" in record
     with pytest.raises(ValueError, match="missing"):
         run_demo(recipe, tmp_path / "bad", values=str(out / "iter0" / "humor" / "value" / "best"), n_prompts=2, samples=1, progress=False)

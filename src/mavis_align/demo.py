@@ -142,6 +142,11 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
         "(mean per-prompt difference / its standard error, paired by prompt; > 2 is a clear rise).", "", *table, "",
         f"Responses to {prompts[-1]!r}:", "", *examples, "",
     ])
+    from .provenance import write_run_record
+
+    # the demo's own settings beside the result (a trained demo's folder also holds iterate's run.json)
+    write_run_record(out, {"recipe": recipe.to_dict(), "values": values or "trained (iterate)", "sampling": dataclasses.asdict(cfg),
+                           "n_prompts": len(prompts), "samples": samples}, seed, name="demo-run.json")
     (out / "demo.md").write_text(text)
     (out / "demo.json").write_text(json.dumps({"beta": b, "normalize": cfg.normalize, "prompts": prompts, "results": results}, indent=2, default=str) + "\n")
     print(text)

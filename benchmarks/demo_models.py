@@ -27,7 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("value_model", help="a value-model folder with heads for helpful, harmless and humor")
     ap.add_argument("--beta", type=float, default=2.0)
-    ap.add_argument("--no-normalize", action="store_true", help="tilt the raw values (the demo's form since 2026-11-27: --beta 50 --no-normalize)")
+    ap.add_argument("--no-normalize", action="store_true", help="tilt the raw values (packaged:default's tilt, what make demo uses: --beta 50 --no-normalize)")
     args = ap.parse_args()
     model, tok = load_causal_lm("smollm2-135m-instruct")
     vm = ValueModel.load(args.value_model)

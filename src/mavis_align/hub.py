@@ -192,11 +192,15 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, toke
 PACKAGED_PREFIX = "packaged:"
 
 
-def packaged_value_models() -> list[str]:
-    """Names of the value models shipped inside the package (``packaged:NAME``)."""
+def _packaged_root() -> Path:
     from importlib import resources
 
-    root = Path(str(resources.files("mavis_align") / "pretrained"))
+    return Path(str(resources.files("mavis_align") / "pretrained"))
+
+
+def packaged_value_models() -> list[str]:
+    """Names of the value models shipped inside the package (``packaged:NAME``)."""
+    root = _packaged_root()
     return sorted(p.name for p in root.iterdir() if (p / "meta.json").is_file()) if root.is_dir() else []
 
 
@@ -205,14 +209,12 @@ def resolve_value_source(name: str | Path) -> Path:
     :func:`packaged_value_models`), ``name`` itself when it exists, else a hub id downloaded (or
     found in the HF cache) with ``huggingface_hub.snapshot_download``. Then one loading path."""
     if str(name).startswith(PACKAGED_PREFIX):
-        from importlib import resources
-
         from .values import ValueModelError
 
-        key = str(name)[len(PACKAGED_PREFIX):]
-        if key not in packaged_value_models():
-            raise ValueModelError(f"no packaged value model {key!r}; shipped: {', '.join(packaged_value_models()) or 'none'}")
-        return Path(str(resources.files("mavis_align") / "pretrained" / key))
+        key, shipped = str(name)[len(PACKAGED_PREFIX):], packaged_value_models()
+        if key not in shipped:
+            raise ValueModelError(f"no packaged value model {key!r}; shipped: {', '.join(shipped) or 'none'}")
+        return _packaged_root() / key
     path = Path(name).expanduser()
     if path.exists() or not HUB_ID.match(str(name)):
         return path

@@ -567,7 +567,11 @@ class ValueModel(nn.Module):
             )
         extra = {k: v for k, v in meta.items() if k not in {"format", "format_version", "objectives", "tokenizer_fingerprint", "hidden_size", "backbone_class",
                                                              "head_hidden", "pool", "conditioned", "backbone_saved"}}
-        if not rebuild and extra.get("frozen_backbone") and extra.get("trunk_fingerprint") != weights_fingerprint(backbone):
+        if extra.get("frozen_backbone") and extra.get("trunk_fingerprint") != weights_fingerprint(backbone):
+            if rebuild:
+                base, n = trunk_source(meta)
+                raise ValueModelError(f"{folder}: the first {n} layers of {base!r} on this machine are not the weights these heads were trained on "
+                                      "(trunk fingerprint differs: another revision, conversion or precision of the base model)")
             raise ValueModelError(f"{folder}: the frozen backbone's weights do not match the fingerprint in meta.json (file changed or corrupt)")
         if tokenizer is None and (folder / "tokenizer").is_dir():
             from transformers import AutoTokenizer
@@ -593,7 +597,7 @@ def trunk_source(meta: dict) -> tuple[str, int] | None:
 
 def _rebuild_trunk(folder: Path, meta: dict):
     """The frozen ``trunk:N`` backbone of a model saved without it: the first N layers of
-    ``meta["base_model"]`` (float32), checked against ``meta["trunk_fingerprint"]`` -> (backbone, tokenizer)."""
+    ``meta["base_model"]`` (float32) -> (backbone, tokenizer); :meth:`ValueModel.load` checks its fingerprint."""
     from .models import load_causal_lm
 
     source = trunk_source(meta)
@@ -607,12 +611,7 @@ def _rebuild_trunk(folder: Path, meta: dict):
     except Exception as err:
         cause = (str(err).strip().splitlines() or [""])[0]
         raise ValueModelError(f"{folder}: its trunk is the first {n} layers of {base!r}, which could not be loaded: {type(err).__name__}: {cause}") from err
-    backbone = truncated_backbone(lm, n)
-    del lm
-    if weights_fingerprint(backbone) != meta["trunk_fingerprint"]:
-        raise ValueModelError(f"{folder}: the first {n} layers of {base!r} on this machine are not the weights these heads were trained on "
-                              "(trunk fingerprint differs: another revision, conversion or precision of the base model)")
-    return backbone, tokenizer
+    return truncated_backbone(lm, n), tokenizer
 
 
 def running_mean(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

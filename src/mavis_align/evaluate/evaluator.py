@@ -99,12 +99,13 @@ def evaluate_weightings(decoder, config, weightings: Sequence[tuple[str, dict]],
     gens = decoder.generate([many[i] for _, i in rows], weights=[dict(weightings[j][1]) for j, _ in rows], config=config, seed=seed,
                             batch_size=batch_size, chat=chat, row_ids=[i for _, i in rows])
     seconds = time.perf_counter() - t0
+    joint_tokens_per_s = sum(len(g.token_ids) for g in gens) / max(seconds, 1e-9)
     out = {}
     for j, (label, weights) in enumerate(weightings):
         policy = DecoderPolicy(label, decoder, config, weights=weights, chat=chat)
         res = score_generations(policy, gens[j * len(many) : (j + 1) * len(many)], rewards, ref_model, ref_tokenizer, seconds=seconds,
                                 prompts=len(prompts), samples=samples, seed=seed, chat=chat, keep_examples=keep_examples)
-        res["tokens_per_s"] = sum(len(g.token_ids) for g in gens) / max(seconds, 1e-9)
+        res["tokens_per_s"] = joint_tokens_per_s
         res["decoded_with"] = labels
         out[label] = res
     return out

@@ -170,20 +170,25 @@ def _finish(student: ValueModel, teachers: Sequence[ValueModel], tree_files, out
     return result
 
 
-def distill_stacked(teachers: Sequence[ValueModel], tree_files: Sequence[str | Path], out: str | Path, *, progress: bool = True, tracker=None) -> dict:
+def _pad_id(model: ValueModel) -> int:
+    return model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
+
+
+def distill_stacked(teachers: Sequence[ValueModel], tree_files: Sequence[str | Path], out: str | Path, *, progress: bool = True, tracker=None,
+                    student: ValueModel | None = None) -> dict:
     """:func:`stack_teachers` saved to ``out/student`` with the same ``result.json`` as :func:`distill`
-    (the student − teacher MSE on held-out sequences is measured, not assumed)."""
+    (the student − teacher MSE on held-out sequences is measured, not assumed). ``student``: the
+    teachers' stack when the caller has already built it."""
     from ..provenance import write_run_record
 
     t0 = time.perf_counter()
-    student = stack_teachers(teachers)
+    student = student if student is not None else stack_teachers(teachers)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = list(student.objectives)
     write_run_record(out, {"distill": {"method": "stacked"}, "teachers": names}, 0)
-    pad = student.tokenizer.pad_token_id if student.tokenizer is not None and student.tokenizer.pad_token_id is not None else 0
     val = completion_sequences(tree_files, "val")
-    result = {"objectives": names, "method": "stacked", "steps": 0, "sequences": 0, "val_mse_vs_teachers": _mse_vs_teachers(student, teachers, val, pad),
+    result = {"objectives": names, "method": "stacked", "steps": 0, "sequences": 0, "val_mse_vs_teachers": _mse_vs_teachers(student, teachers, val, _pad_id(student)),
               "seconds": round(time.perf_counter() - t0, 2)}
     return _finish(student, teachers, tree_files, out, result, progress, tracker, 0)
 
@@ -196,14 +201,14 @@ def distill_auto(teachers: Sequence[ValueModel], make_student, tree_files: Seque
         raise ValueError(f"method must be 'auto', 'stack' or 'train', got {method!r}")
     if method != "train":
         try:
-            stack_teachers(teachers)
+            stacked = stack_teachers(teachers)
         except ValueError as err:
             if method == "stack":
                 raise
             if progress:
                 print(f"distill: training a student ({err})")
         else:
-            return distill_stacked(teachers, tree_files, out, progress=progress, tracker=tracker)
+            return distill_stacked(teachers, tree_files, out, progress=progress, tracker=tracker, student=stacked)
     return distill(teachers, make_student(), tree_files, out, config or DistillConfig(), progress=progress, tracker=tracker)
 
 
@@ -236,7 +241,7 @@ def distill(
     train = completion_sequences(tree_files, "train") or completion_sequences(tree_files, None)
     val = completion_sequences(tree_files, "val")
     device = next(student.parameters()).device  # teachers and student on one placement (mavis_align.placement)
-    pad = student.tokenizer.pad_token_id if student.tokenizer is not None and student.tokenizer.pad_token_id is not None else 0
+    pad = _pad_id(student)
     fit_student_centre(student, train, pad)
     steps = max(1, math.ceil(len(train) / config.batch_size * config.epochs))
     opt = Adafactor([p for p in student.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay,

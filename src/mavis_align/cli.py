@@ -439,8 +439,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key", file=sys.stderr)
     print(f"serving {args.model} with objectives {decoder.objectives or '(none: plain sampling)'} on http://{args.host}:{args.port}/ (playground at /)")
+    from .serve.scheduler import MemoryBudget
+
+    at_least = args.max_prompt_tokens + args.max_tokens_limit
+    budget = (MemoryBudget(args.max_kv_tokens, args.max_candidates) if args.max_kv_tokens
+              else MemoryBudget.for_models(decoder.model, decoder.value_models, at_least=at_least, candidates=args.max_candidates))
+    print(f"memory budget: {budget.kv_tokens} KV positions, {budget.candidates} candidate positions per step")
     serve(decoder, host=args.host, port=args.port, model_name=args.model_name or args.model, api_key=args.api_key,
-          max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens, max_batch=args.max_batch, max_queue=args.max_queue, rewards=rewards)
+          max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens, max_batch=args.max_batch, max_queue=args.max_queue,
+          rewards=rewards, budget=budget, shutdown_grace=args.shutdown_grace)
     return 0
 
 
@@ -740,6 +747,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-limit", type=int, default=512)
     p.add_argument("--max-prompt-tokens", type=int, default=2048)
     p.add_argument("--reward", action="append", default=None, help="rewards for return_rewards (default: offline rewards named like the objectives)")
+    p.add_argument("--max-kv-tokens", type=int, default=0, metavar="N",
+                   help="memory bound: live rows x the longest row's prompt + max_tokens, in KV positions; requests wait for room "
+                        "(default 0: a quarter of the device's memory for the base and value-trunk caches)")
+    p.add_argument("--max-candidates", type=int, default=4096, metavar="N",
+                   help="memory bound: tilted rows x (1 + their largest top_k), the positions of one value forward (default 4096)")
+    p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM / Ctrl-C: seconds the accepted requests may run before they end with finish_reason 'abort' (default 30)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("train-probes", help="retrain the learned default-reward probes from shipped data")

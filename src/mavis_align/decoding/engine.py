@@ -221,36 +221,75 @@ def step_distribution(
 ) -> StepDistribution:
     """The next-token distribution of every row: pi_MAVIS for tilted rows, else pi_ref (top-k optional).
 
-    Candidates whose logit is -inf (banned words, constrained decoding, EOS before
+    Each row costs what its own settings ask for, whatever its neighbours are: only tilted rows'
+    candidates are scored (at most the batch's largest *tilted* k per tilted row), and an untilted
+    row keeps its own support (its top-k, or the whole vocabulary). When some untilted row samples
+    the whole vocabulary, every row is returned as a [B, V] table (``ids`` None; -inf outside a
+    row's candidates): the sampler draws in token-id order, so a row's draw is the same in either
+    form. Candidates whose logit is -inf (banned words, constrained decoding, EOS before
     ``min_new_tokens``) never enter NORMALIZE's min and max and get no probability.
 
     Args:
         logits: [B, V] pi_ref logits (-inf allowed).
         rows: the rows' parameters.
-        scorer: value scorer with ``score(candidates [B, K], weights [B, M]) -> [B, K, M]``, or None
+        scorer: value scorer holding the **tilted rows only**, in batch order, with
+            ``score(candidates [T, K], weights [T, M]) -> [T, K, M]``; or None
             (preference-conditioned value models read the weights; see ``steppers.model_weights``).
         banned: [B, V] bool, tokens a row may not produce now, or None.
     Returns:
-        The distribution; ``ids`` is None only when no row is tilted and every row samples the
-        whole vocabulary.
+        The distribution; ``values`` (raw combined values) is NaN outside tilted rows' candidates.
     """
     logits = logits.float()
     if banned is not None and bool(banned.any()):
         logits = logits.masked_fill(banned, NEG_INF)
     vocab = logits.shape[-1]
     logp_full = torch.log_softmax(logits / rows.temperature[:, None], dim=-1)
-    tilt = scorer is not None and bool(rows.tilted.any())
+    tilted = rows.tilted if scorer is not None else torch.zeros_like(rows.tilted)
     k_row = torch.where(rows.top_k > 0, rows.top_k.clamp(max=vocab), torch.full_like(rows.top_k, vocab))
-    if not tilt and bool((k_row == vocab).all()):
+    whole = (k_row == vocab) & ~tilted  # untilted rows sampling the whole vocabulary
+    if bool(whole.all()):
         return StepDistribution(None, logp_full, None)
+    if bool(whole.any()):  # one [B, V] table: the other rows' candidates are computed on their own
+        part = (~whole).nonzero().squeeze(-1)
+        sub = _candidate_distribution(logp_full.index_select(0, part), rows.select(part), k_row.index_select(0, part), scorer)
+        logp = logp_full.index_copy(0, part, sub.full(vocab))
+        values = None
+        if sub.values is not None:
+            table = torch.full((part.shape[0], vocab), float("nan"), device=logp.device).scatter(-1, sub.ids, sub.values)
+            values = torch.full_like(logp, float("nan")).index_copy(0, part, table)
+        return StepDistribution(None, logp, values)
+    return _candidate_distribution(logp_full, rows, k_row, scorer)
+
+
+def _candidate_distribution(logp_full: torch.Tensor, rows: RowTensors, k_row: torch.Tensor, scorer) -> StepDistribution:
+    """:func:`step_distribution` for rows that all have candidates (own top-k, or tilted): [B, K] with
+    K the largest k; the scorer sees the tilted rows' first K_t candidates only (K_t their largest k)."""
     ref_logp, ids = torch.topk(logp_full, int(k_row.max()), dim=-1)
     valid = (torch.arange(ids.shape[1], device=ids.device)[None, :] < k_row[:, None]) & torch.isfinite(ref_logp)
-    if not tilt:
-        return StepDistribution(ids, torch.log_softmax(ref_logp.masked_fill(~valid, NEG_INF), dim=-1), None)
-    combined = combine_values(scorer.score(ids, rows.weights), rows.weights)
-    beta = torch.where(rows.tilted, rows.beta, torch.zeros_like(rows.beta))
-    return StepDistribution(ids, tilted_logprobs(ref_logp, combined, beta, normalize=rows.normalize, valid=valid,
-                                                          max_step_kl=rows.max_step_kl), combined)
+    logp = torch.log_softmax(ref_logp.masked_fill(~valid, NEG_INF), dim=-1)
+    tilted = rows.tilted if scorer is not None else torch.zeros_like(rows.tilted)
+    if not bool(tilted.any()):
+        return StepDistribution(ids, logp, None)
+    every = bool(tilted.all())
+    t = None if every else tilted.nonzero().squeeze(-1)
+
+    def of_tilted(x: torch.Tensor) -> torch.Tensor:
+        return x if every else x.index_select(0, t)
+
+    k_t = int(of_tilted(k_row).max())
+    w = of_tilted(rows.weights)
+    combined = combine_values(scorer.score(of_tilted(ids)[:, :k_t], w), w)
+    tilted_lp = tilted_logprobs(of_tilted(ref_logp)[:, :k_t], combined, of_tilted(rows.beta), normalize=of_tilted(rows.normalize),
+                                valid=of_tilted(valid)[:, :k_t], max_step_kl=of_tilted(rows.max_step_kl))
+    if every and k_t == ids.shape[1]:
+        return StepDistribution(ids, tilted_lp, combined)
+    pad = ids.shape[1] - k_t
+    tilted_lp = torch.nn.functional.pad(tilted_lp, (0, pad), value=NEG_INF)
+    combined = torch.nn.functional.pad(combined, (0, pad), value=float("nan"))
+    if every:
+        return StepDistribution(ids, tilted_lp, combined)
+    values = torch.full_like(logp, float("nan")).index_copy(0, t, combined)
+    return StepDistribution(ids, logp.index_copy(0, t, tilted_lp), values)
 
 
 def sample_positions(logp: torch.Tensor, greedy: torch.Tensor, generators: Sequence[torch.Generator | None],
@@ -312,6 +351,11 @@ class DecodeState:
     :meth:`step` (or :meth:`distribution` + a custom chooser + :meth:`select` / :meth:`advance`,
     as beam search does) and leave when they finish (or by :meth:`select`).
 
+    The value scorer holds only the rows that need it (:attr:`scored`): the tilted rows (those with
+    objective weights), in batch order, so a plain row never runs through a value model, and the
+    scorer exists only while such a row is live. With ``score_all_rows`` it holds every row instead
+    (step-level guidance scores untilted rows itself); no row may then be tilted.
+
     Args:
         make_base: builds a fresh base stepper (``start``/``step``/``reorder``/``merge``).
         make_scorer: builds a fresh value scorer, or None for pi_ref alone.
@@ -319,16 +363,19 @@ class DecodeState:
         eos_id: end-of-sequence id, or None.
         capture_kv: give every finished row's record the base model's keys and values
             (``DecodedRow.base_kv``; bases with ``row_kv`` only).
+        score_all_rows: the scorer holds every row (see above).
     """
 
     def __init__(self, make_base: Callable[[], object], make_scorer: Callable[[], object] | None, n_objectives: int, eos_id: int | None,
-                 capture_kv: bool = False):
+                 capture_kv: bool = False, score_all_rows: bool = False):
         self.make_base, self.make_scorer = make_base, make_scorer
         self.n_objectives, self.eos_id, self.capture_kv = n_objectives, eos_id, capture_kv
+        self.score_all_rows = score_all_rows
         self.base = self.scorer = self.logits = self.rows = self.lengths = None
         self.specs: list[RowSpec] = []
         self.records: list[DecodedRow] = []
         self.keys: list = []
+        self.scored: list[bool] = []  # per live row: held by the scorer
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -351,37 +398,58 @@ class DecodeState:
         n_rows = input_ids.shape[0] if row_source is None else int(row_source.shape[0])
         if len(specs) != n_rows:
             raise ValueError(f"got {len(specs)} row specs for {n_rows} rows")
+        if self.score_all_rows and any(s.weights is not None for s in specs):
+            raise ValueError("a state whose scorer holds every row (score_all_rows) cannot tilt rows")
         empty = [(k, DecodedRow()) for k, s in zip(keys, specs) if s.max_tokens == 0]
         keep = [i for i, s in enumerate(specs) if s.max_tokens > 0]
         if not keep:
             return empty
         base = self.make_base()
         logits = base.start(input_ids, attention_mask)
-        scorer = self.make_scorer() if self.make_scorer is not None else None
-        if scorer is not None:
-            scorer.start(input_ids, attention_mask)
         source = torch.arange(input_ids.shape[0]) if row_source is None else row_source.cpu()
         if row_source is not None or len(keep) < n_rows:
             index = source[keep].to(logits.device)
             base.reorder(index)
             logits = logits.index_select(0, index)
-            if scorer is not None:
-                scorer.reorder(index)
         specs, keys = [specs[i] for i in keep], [keys[i] for i in keep]
+        scored = [self.make_scorer is not None and (self.score_all_rows or s.weights is not None) for s in specs]
+        scorer = self._start_scorer(input_ids, attention_mask, source[keep], scored) if any(scored) else None
         rows = RowTensors.pack(specs, self.n_objectives, logits.device)
         lengths = torch.zeros(len(specs), dtype=torch.long, device=logits.device)
         if self.base is None:
-            self.base, self.scorer, self.logits, self.rows, self.lengths = base, scorer, logits, rows, lengths
+            self.base, self.logits, self.rows, self.lengths = base, logits, rows, lengths
         else:
             self.base.merge(base)
-            if scorer is not None:
-                self.scorer.merge(scorer)
             self.logits = torch.cat([self.logits, logits])
             self.rows, self.lengths = self.rows.cat(rows), torch.cat([self.lengths, lengths])
+        if scorer is not None:
+            if self.scorer is None:
+                self.scorer = scorer
+            else:
+                self.scorer.merge(scorer)
         self.specs += specs
         self.keys += keys
+        self.scored += scored
         self.records += [DecodedRow() for _ in specs]
         return empty
+
+    def _start_scorer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, source: torch.Tensor, scored: list[bool]):
+        """A fresh scorer started on the prompts of the rows it will hold (``source``: each row's prompt)."""
+        rows = [int(p) for p, s in zip(source.tolist(), scored) if s]
+        prompts = sorted(set(rows))
+        ids, mask = input_ids, attention_mask
+        if len(prompts) < input_ids.shape[0]:
+            at = torch.tensor(prompts, dtype=torch.long, device=input_ids.device)
+            ids, mask = input_ids.index_select(0, at), attention_mask.index_select(0, at.to(attention_mask.device))
+            used = mask.bool().any(0)  # columns that are padding in every kept prompt are dropped
+            first = int(used.long().argmax()) if bool(used.any()) else 0
+            ids, mask = ids[:, first:], mask[:, first:]
+        scorer = self.make_scorer()
+        scorer.start(ids, mask)
+        if rows != list(range(len(prompts))):
+            where = {p: i for i, p in enumerate(prompts)}
+            scorer.reorder(torch.tensor([where[p] for p in rows], dtype=torch.long))
+        return scorer
 
     def distribution(self) -> StepDistribution:
         """pi_gen of every live row at the current step."""
@@ -391,7 +459,7 @@ class DecodeState:
             if bool(early.any()):
                 banned = torch.zeros_like(self.logits, dtype=torch.bool)
                 banned[:, self.eos_id] = early
-        return step_distribution(self.logits, self.rows, scorer=self.scorer, banned=banned)
+        return step_distribution(self.logits, self.rows, scorer=None if self.score_all_rows else self.scorer, banned=banned)
 
     def select(self, index: Sequence[int] | torch.Tensor) -> None:
         """Keep rows ``index`` in that order (repeats allowed: beam search)."""
@@ -399,20 +467,35 @@ class DecodeState:
         il = idx.tolist()
         if not il:
             self.base = self.scorer = self.logits = self.rows = self.lengths = None
-            self.specs, self.keys, self.records = [], [], []
+            self.specs, self.keys, self.records, self.scored = [], [], [], []
             return
         self.base.reorder(idx)
         if self.scorer is not None:
-            self.scorer.reorder(idx)
+            at = self._scorer_rows()
+            kept = [at[i] for i in il if self.scored[i]]
+            if kept:
+                self.scorer.reorder(torch.tensor(kept, dtype=torch.long))
+            else:
+                self.scorer = None  # no row needs the value models any more; the next tilted row starts a new one
         self.logits, self.rows, self.lengths = self.logits.index_select(0, idx), self.rows.select(idx), self.lengths.index_select(0, idx)
         self.specs, self.keys, self.records = [self.specs[i] for i in il], [self.keys[i] for i in il], [self.records[i] for i in il]
+        self.scored = [self.scored[i] for i in il]
+
+    def _scorer_rows(self) -> list[int | None]:
+        """Per live row, its row in the scorer (None: not held)."""
+        out, n = [], 0
+        for s in self.scored:
+            out.append(n if s else None)
+            n += s
+        return out
 
     @torch.no_grad()
     def advance(self, tokens: torch.Tensor) -> None:
         """Append one token per live row ([B]) to the models' state."""
         self.logits = self.base.step(tokens)
         if self.scorer is not None:
-            self.scorer.append(tokens)
+            held = tokens if all(self.scored) else tokens[torch.tensor([i for i, s in enumerate(self.scored) if s], device=tokens.device)]
+            self.scorer.append(held)
         self.lengths = self.lengths + 1
 
     @torch.no_grad()
@@ -450,6 +533,7 @@ class DecodeState:
         ref_full = torch.log_softmax(self.logits.float(), dim=-1)
         lp_ref = ref_full.gather(-1, chosen[:, None]).squeeze(-1)
         val = dist.values.gather(-1, pos[:, None]).squeeze(-1).tolist() if dist.values is not None else None
+        tilted = self.rows.tilted.tolist()
         c_l, r_l, g_l, k_l = chosen.tolist(), lp_ref.tolist(), lp_gen.tolist(), dist.kl_to(ref_full).tolist()
         keep, done = [], []
         for i, (spec, rec) in enumerate(zip(self.specs, self.records)):
@@ -457,7 +541,7 @@ class DecodeState:
             rec.logprobs_ref.append(r_l[i])
             rec.logprobs_gen.append(g_l[i])
             rec.kl.append(k_l[i])
-            if val is not None:
+            if val is not None and tilted[i]:
                 rec.values.append(val[i])
             reason = finish_reason(rec.token_ids, spec, self.eos_id)
             if reason is None:

@@ -111,7 +111,7 @@ def step_guided_search(
     row_gens = [torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=generators[p])))
                 for p in range(n_prompts) for _ in range(n)]
     specs = [RowSpec(config, generator=row_gens[r], stop_check=stop_check) for r in range(n_prompts * n)]
-    state = DecodeState(lambda: base, lambda: scorer, int(weights.shape[1]), eos_id)
+    state = DecodeState(lambda: base, lambda: scorer, int(weights.shape[1]), eos_id, score_all_rows=True)  # it scores untilted rows itself
     state.admit(input_ids, attention_mask, specs, list(range(n_prompts * n)), torch.arange(n_prompts).repeat_interleave(n))
     device = state.logits.device
     # the batch holds blocks of n rows; block b is prompt order[b] (finished prompts leave the batch)

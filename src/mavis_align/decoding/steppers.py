@@ -86,6 +86,22 @@ def _plain_layers(cache) -> bool:
     return all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", [None]))
 
 
+def _trim_left(mask: torch.Tensor, caches: Sequence) -> torch.Tensor:
+    """Drop the leading positions that are padding in every row of a left-padded batch (left behind by
+    rows that have left it), from the 2D mask [B, W] and the caches -> the new mask. Without it a
+    batch that rows keep joining and leaving would grow by one position per step for ever. Positions
+    are passed explicitly, so nothing else changes. Caches with other than plain layers are kept."""
+    used = mask.bool().any(0)
+    n = int(used.long().argmax()) if bool(used.any()) else 0
+    if n == 0 or not all(_plain_layers(c) for c in caches):
+        return mask
+    for cache in caches:
+        for layer in cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+                layer.keys, layer.values = layer.keys[:, :, n:], layer.values[:, :, n:]
+    return mask[:, n:]
+
+
 class CachedBase:
     """pi_ref with a KV cache over a left-padded batch.
 
@@ -178,7 +194,7 @@ class CachedBase:
         """Keep rows ``index`` ([B'] long, repeats allowed) in that order (beam search)."""
         index = index.to(self.device)
         self.cache.reorder_cache(index)
-        self.mask = self.mask.index_select(0, index)
+        self.mask = _trim_left(self.mask.index_select(0, index), [self.cache])
         self.next_pos = self.next_pos.index_select(0, index)
 
     def merge(self, other: "CachedBase") -> None:
@@ -430,7 +446,7 @@ class CachedValueScorer:
         index = index.to(self.device)
         for cache in self.caches.values():
             cache.reorder_cache(index)
-        self.mask = self.mask.index_select(0, index)
+        self.mask = _trim_left(self.mask.index_select(0, index), list(self.caches.values()))
         self.next_pos = self.next_pos.index_select(0, index)
         self.sums = {g: v.index_select(0, index) for g, v in self.sums.items()}
         self.prompt_sums = {g: v.index_select(0, index) for g, v in self.prompt_sums.items()}

@@ -30,7 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import DEFAULT_TOP_K, SamplingConfig
-from .scheduler import GenRequest, Scheduler
+from .scheduler import GenRequest, MemoryBudget, OverBudget, Scheduler, ShuttingDown
 
 PAGE = "playground.html"
 
@@ -48,11 +48,14 @@ MAX_WEIGHT = 1e6
 
 def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None, max_tokens_limit: int = 512,
                max_prompt_tokens: int = 2048, max_batch: int = 16, max_queue: int = 64, max_body_bytes: int = 1 << 20,
-               rewards=None, scheduler_thread: bool = True):
+               rewards=None, scheduler_thread: bool = True, budget: MemoryBudget | None = None):
     """Build the FastAPI app around a :class:`~mavis_align.decoding.decoder.MavisDecoder`.
 
     Every field is checked before a request reaches the decode loop (4xx with OpenAI's error shape);
     at most ``max_queue`` requests wait (429 beyond), bodies over ``max_body_bytes`` get 413.
+    ``budget`` bounds the memory of the live batch (default: :meth:`MemoryBudget.for_models`, never
+    below one request of ``max_prompt_tokens + max_tokens_limit``); requests wait for room, and one
+    that could never fit gets 400. While the scheduler drains (shutdown), new requests get 503.
 
     With ``scheduler_thread=False`` the decode loop does not start; call
     ``app.state.scheduler.run()`` from the thread that loaded the models (what :func:`serve` does).
@@ -60,8 +63,10 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
     tok = decoder.tokenizer
     objectives = decoder.objectives
     reward_fns = {r.name: r for r in (rewards or [])}
+    if budget is None:
+        budget = MemoryBudget.for_models(decoder.model, decoder.value_models, at_least=max_prompt_tokens + max_tokens_limit)
     scheduler = Scheduler(decoder.model, tok, decoder.value_models, decoder.bindings, max_batch=max_batch, max_queue=max_queue,
-                          rewards=reward_fns, start_thread=scheduler_thread)
+                          rewards=reward_fns, start_thread=scheduler_thread, budget=budget)
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
@@ -230,6 +235,11 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
         except queue.Full:
             raise APIError(429, f"the server is busy ({scheduler.inbox.maxsize} requests waiting); retry later", code="queue_full",
                            kind="rate_limit_error") from None
+        except OverBudget as err:
+            raise APIError(400, str(err), param="max_tokens", code="context_length_exceeded") from None
+        except ShuttingDown:
+            raise APIError(503, "the server is shutting down; retry on another replica or later", code="shutting_down",
+                           kind="server_error") from None
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
 
@@ -340,7 +350,9 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "active": len(scheduler.active), "queued": scheduler.inbox.qsize(), **scheduler.stats}
+        active = scheduler.active
+        return {"status": "ok" if scheduler.drain_deadline is None else "draining", "active": len(active), "queued": scheduler.queued,
+                **scheduler.stats, "memory_budget": {"limit": vars(scheduler.budget), "used": scheduler.budget.usage(active)}}
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -368,26 +380,41 @@ def check_listen(host: str, port: int) -> None:
         raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
 
 
-def serve(decoder, *, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
+def serve(decoder, *, host: str = "127.0.0.1", port: int = 8000, shutdown_grace: float = 30.0, **kwargs) -> None:
     """Run the app (blocking): HTTP in a uvicorn thread, the decode loop in this thread, the one
-    that loaded the models (see :meth:`Scheduler.run` for why)."""
+    that loaded the models (see :meth:`Scheduler.run` for why).
+
+    SIGTERM or Ctrl-C drains: new requests get 503, the accepted ones finish (those still running
+    after ``shutdown_grace`` seconds end with the finish reason ``"abort"`` and a well-formed end of
+    stream), then the HTTP server closes and this returns. A second signal ends them at once.
+    """
+    import signal
     import threading
 
     import uvicorn
 
     check_listen(host, port)
     app = create_app(decoder, scheduler_thread=False, **kwargs)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    scheduler = app.state.scheduler
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                           timeout_graceful_shutdown=max(1, int(math.ceil(shutdown_grace)) + 5)))
     web = threading.Thread(target=server.run, name="mavis-http", daemon=True)
+
+    def on_signal(signum, _frame):
+        first = scheduler.drain_deadline is None
+        scheduler.drain(shutdown_grace if first else 0.0)
+        print(f"mavis-align serve: {signal.Signals(signum).name}: " + (f"draining (up to {shutdown_grace:g} s)" if first else "ending now"), flush=True)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     web.start()
     try:
-        app.state.scheduler.run()
-    except KeyboardInterrupt:
-        pass
+        scheduler.run()  # returns once drained
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        scheduler.shutdown()
+        time.sleep(0.2)  # the last events reach the HTTP thread's queues; uvicorn then waits for open responses
         server.should_exit = True
-        app.state.scheduler.shutdown()
-        try:
-            web.join(timeout=10)
-        except KeyboardInterrupt:  # a second Ctrl-C while the HTTP thread winds down
-            pass
+        web.join(timeout=max(10.0, shutdown_grace + 10))

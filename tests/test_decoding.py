@@ -37,12 +37,12 @@ def _batch(tok, prompts):
     return enc["input_ids"], enc["attention_mask"]
 
 
-def _trace(base, scorer, tok, forced, config, weights, beta):
+def _trace(base, scorer, tok, forced, config, weights, beta, eos_id=None):
     ids, mask = _batch(tok, PROMPTS)
     dists = []
     rows = decode_ids(
-        base, ids, mask, config, eos_id=None, scorer=scorer, weights=weights, beta=beta,
-        forced=forced, on_step=lambda t, d: dists.append((d.ids.clone(), d.logp.exp().clone(), d.values.clone())),
+        base, ids, mask, config, eos_id=eos_id, scorer=scorer, weights=weights, beta=beta,
+        forced=forced, on_step=lambda t, d: dists.append((None if d.ids is None else d.ids.clone(), d.logp.exp().clone(), d.values.clone())),
     )
     return rows, dists
 
@@ -203,16 +203,16 @@ def test_cli_spec_parsing():
         parse_weights(["a=x"])
 
 
-@pytest.mark.parametrize("cap", [0.0, 0.05])
-def test_logits_processor_matches_native_decoder(tiny_lm, tiny_tokenizer, value_models, cap):
+@pytest.mark.parametrize("cap,tail", [(0.0, "drop"), (0.05, "drop"), (0.0, "keep"), (0.05, "keep")])
+def test_logits_processor_matches_native_decoder(tiny_lm, tiny_tokenizer, value_models, cap, tail):
     """model.generate(logits_processor=[MavisLogitsProcessor]) gives the native decoder's distribution
-    (with and without a per-step KL cap)."""
+    (with and without a per-step KL cap; the paper's tilt and the one that keeps pi_ref's tail)."""
     from mavis_align.decoding.processor import MavisLogitsProcessor
 
     tok = tiny_tokenizer
     ids, mask = _batch(tok, PROMPTS)
     w = {"a": 0.6, "c": 0.4}
-    proc = MavisLogitsProcessor(value_models, w, beta=4.0, top_k=5, attention_mask=mask, max_step_kl=cap)
+    proc = MavisLogitsProcessor(value_models, w, beta=4.0, top_k=5, attention_mask=mask, max_step_kl=cap, tail=tail)
     seen = []
 
     def record(input_ids, scores):
@@ -232,16 +232,15 @@ def test_logits_processor_matches_native_decoder(tiny_lm, tiny_tokenizer, value_
     )
     gen = out[:, ids.shape[1]:]
     forced = gen.tolist()
-    cfg = SamplingConfig(max_new_tokens=5, top_k=5, beta=4.0, max_step_kl=cap)
+    # generate's min_new_tokens bans EOS before our processor runs: the native decode bans it the same way
+    cfg = SamplingConfig(max_new_tokens=5, min_new_tokens=5, top_k=5, beta=4.0, max_step_kl=cap, tail=tail)
     rows, dists = _trace(CachedBase(tiny_lm), CachedValueScorer(value_models, bind_objectives(value_models)), tok, forced, cfg,
-                         torch.tensor([[0.6, 0.0, 0.4]] * 3), torch.tensor([4.0] * 3))
+                         torch.tensor([[0.6, 0.0, 0.4]] * 3), torch.tensor([4.0] * 3), eos_id=tok.eos_token_id)
     assert len(seen) == 5
     for t, (ids_t, p_t, _) in enumerate(dists):
-        dense = torch.zeros(3, len(tok)).scatter(-1, ids_t, p_t)
-        # generate's min_new_tokens bans EOS before our processor runs; compare on rows where EOS was no candidate
-        for i in range(3):
-            if tok.eos_token_id not in ids_t[i].tolist():
-                torch.testing.assert_close(seen[t][i].exp(), dense[i], atol=1e-5, rtol=1e-5)
+        dense = p_t if ids_t is None else torch.zeros(3, len(tok)).scatter(-1, ids_t, p_t)
+        torch.testing.assert_close(seen[t].exp(), dense, atol=1e-5, rtol=1e-5)
+        assert (tail == "keep") == bool((dense > 0).sum(-1).min() > 5)
     assert all(g.argmax().item() >= 0 for g in seen[0])
 
 

@@ -206,6 +206,7 @@ SAME_AS_DECODER = [  # (prompt, objective weights, extra body): sampling, greedy
     ("why not", None, {"temperature": 0}),
     ("a good mat ?", {"concise": 0.5, "positive": 0.5}, {"beta": 3.0, "top_k": 8, "min_tokens": 6, "stop": ["cat"]}),
     ("the dog", {"positive": 1}, {"beta": 1.0, "top_k": 5, "normalize": False}),
+    ("hello world", {"concise": 0.5, "positive": 0.5}, {"beta": 4.0, "top_k": 3, "tail": "keep"}),
     ("the mat", {"positive": 1}, {"beta": 8.0, "top_k": 5, "max_step_kl": 0.05}),
 ]
 
@@ -217,7 +218,8 @@ def _decoder_says(decoder, prompt, weights, extra, seed, max_tokens):
     t = extra.get("temperature", 1.0)
     cfg = SamplingConfig(max_new_tokens=max_tokens, min_new_tokens=extra.get("min_tokens", 0), temperature=t or 1.0, greedy=t == 0,
                          top_k=extra.get("top_k", DEFAULT_TOP_K if weights else 0), beta=extra.get("beta", 1.0),
-                         normalize=extra.get("normalize", True), max_step_kl=extra.get("max_step_kl", 0.0), stop_strings=tuple(extra.get("stop", ())))
+                         normalize=extra.get("normalize", True), max_step_kl=extra.get("max_step_kl", 0.0), stop_strings=tuple(extra.get("stop", ())),
+                         tail=extra.get("tail", "drop"))
     dec = decoder if weights else MavisDecoder(decoder.model, decoder.tokenizer)  # no weights: pi_ref alone
     return dec.generate([prompt], weights=weights, config=cfg, seed=seed, chat=False)[0]
 
@@ -271,7 +273,8 @@ def _malformed_requests() -> list[tuple[str, bytes]]:
         for v in ("no", "false", 1, 0, [], {}):
             out.append(("/v1/completions", json.dumps({**good, key: v}).encode()))
     for key, v in [("top_p", 0.5), ("logprobs", True), ("logprobs", 3), ("model", "gpt-4"), ("presence_penalty", 1.0), ("frequency_penalty", -1),
-                   ("logit_bias", {"5": 100}), ("echo", True), ("best_of", 3), ("suffix", "x"), ("top_logprobs", 2)]:
+                   ("logit_bias", {"5": 100}), ("echo", True), ("best_of", 3), ("suffix", "x"), ("top_logprobs", 2), ("tail", "sideways"),
+                   ("tail", 5), ("tail", ["keep"])]:
         out.append(("/v1/completions", json.dumps({**good, key: v}).encode()))
     for p in [None, 5, [], ["a", "b"], "", "\ud800", "x\udfff", "hello " * 200, [1, 2, 3], {"text": "hi"}]:
         out.append(("/v1/completions", json.dumps({**good, "prompt": p}).encode()))

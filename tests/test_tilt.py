@@ -3,6 +3,7 @@ policies on a tiny token MDP (paper eq. 5, Algorithm 2)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -251,3 +252,111 @@ def test_step_kl_cap_bounds_every_step_of_a_decode():
     steps_capped = [k for g in dec.generate(prompts, weights={"v": 1.0}, config=capped, seed=1, chat=False) for k in g.step_kl]
     assert max(steps_capped) <= 0.05 + 1e-4 and max(steps_capped) > 0.04  # the cap binds and holds
     assert sum(steps_strong) / len(steps_strong) > 0.5
+
+
+# ------------------------------------------------------------------ the tilt that keeps pi_ref's tail (issue 30)
+
+
+def _keep_reference(logp_ref: torch.Tensor, v_all: torch.Tensor, k: int, beta: float, normalize: bool, tail: str) -> torch.Tensor:
+    """The tail-keeping (or dropping) tilt of one state written out directly: [V] log-probabilities.
+
+    logp_ref: [V] log pi_ref (after temperature); v_all: [V] combined value of every token (only the
+    top-k's are read)."""
+    top = torch.topk(logp_ref, k).indices
+    v = v_all[top].double()
+    if normalize:
+        v = (v - v.min()) / (v.max() - v.min()) if v.max() > v.min() else torch.zeros_like(v)
+    pi0 = torch.softmax(logp_ref[top].double(), -1)
+    scores = torch.full_like(logp_ref, float("-inf"), dtype=torch.float64)
+    if tail == "keep":
+        scores = logp_ref.double() + beta * float((pi0 * v).sum())
+    scores[top] = logp_ref[top].double() + beta * v
+    return torch.log_softmax(scores, -1)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_tail_keep_closed_form_and_beta_zero_is_pi_ref(normalize):
+    from mavis_align.decoding.engine import RowSpec, RowTensors, step_distribution
+
+    table = torch.tensor([[0.3], [2.0], [-0.4], [1.5], [0.0], [0.9]])
+
+    class Scorer:
+        def score(self, ids, weights=None):
+            return table[ids]
+
+    logits = torch.tensor([[0.5, 2.0, 1.0, 1.5, -1.0, 0.2]] * 4)
+    w = torch.tensor([1.0])
+    specs = [RowSpec(SamplingConfig(top_k=3, beta=b, temperature=0.8, normalize=normalize, tail=t), weights=w, generator=torch.Generator())
+             for b, t in [(4.0, "keep"), (4.0, "drop"), (0.0, "keep"), (1.5, "keep")]]
+    d = step_distribution(logits, RowTensors.pack(specs, 1, "cpu"), scorer=Scorer())
+    assert d.ids is None  # kept tails need the whole vocabulary
+    ref = torch.log_softmax(logits[0] / 0.8, -1)
+    for row, (b, t) in enumerate([(4.0, "keep"), (4.0, "drop"), (0.0, "keep"), (1.5, "keep")]):
+        torch.testing.assert_close(d.logp[row].double(), _keep_reference(ref, table[:, 0], 3, b, normalize, t), atol=1e-5, rtol=1e-5)
+    assert torch.equal(d.logp[2], ref)  # beta 0 keeping the tail: pi_ref (after temperature), bit for bit
+    top = torch.topk(ref, 3).indices
+    raw_baseline = float((torch.softmax(ref[top], -1) * table[top, 0]).sum())
+    outside = [i for i in range(6) if i not in top.tolist()]
+    assert d.values[0, outside].tolist() == pytest.approx([raw_baseline] * len(outside), abs=1e-6)
+    assert torch.isnan(d.values[1, outside]).all()
+
+
+def test_tail_keep_beta_zero_decodes_pi_ref_exactly(tiny_lm, tiny_tokenizer):
+    """`generate --tail keep --beta 0` is pi_ref: the same tokens and log-probabilities as plain sampling, KL estimate 0."""
+    from mavis_align.decoding.decoder import MavisDecoder
+    from test_decoding import make_value_model
+
+    dec = MavisDecoder(tiny_lm, tiny_tokenizer, [make_value_model(tiny_tokenizer, ["v"], 1)])
+    prompts = ["hello world", "the cat sat on the mat", "why"]
+    keep = dec.generate(prompts, weights={"v": 1}, config=SamplingConfig(max_new_tokens=8, top_k=3, beta=0.0, tail="keep"), seed=5, chat=False)
+    plain = MavisDecoder(tiny_lm, tiny_tokenizer).generate(prompts, config=SamplingConfig(max_new_tokens=8), seed=5, chat=False)
+    for a, b in zip(keep, plain):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs_gen == b.logprobs_gen == a.logprobs_ref
+        assert a.log_ratio == 0.0 and max(a.step_kl) == pytest.approx(0.0, abs=1e-6)
+
+
+def _mdp_keep_exact(mdp, values: dict, k: int, beta: float, tail: str) -> dict:
+    """Exact sequence log-probabilities of the (kept or dropped tail) tilt on the token MDP, by enumeration."""
+    out = {}
+    for y in mdp.sequences:
+        lp = 0.0
+        for t in range(mdp.horizon):
+            prefix = y[:t]
+            v_all = torch.tensor([values[prefix + (a,)] for a in range(VOCAB)])
+            lp += float(_keep_reference(mdp._cond[prefix].float(), v_all, k, beta, True, tail)[y[t]])
+        out[y] = lp
+    return out
+
+
+@pytest.mark.parametrize("tail", ["keep", "drop"])
+def test_tail_keep_and_drop_exact_on_the_token_mdp(tail):
+    """Horizon 3, |V| = 4, k = 2, several beta: teacher-forced log pi_gen of every sequence equals the
+    enumerated tilt; and 6000 sampled sequences follow that distribution (total variation < 0.06)."""
+    mdp, model = _mdp(3, seed=2)
+    g = torch.Generator().manual_seed(9)
+    values = {p: float(torch.randn((), generator=g)) for t in range(1, 4) for p in itertools.product(range(VOCAB), repeat=t)}
+
+    def fn(seqs):
+        return torch.tensor([[values[tuple(s[len(PROMPT):])]] for s in seqs])
+
+    for beta in (0.0, 1.0, 4.0):
+        config = SamplingConfig(max_new_tokens=3, top_k=2, beta=beta, tail=tail)
+        want = _mdp_keep_exact(mdp, values, 2, beta, tail)
+        n = len(mdp.sequences)
+        ids = torch.tensor([PROMPT] * n)
+        rows = decode_ids(CachedBase(model), ids, torch.ones_like(ids), config, eos_id=None, scorer=SequenceValueScorer(fn, ["v"]),
+                          weights=torch.ones(n, 1), forced=[list(y) for y in mdp.sequences])
+        for y, r in zip(mdp.sequences, rows):
+            assert sum(r.logprobs_gen) == pytest.approx(want[y], abs=1e-4) or want[y] == float("-inf"), (beta, y)
+        m = 6000
+        ids = torch.tensor([PROMPT] * m)
+        samples = decode_ids(CachedBase(model), ids, torch.ones_like(ids), config, eos_id=None, scorer=SequenceValueScorer(fn, ["v"]),
+                             weights=torch.ones(m, 1), generator=torch.Generator().manual_seed(int(beta * 10) + 1))
+        counts: dict = {}
+        for r in samples:
+            counts[tuple(r.token_ids)] = counts.get(tuple(r.token_ids), 0) + 1
+        tv = 0.5 * sum(abs(counts.get(y, 0) / m - math.exp(want[y])) for y in mdp.sequences)
+        assert tv < 0.06, (beta, tv)
+        if tail == "drop" and beta > 0:
+            assert sum(1 for y in mdp.sequences if want[y] == float("-inf")) > 0

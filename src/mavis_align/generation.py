@@ -44,6 +44,7 @@ class Generation:
 
 
 DEFAULT_TOP_K = 15  # candidates per step with value models (paper App. F.5)
+TAILS = ("drop", "keep")  # what the tilt does with the tokens outside its top-k candidates (SamplingConfig.tail)
 
 
 def check_beta(beta: float) -> float:
@@ -72,6 +73,10 @@ class SamplingConfig:
         max_step_kl: if > 0, a cap in nats on the KL the tilt adds at each step: where beta would
             move pi further than that from pi_ref's top-k distribution, the step uses the largest smaller
             beta that does not (``decoding.tilt.capped_beta``); 0 = no cap (the paper's tilt).
+        tail: with value models, what happens to the tokens outside the top-k candidates: ``"drop"``
+            (the paper's tilt: they get no mass) or ``"keep"`` (they keep pi_ref's mass, tilted by a
+            baseline value, the pi_ref-weighted mean of the candidates' values, so beta = 0 is exactly
+            pi_ref and the policy is continuous in beta; see ``decoding.engine.step_distribution``).
     """
 
     max_new_tokens: int = 64
@@ -83,6 +88,7 @@ class SamplingConfig:
     normalize: bool = True
     min_new_tokens: int = 0
     max_step_kl: float = 0.0
+    tail: str = "drop"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -96,6 +102,8 @@ class SamplingConfig:
         check_beta(self.beta)
         if not (self.max_step_kl >= 0 and self.max_step_kl < float("inf")):
             raise ValueError(f"max_step_kl must be finite and >= 0 (0 = no cap), got {self.max_step_kl}")
+        if self.tail not in TAILS:
+            raise ValueError(f"tail must be one of {', '.join(TAILS)}, got {self.tail!r}")
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:

@@ -39,7 +39,7 @@ class TreeConfig:
         max_rows: decode rows per forward batch.
         temperature, top_k: sampling of pi_gen (top_k 0 = full vocabulary without value models;
             the MAVIS candidate count with them).
-        beta, normalize: MAVIS tilt of pi_gen when value models are given.
+        beta, normalize, max_step_kl, tail: MAVIS tilt of pi_gen when value models are given (see SamplingConfig).
     """
 
     num_layers: int = 3
@@ -54,6 +54,7 @@ class TreeConfig:
     beta: float = 1.0
     normalize: bool = True
     max_step_kl: float = 0.0
+    tail: str = "drop"
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "k_root", "k", "max_new_tokens", "max_rows"):
@@ -65,7 +66,7 @@ class TreeConfig:
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, beta=self.beta, normalize=self.normalize,
-                              max_step_kl=self.max_step_kl)
+                              max_step_kl=self.max_step_kl, tail=self.tail)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,9 +109,7 @@ class GenPolicy:
         With ``reuse_prefix_kv``: ``prefix_kv`` (one per prefix, from an earlier call's rows) spares
         the prefixes' prefill, and every returned row's ``base_kv`` holds its own keys and values."""
         ids, mask = left_pad(prefixes, self.pad_id, next(self.model.parameters()).device)
-        sampling = SamplingConfig(
-            max_new_tokens=max(budgets), temperature=config.temperature, top_k=config.top_k, beta=config.beta, normalize=config.normalize, max_step_kl=config.max_step_kl
-        )
+        sampling = replace(config.sampling(), max_new_tokens=max(budgets))
         scorer, w, b = None, None, None
         if self.is_mavis:
             used = (self.weights > 0).any(0)

@@ -133,7 +133,8 @@ class RowTensors:
 
     weights [B, M] (zeros for untilted rows), beta [B], top_k [B] long (0 = whole vocabulary),
     temperature [B] (1 for greedy rows), greedy [B] bool, normalize [B] bool, tilted [B] bool,
-    min_new [B] long, max_step_kl [B] (inf: no cap).
+    min_new [B] long, max_step_kl [B] (inf: no cap), keep_tail [B] bool (tilted rows whose tokens
+    outside the top-k keep pi_ref's mass).
     """
 
     weights: torch.Tensor
@@ -145,6 +146,7 @@ class RowTensors:
     tilted: torch.Tensor
     min_new: torch.Tensor
     max_step_kl: torch.Tensor
+    keep_tail: torch.Tensor
 
     @classmethod
     def pack(cls, specs: Sequence[RowSpec], n_objectives: int, device) -> "RowTensors":
@@ -160,6 +162,7 @@ class RowTensors:
             tilted=torch.tensor([s.weights is not None for s in specs], dtype=torch.bool, device=device),
             min_new=torch.tensor([s.config.min_new_tokens for s in specs], dtype=torch.long, device=device),
             max_step_kl=torch.tensor([s.config.max_step_kl or float("inf") for s in specs], dtype=torch.float32, device=device),
+            keep_tail=torch.tensor([s.weights is not None and s.config.tail == "keep" for s in specs], dtype=torch.bool, device=device),
         )
 
     def select(self, index: torch.Tensor) -> "RowTensors":
@@ -221,13 +224,24 @@ def step_distribution(
 ) -> StepDistribution:
     """The next-token distribution of every row: pi_MAVIS for tilted rows, else pi_ref (top-k optional).
 
+    A tilted row's candidates C are its top-k tokens of pi_ref (after temperature), tilted by
+    exp(beta · v) with v = NORMALIZE(sum_m lambda_m V_m(s ⊕ a)). With ``tail="drop"`` (the paper) the
+    other tokens get no mass. With ``tail="keep"`` they keep pi_ref's mass, tilted by the baseline
+    value v_tail = sum_{a in C} pi_0(a) v(a) (pi_0: pi_ref renormalised over C): the tail enters the
+    tilt as one more candidate with log-mass log(1 - pi_ref(C)) and value v_tail, and inside the tail
+    tokens keep pi_ref's proportions. So beta = 0 is exactly pi_ref, the policy is continuous in beta,
+    and a per-step KL cap bounds the KL to pi_ref itself. The baseline is the tilt's expectation of
+    the value under pi_ref's candidate distribution: the tail, which no value model has looked at, is
+    neither favoured nor penalised relative to an average candidate.
+
     Each row costs what its own settings ask for, whatever its neighbours are: only tilted rows'
     candidates are scored (at most the batch's largest *tilted* k per tilted row), and an untilted
-    row keeps its own support (its top-k, or the whole vocabulary). When some untilted row samples
-    the whole vocabulary, every row is returned as a [B, V] table (``ids`` None; -inf outside a
-    row's candidates): the sampler draws in token-id order, so a row's draw is the same in either
-    form. Candidates whose logit is -inf (banned words, constrained decoding, EOS before
-    ``min_new_tokens``) never enter NORMALIZE's min and max and get no probability.
+    row keeps its own support (its top-k, or the whole vocabulary). When some row needs the whole
+    vocabulary (an untilted full-vocabulary row, or a tilted row that keeps its tail), every row is
+    returned as a [B, V] table (``ids`` None; -inf outside a row's support): the sampler draws in
+    token-id order, so a row's draw is the same in either form. Candidates whose logit is -inf
+    (banned words, constrained decoding, EOS before ``min_new_tokens``) never enter NORMALIZE's min
+    and max and get no probability.
 
     Args:
         logits: [B, V] pi_ref logits (-inf allowed).
@@ -237,7 +251,8 @@ def step_distribution(
             (preference-conditioned value models read the weights; see ``steppers.model_weights``).
         banned: [B, V] bool, tokens a row may not produce now, or None.
     Returns:
-        The distribution; ``values`` (raw combined values) is NaN outside tilted rows' candidates.
+        The distribution; ``values`` holds the raw combined values of tilted rows' candidates (and the
+        baseline value on a kept tail), NaN elsewhere.
     """
     logits = logits.float()
     if banned is not None and bool(banned.any()):
@@ -249,27 +264,49 @@ def step_distribution(
     whole = (k_row == vocab) & ~tilted  # untilted rows sampling the whole vocabulary
     if bool(whole.all()):
         return StepDistribution(None, logp_full, None)
-    if bool(whole.any()):  # one [B, V] table: the other rows' candidates are computed on their own
-        part = (~whole).nonzero().squeeze(-1)
-        sub = _candidate_distribution(logp_full.index_select(0, part), rows.select(part), k_row.index_select(0, part), scorer)
-        logp = logp_full.index_copy(0, part, sub.full(vocab))
-        values = None
-        if sub.values is not None:
-            table = torch.full((part.shape[0], vocab), float("nan"), device=logp.device).scatter(-1, sub.ids, sub.values)
-            values = torch.full_like(logp, float("nan")).index_copy(0, part, table)
-        return StepDistribution(None, logp, values)
-    return _candidate_distribution(logp_full, rows, k_row, scorer)
+    keep = tilted & rows.keep_tail
+    if not bool((whole | keep).any()):
+        return _candidate_distribution(logp_full, rows, k_row, scorer)[0]
+    # one [B, V] table: the rows with candidates are computed on their own, then spread over the vocabulary
+    part = (~whole).nonzero().squeeze(-1)
+    lp_part = logp_full.index_select(0, part)
+    sub, tail = _candidate_distribution(lp_part, rows.select(part), k_row.index_select(0, part), scorer)
+    table = sub.full(vocab)
+    values = None
+    if sub.values is not None:
+        values = torch.full_like(table, float("nan")).scatter(-1, sub.ids, sub.values)
+    if tail is not None:
+        k_part = k_row.index_select(0, part)
+        valid = (torch.arange(sub.ids.shape[1], device=part.device)[None, :] < k_part[:, None]) & torch.isfinite(lp_part.gather(-1, sub.ids))
+        in_c = torch.zeros_like(table, dtype=torch.bool).scatter(-1, sub.ids, valid)  # each row's candidates
+        table = torch.where(in_c, table, lp_part + tail.shift[:, None])  # drop rows: shift -inf, nothing outside C
+        values = torch.where(in_c | ~torch.isfinite(tail.shift)[:, None], values, tail.value[:, None])
+        at_zero = (rows.keep_tail.index_select(0, part) & (rows.beta.index_select(0, part) == 0))[:, None]
+        table = torch.where(at_zero, lp_part, table)  # beta 0 keeping the tail is pi_ref, bit for bit
+    logp = logp_full.index_copy(0, part, table)
+    if values is not None:
+        values = torch.full_like(logp, float("nan")).index_copy(0, part, values)
+    return StepDistribution(None, logp, values)
 
 
-def _candidate_distribution(logp_full: torch.Tensor, rows: RowTensors, k_row: torch.Tensor, scorer) -> StepDistribution:
-    """:func:`step_distribution` for rows that all have candidates (own top-k, or tilted): [B, K] with
-    K the largest k; the scorer sees the tilted rows' first K_t candidates only (K_t their largest k)."""
+@dataclass
+class _Tail:
+    """A kept tail, per row: ``shift`` [B] = log pi_gen(tail) - log pi_ref(tail) (added to log pi_ref of
+    every token outside the candidates; -inf where the tail is dropped); ``value`` [B] its raw baseline value."""
+
+    shift: torch.Tensor
+    value: torch.Tensor
+
+
+def _candidate_distribution(logp_full: torch.Tensor, rows: RowTensors, k_row: torch.Tensor, scorer) -> tuple[StepDistribution, _Tail | None]:
+    """:func:`step_distribution` over candidates, for rows that all have them (own top-k, or tilted):
+    [B, K] with K the largest k; the scorer sees the tilted rows' first K_t candidates only (K_t their
+    largest k). Also the kept tails (None when no row keeps one)."""
     ref_logp, ids = torch.topk(logp_full, int(k_row.max()), dim=-1)
     valid = (torch.arange(ids.shape[1], device=ids.device)[None, :] < k_row[:, None]) & torch.isfinite(ref_logp)
-    logp = torch.log_softmax(ref_logp.masked_fill(~valid, NEG_INF), dim=-1)
     tilted = rows.tilted if scorer is not None else torch.zeros_like(rows.tilted)
     if not bool(tilted.any()):
-        return StepDistribution(ids, logp, None)
+        return StepDistribution(ids, torch.log_softmax(ref_logp.masked_fill(~valid, NEG_INF), dim=-1), None), None
     every = bool(tilted.all())
     t = None if every else tilted.nonzero().squeeze(-1)
 
@@ -278,18 +315,36 @@ def _candidate_distribution(logp_full: torch.Tensor, rows: RowTensors, k_row: to
 
     k_t = int(of_tilted(k_row).max())
     w = of_tilted(rows.weights)
+    ref_t, valid_t = of_tilted(ref_logp)[:, :k_t], of_tilted(valid)[:, :k_t]
     combined = combine_values(scorer.score(of_tilted(ids)[:, :k_t], w), w)
-    tilted_lp = tilted_logprobs(of_tilted(ref_logp)[:, :k_t], combined, of_tilted(rows.beta), normalize=of_tilted(rows.normalize),
-                                valid=of_tilted(valid)[:, :k_t], max_step_kl=of_tilted(rows.max_step_kl))
-    if every and k_t == ids.shape[1]:
-        return StepDistribution(ids, tilted_lp, combined)
+    keep = of_tilted(rows.keep_tail)
+    tail = None
+    if bool(keep.any()):  # the tail as one more candidate: log-mass log(1 - pi_ref(C)), value the pi_0-mean of v
+        in_c = ref_t.masked_fill(~valid_t, NEG_INF)
+        log_tail = torch.log1p(-torch.logsumexp(in_c, dim=-1).exp().clamp(max=1.0))
+        v_tail = (torch.softmax(in_c, dim=-1) * combined.masked_fill(~valid_t, 0.0)).sum(-1)
+        use = keep & torch.isfinite(log_tail)
+        lp = tilted_logprobs(torch.cat([ref_t, log_tail[:, None]], 1), torch.cat([combined, v_tail[:, None]], 1), of_tilted(rows.beta),
+                             normalize=of_tilted(rows.normalize), valid=torch.cat([valid_t, use[:, None]], 1),
+                             max_step_kl=of_tilted(rows.max_step_kl))
+        tilted_lp = lp[:, :k_t]
+        shift = torch.where(use, lp[:, k_t] - log_tail, torch.full_like(log_tail, NEG_INF))
+        tail = _Tail(shift, v_tail)
+    else:
+        tilted_lp = tilted_logprobs(ref_t, combined, of_tilted(rows.beta), normalize=of_tilted(rows.normalize), valid=valid_t,
+                                    max_step_kl=of_tilted(rows.max_step_kl))
     pad = ids.shape[1] - k_t
-    tilted_lp = torch.nn.functional.pad(tilted_lp, (0, pad), value=NEG_INF)
-    combined = torch.nn.functional.pad(combined, (0, pad), value=float("nan"))
+    if pad:
+        tilted_lp = torch.nn.functional.pad(tilted_lp, (0, pad), value=NEG_INF)
+        combined = torch.nn.functional.pad(combined, (0, pad), value=float("nan"))
     if every:
-        return StepDistribution(ids, tilted_lp, combined)
+        return StepDistribution(ids, tilted_lp, combined), tail
+    logp = torch.log_softmax(ref_logp.masked_fill(~valid, NEG_INF), dim=-1).index_copy(0, t, tilted_lp)
     values = torch.full_like(logp, float("nan")).index_copy(0, t, combined)
-    return StepDistribution(ids, logp.index_copy(0, t, tilted_lp), values)
+    if tail is not None:
+        tail = _Tail(torch.full((ids.shape[0],), NEG_INF, device=ids.device).index_copy(0, t, tail.shift),
+                     torch.full((ids.shape[0],), float("nan"), device=ids.device).index_copy(0, t, tail.value))
+    return StepDistribution(ids, logp, values), tail
 
 
 def sample_positions(logp: torch.Tensor, greedy: torch.Tensor, generators: Sequence[torch.Generator | None],

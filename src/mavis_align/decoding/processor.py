@@ -4,7 +4,7 @@
                                 top_k=15, attention_mask=enc["attention_mask"])
     model.generate(**enc, logits_processor=[proc], do_sample=True, top_k=0, top_p=1.0, temperature=1.0)
 
-It returns log pi_MAVIS over the top-k candidates (-inf elsewhere), computed by the engine's one
+It returns log pi_MAVIS over the top-k candidates (-inf elsewhere, or the kept tail), computed by the engine's one
 per-step function (:func:`~mavis_align.decoding.engine.step_distribution`), so ``generate`` samples
 from the same distribution as :class:`~mavis_align.decoding.decoder.MavisDecoder`; tokens that an
 earlier processor set to -inf (banned words, constraints) stay impossible and do not enter NORMALIZE. Leave ``generate``'s
@@ -36,6 +36,8 @@ class MavisLogitsProcessor:
         top_k: candidates per step (>= 1).
         normalize: min-max normalise combined values (paper eq. 14).
         max_step_kl: cap in nats on the KL the tilt adds per step (0 = none; see ``SamplingConfig``).
+        tail: ``"drop"`` (the paper: only the top-k candidates get mass) or ``"keep"`` (tokens outside
+            them keep pi_ref's mass, tilted by a baseline value; see ``SamplingConfig.tail``).
         temperature: applied to pi_ref before top-k, as in the native decoder.
         names: per value model, the objective name of its single head (None: stored names).
         attention_mask: [B, T] mask of the prompt batch given to ``generate`` (left padding);
@@ -52,6 +54,7 @@ class MavisLogitsProcessor:
         top_k: int = DEFAULT_TOP_K,
         normalize: bool = True,
         max_step_kl: float = 0.0,
+        tail: str = "drop",
         temperature: float = 1.0,
         names: Sequence[str | None] | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -62,7 +65,7 @@ class MavisLogitsProcessor:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         self.config = SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, beta=beta, normalize=normalize,
-                                     max_step_kl=max_step_kl)  # validates
+                                     max_step_kl=max_step_kl, tail=tail)  # validates
         if attention_mask is None and pad_token_id is None:
             raise ValueError("give the prompt attention_mask (or pad_token_id to infer left padding)")
         self.models = [vm.eval() for vm in value_models]

@@ -8,7 +8,8 @@ Extra body fields (OpenAI clients: ``extra_body``): ``objective_weights`` ({name
 omitted = plain sampling from pi_ref), ``beta`` (>= 0), ``top_k`` (candidates, >= 1; default 15 with
 objective weights, else the whole vocabulary), ``min_tokens`` (no EOS before), ``normalize`` (min-max
 normalise the combined values, default true), ``max_step_kl`` (cap in nats on the KL the tilt adds per
-step, 0 = none), ``return_rewards`` (score the result with the reward
+step, 0 = none), ``tail`` (``"drop"``, the paper's tilt, or ``"keep"``: tokens outside the top-k keep
+pi_ref's mass, tilted by a baseline value), ``return_rewards`` (score the result with the reward
 functions of the same names). ``temperature`` 0 is greedy decoding. Responses
 carry a ``mavis`` object with the KL estimate (eq. 7), the weights and beta used, and the rewards.
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
@@ -29,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..generation import DEFAULT_TOP_K, SamplingConfig
+from ..generation import DEFAULT_TOP_K, TAILS, SamplingConfig
 from .scheduler import GenRequest, MemoryBudget, OverBudget, Scheduler, ShuttingDown
 
 PAGE = "playground.html"
@@ -178,6 +179,11 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
         beta = number(body, "beta", 1.0, 0.0, 1e6)
         normalize = flag(body, "normalize", True)
         max_step_kl = number(body, "max_step_kl", 0.0, 0.0, 1e6)
+        tail = body.get("tail", "drop")
+        if tail is None:
+            tail = "drop"
+        if tail not in TAILS:
+            raise APIError(400, f"`tail` must be one of {', '.join(map(repr, TAILS))}, got {short(tail)}", param="tail")
         seed = number(body, "seed", None, SEED_RANGE[0], SEED_RANGE[1], True)
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
@@ -203,7 +209,7 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
         top_k = number(body, "top_k", DEFAULT_TOP_K if weights is not None else 0, 1 if weights is not None or "top_k" in body else 0, 1000, True)
         config = SamplingConfig(max_new_tokens=max_tokens, min_new_tokens=min_tokens, temperature=temperature or 1.0, greedy=temperature == 0,
                                 top_k=top_k, stop_strings=tuple(stop), beta=beta, normalize=normalize,
-                                max_step_kl=max_step_kl)
+                                max_step_kl=max_step_kl, tail=tail)
         ids = encode(prompt_text)
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
@@ -218,7 +224,8 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
         info = {"kl": float(sum(g - r for g, r in zip(req.logprobs_gen, req.logprobs_ref))), "beta": req.beta if req.weights is not None else None,
                 "objective_weights": dict(zip(objectives, req.weights.tolist())) if req.weights is not None else None,
                 "top_k": req.config.top_k if req.weights is not None else None,
-                "max_step_kl": (req.config.max_step_kl or None) if req.weights is not None else None}
+                "max_step_kl": (req.config.max_step_kl or None) if req.weights is not None else None,
+                "tail": req.config.tail if req.weights is not None else None}
         if req.reward_names:
             info["rewards"] = done.get("rewards", {})
         return info

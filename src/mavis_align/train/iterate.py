@@ -107,7 +107,7 @@ def recipe_shape() -> Shape:
         iterations=ListOf(shape_of(IterationSpec, train=train)),
         value_head=Shape({"pool": str, "hidden": int}, "value_head"),
         eval=Shape({"beta": float, "top_k": int, "max_new_tokens": int, "samples": int, "temperature": float, "normalize": bool,
-                                  "max_step_kl": float}, "eval"),
+                                  "max_step_kl": float, "tail": str}, "eval"),
     )
 
 
@@ -175,7 +175,7 @@ def eval_config(recipe: Recipe):
     e = recipe.eval
     return SamplingConfig(max_new_tokens=int(e.get("max_new_tokens", 48)), top_k=int(e.get("top_k", DEFAULT_TOP_K)),
                           temperature=float(e.get("temperature", 1.0)), beta=float(e.get("beta", 2.0)), normalize=bool(e.get("normalize", True)),
-                          max_step_kl=float(e.get("max_step_kl", 0.0)))
+                          max_step_kl=float(e.get("max_step_kl", 0.0)), tail=str(e.get("tail", "drop")))
 
 
 def collect_trees(recipe: Recipe, path: Path, prompts: list, *, limit: int, values: list[str], weights, beta: float, rewards: list[str],

@@ -13,7 +13,7 @@ import argparse
 
 from mavis_align.data import load_prompts
 from mavis_align.decoding.decoder import MavisDecoder
-from mavis_align.demo import balanced_prompts, steering_settings, steering_z
+from mavis_align.demo import TOP_K_ONLY, balanced_prompts, steering_settings, steering_z
 from mavis_align.evaluate import DecoderPolicy, evaluate_policy
 from mavis_align.generation import SamplingConfig
 from mavis_align.models import load_causal_lm
@@ -31,12 +31,12 @@ def main() -> None:
     args = ap.parse_args()
     model, tok = load_causal_lm("smollm2-135m-instruct")
     vm = ValueModel.load(args.value_model)
-    test = load_prompts("hh-mix", "test", seed=0, tokenizer=tok)  # the demo's prompts: 6 ordinary, 6 harmful
+    test = load_prompts("hh-mix", "test", seed=0, tokenizer=tok)  # the earlier demo's prompts (make demo now reads the final split)
     prompts = balanced_prompts(test, 6)
     cfg = SamplingConfig(max_new_tokens=40, top_k=15, beta=args.beta, normalize=not args.no_normalize)
     rewards = get_rewards(OBJECTIVES)
     ref = None
-    for label, weights in steering_settings(OBJECTIVES)[:4]:
+    for label, weights in [s for s in steering_settings(OBJECTIVES) if s[0] != TOP_K_ONLY][:4]:
         policy = DecoderPolicy(label, MavisDecoder(model, tok, [vm]) if weights else MavisDecoder(model, tok),
                                cfg if weights else SamplingConfig(max_new_tokens=40), weights=weights, chat=True)
         res = evaluate_policy(policy, prompts, rewards, model, tok, samples=2, seed=0, chat=True, keep_examples=24)

@@ -28,6 +28,9 @@ def test_split_is_seeded_disjoint_complete_and_stratified():
     assert sum(len(t) for t in texts) == 150 and len(set.union(*texts)) == 150
     assert len([p for p in parts["train"] if p.category == "harmful"]) == 40
     assert split_prompts(ps, "test", seed=1) == parts["test"]
+    # the held-out 10 % is test + final, cut in two in its seeded order: test's prompts stay what they were
+    held = parts["test"] + parts["final"]
+    assert len(parts["test"]) == len(parts["final"]) + (len(held) % 2) and {p.text for p in parts["test"]}.isdisjoint(p.text for p in parts["final"])
     assert split_prompts(ps, "test", seed=2) != parts["test"]
     balanced = split_prompts(ps, "train", seed=1, balance=True)
     assert sum(p.category == "helpful" for p in balanced) == sum(p.category == "harmful" for p in balanced) == 40
@@ -65,9 +68,12 @@ def test_default_mix_is_balanced_filtered_and_split():
 
     tok = load_tokenizer("smollm2-135m-instruct")
     parts = {s: load_prompts("hh-mix", s, tokenizer=tok) for s in data.SPLITS}
+    parts["held out"] = parts.pop("test") + parts.pop("final")
     for s, ps in parts.items():
         cats = {c: sum(p.category == c for p in ps) for c in ("helpful", "harmful")}
         assert cats["helpful"] == cats["harmful"] > 100, (s, cats)
+    final = load_prompts("hh-mix", "final", tokenizer=tok)
+    assert len(final) == 114 and min(sum(p.category == c for p in final) for c in ("helpful", "harmful")) > 40
     seen = [set(p.text for p in ps) for ps in parts.values()]
     assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
     assert max(len(tok(p.text)["input_ids"]) for p in parts["train"]) <= 200

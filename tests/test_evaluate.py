@@ -223,6 +223,11 @@ def test_sweep_with_every_baseline_resumes(tmp_path):
     for ext in ("png", "svg"):
         assert (out / f"front.{ext}").stat().st_size > 0 and (out / f"reward_kl.{ext}").stat().st_size > 0
     assert "hypervolume" in (out / "fronts.md").read_text()
+    # every method at matched KL, paired over the same prompts (issue 30)
+    matched = json.loads((out / "matched_kl.json").read_text())
+    assert matched["kl_per_response"] and set(matched["lambdas"]) == {"0/1", "0.5/0.5", "1/0"}
+    assert {"mavis", "rsoup", "bon-ref"} <= set(matched["lambdas"]["0.5/0.5"]["methods"]) and matched["cost"]["bon-ref"]["reward_calls_per_response"] == 2
+    assert "At matched KL" in (out / "fronts.md").read_text() and "within a KL budget" in (out / "fronts.md").read_text()
     points = sorted((out / "points").glob("*.json"))
     stamps = {p.name: p.stat().st_mtime_ns for p in points}
     victim = out / "points" / "mod@0.5-0.5.json"

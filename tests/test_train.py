@@ -438,11 +438,12 @@ def test_demo_runs_end_to_end_and_reuses_its_models(tmp_path, capsys):
     out = tmp_path / "run"
     text = run_demo(recipe, out, n_prompts=2, samples=1, progress=False)
     settings = steering_settings(["concise", "positive", "humor"])
-    assert [x for x, _ in settings] == ["pi_ref (no values)", "concise", "positive", "humor", "concise+positive", "positive+humor"]
+    assert [x for x, _ in settings] == ["pi_ref (no values)", "top-k only (β = 0)", "concise", "positive", "humor", "concise+positive", "positive+humor"]
     for label, _ in settings:
         assert f"| {label} |" in text
     assert (out / "demo.md").read_text() == text and (out / "iter0" / "humor" / "value" / "best" / "meta.json").exists()
-    assert "z vs π_ref" in text and "sibling concordance" in text  # steering z and value-model quality are shown
+    assert "z vs π_ref" in text and "z vs top-k only" in text and "sibling concordance" in text  # steering z and value-model quality are shown
+    assert "prompts of the test split" in text  # this tiny data set has no final split: the fallback is said
     assert "Σ step KLs" in text and "| - |" not in text.split("## Steering")[1].split("| concise |")[1].split("\n")[0]  # MAVIS rows have step-KL sums
     assert json.loads((out / "iter0" / "humor" / "value" / "best" / "meta.json").read_text())["pool"] == "prompt+response"
     stamp = (out / "iter0" / "trees.h5").stat().st_mtime_ns

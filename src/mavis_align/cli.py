@@ -90,6 +90,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         beta=args.beta,
         normalize=not args.no_normalize,
         max_step_kl=args.max_step_kl,
+        tail=args.tail,
     )
     t0 = time.perf_counter()
     decoder = MavisDecoder.load(args.model, args.value)
@@ -126,7 +127,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print("\nmean reward: " + "  ".join(f"{n}={sum(v) / len(v):+.3f}" for n, v in scores.items()))
     if specs:
         print(f"mean KL estimate (eq. 7): {sum(g.log_ratio for g in gens) / len(gens):.3f} nats; weights {weights or 'equal'}; beta {args.beta}; top-k {top_k}"
-              + (f"; per-step KL cap {args.max_step_kl:g}" if args.max_step_kl else ""))
+              + (f"; per-step KL cap {args.max_step_kl:g}" if args.max_step_kl else "") + (f"; tail {args.tail}" if args.tail != "drop" else ""))
     print(f"model load {load_s:.1f}s; generated {n_tokens} tokens in {gen_s:.1f}s ({n_tokens / max(gen_s, 1e-9):.1f} tok/s)")
 
     if args.output:
@@ -170,7 +171,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         num_layers=args.layers, k_root=args.k_root, k=args.k, max_new_tokens=args.max_new_tokens,
         two_layer_rule=args.two_layer_rule, extra_children=args.extra_children, max_rows=args.max_rows,
         temperature=args.temperature, top_k=args.top_k if args.top_k is not None else (DEFAULT_TOP_K if args.value else 0),
-        beta=args.beta, normalize=not args.no_normalize, max_step_kl=args.max_step_kl,
+        beta=args.beta, normalize=not args.no_normalize, max_step_kl=args.max_step_kl, tail=args.tail,
     )
     spec = CollectSpec(
         model=args.model, values=list(args.value), weights=parse_weights(args.weights) if args.weights else None,
@@ -325,7 +326,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model, tok = decoder.model, decoder.tokenizer
     prompts = [p.text for p in load_prompts(args.dataset, args.split, seed=args.data_seed, tokenizer=tok, limit=args.limit)]
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, top_k=args.top_k if args.top_k is not None else (DEFAULT_TOP_K if args.value else 0), beta=args.beta,
-                         normalize=not args.no_normalize, max_step_kl=args.max_step_kl)
+                         normalize=not args.no_normalize, max_step_kl=args.max_step_kl, tail=args.tail)
     chat = not args.no_chat
     if args.method == "ref":
         policy = DecoderPolicy("ref", decoder, SamplingConfig(max_new_tokens=args.max_new_tokens), chat=chat)
@@ -501,6 +502,7 @@ def _cmd_import_trees(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DEFAULT_DEMO_VALUES
+    from .generation import TAILS
     from .models import DEFAULT_BASE_MODEL
     from .values import DEFAULT_VALUE_BACKBONE
     from .rewards import DEFAULT_OBJECTIVES
@@ -516,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_BASE_MODEL, help="embedded name, hub id, local folder or .gguf file")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); otherwise --dataset is used")
     p.add_argument("--dataset", default="hh-mix", help="data set name, .jsonl/.csv file, or hf:NAME")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "final"])
     p.add_argument("--prompt-field", default="prompt", help="prompt column of a user file / hub data set")
     p.add_argument("--limit", type=int, default=6, help="number of data set prompts")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the data split")
@@ -533,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-step-kl", type=float, default=0.0, metavar="NATS",
                    help="cap on the KL the tilt adds at each step: a step where beta would move pi further from pi_ref's top-k "
                         "distribution uses the largest smaller beta that does not (0 = no cap, the paper's tilt)")
+    p.add_argument("--tail", choices=TAILS, default="drop",
+                   help="tokens outside the top-k candidates: drop (the paper's tilt: no mass) or keep (pi_ref's mass, tilted by the "
+                        "pi_ref-weighted mean of the candidates' values: beta 0 is exactly pi_ref)")
     p.add_argument("--beam", type=int, default=0, metavar="N", help="value-guided beam search with N beams (needs value models)")
     p.add_argument("--expand", type=int, default=None, help="children per beam per step (default N)")
     p.add_argument("--rerank", action="store_true", help="beam search: re-rank the N finished candidates by the lambda-weighted rewards of the same names")
@@ -549,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .h5 file")
     p.add_argument("--model", default=DEFAULT_BASE_MODEL)
     p.add_argument("--dataset", default="hh-mix")
-    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--split", default="train", choices=["train", "val", "test", "final"])
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--limit", type=int, default=None, help="number of prompts (trees)")
     p.add_argument("--data-seed", type=int, default=0)
@@ -568,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--no-normalize", action="store_true", help="tilt of pi_gen by raw values (see `generate --help`)")
     p.add_argument("--max-step-kl", type=float, default=0.0, metavar="NATS", help="per-step KL cap of the tilt (see `generate --help`)")
+    p.add_argument("--tail", choices=TAILS, default="drop", help="tokens outside the top-k: drop or keep (see `generate --help`)")
     p.add_argument("--no-chat", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--group-size", type=int, default=4, help="prompts per work unit (the resumable unit)")
@@ -678,6 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--no-normalize", action="store_true", help="tilt by raw values (see `generate --help`)")
     p.add_argument("--max-step-kl", type=float, default=0.0, metavar="NATS", help="per-step KL cap of the tilt (see `generate --help`)")
+    p.add_argument("--tail", choices=TAILS, default="drop", help="tokens outside the top-k: drop or keep (see `generate --help`)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--policy", help="fine-tuned policy folder (method policy)")
     p.add_argument("--best-of", type=int, default=0, metavar="N", help="best-of-N by the lambda-weighted rewards")
@@ -686,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", default="best", choices=["best", "tilt"], help="mavis-step: keep the best step or draw one by the tilt (--beta)")
     p.add_argument("--reward", action="append", default=None)
     p.add_argument("--dataset", default="hh-mix")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "final"])
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=3)

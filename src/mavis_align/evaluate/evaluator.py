@@ -125,8 +125,10 @@ def score_generations(policy, gens: Sequence[Generation], rewards, ref_model, re
         "method": policy.name,
         # per response, in order, next to the summary: paired comparisons between methods on the same prompts
         "rewards": {r.name: (lambda v: {**summarize(v), "values": v})([float(x) for x in r([g.prompt for g in gens], texts)]) for r in rewards},
-        "kl": summarize(kls),
-        **({"kl_steps": summarize(steps)} if (steps := step_kl_sums(policy, ref_model, gens)) is not None else {}),
+        # per response too (prompt order), for paired comparisons at matched KL (evaluate.matched)
+        "kl": {**summarize(kls), "values": [float(k) for k in kls]},
+        **({"kl_steps": {**summarize(steps), "values": [float(k) for k in steps]}}
+           if (steps := step_kl_sums(policy, ref_model, gens)) is not None else {}),
         "fluency_ppl_ref": perplexity(ref_lp),
         "distinct_1": distinct_n(texts, 1),
         "distinct_2": distinct_n(texts, 2),

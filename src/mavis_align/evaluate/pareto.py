@@ -36,7 +36,9 @@ skips finished points, and drops those that changed settings (``out/sweep.json``
 With a ``judge``, every point also gets a ``judge`` record (win rates in both orders, see
 :mod:`mavis_align.evaluate.judge`) against ``judge_against``, added to the point file (another judge
 or criteria: judged again, the point itself kept), and ``out/judge.md`` tabulates them. ``out/fronts.json``, ``out/fronts.md``, ``out/front.png|svg`` and
-``out/reward_kl.png|svg`` are (re)written at the end.
+``out/reward_kl.png|svg`` are (re)written at the end; with a ``ref`` point, also ``out/matched_kl.json``: every
+method's Σλ·R at common KL levels and its hypervolume within KL budgets, with paired-bootstrap intervals over
+prompts (:mod:`mavis_align.evaluate.matched`), tabulated in ``fronts.md``.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class SweepSpec:
     step_select: str = "best"  # mavis-step: keep the best candidate, or draw one by the tilt (`tilt`, uses beta)
     normalize: bool = True  # MAVIS tilt: NORMALIZE the values to [0, 1] (paper v1/v2) or raw (v3: logits/T + beta * sum lambda V)
     max_step_kl: float = 0.0  # MAVIS token tilt: cap in nats on the KL it adds per step (0 = none; SamplingConfig.max_step_kl)
+    tail: str = "drop"  # MAVIS token tilt: tokens outside the top-k dropped (the paper) or kept (SamplingConfig.tail)
     judge: str = ""  # pairwise LLM judge: MODEL@URL (OpenAI-compatible) or a local model name/path; "" = none
     judge_against: str = "ref"  # the method every point is judged against (its point at the same lambda; `ref`: the one ref point)
     criteria: list[str] = field(default_factory=lambda: ["helpful", "harmless", "balanced"])
@@ -168,7 +171,7 @@ def morlhf_key(lam) -> str:
     return f"{lam[0]:g}" if len(lam) == 2 else lam_key(lam)
 
 
-MAVIS_ONLY_FIELDS = ("beta", "betas", "values", "normalize", "max_step_kl", "conditioned")  # sweep settings that change the MAVIS points only
+MAVIS_ONLY_FIELDS = ("beta", "betas", "values", "normalize", "max_step_kl", "tail", "conditioned")  # sweep settings that change the MAVIS points only
 PLACEMENT_FIELDS = ("device", "dtype")  # where the points are computed: changing them keeps the points
 JUDGE_FIELDS = ("judge", "judge_against", "criteria")  # the judge record is redone, the points kept
 MAVIS_METHODS = ("mavis", "mavis-beam", "mavis-step", "mavis-conditioned")
@@ -177,7 +180,7 @@ STEP_METHODS = ("mavis-step", "mahalo-step")
 TILT_FIELDS = ("beta", "betas", "normalize")  # read by step-level methods only when they draw by the tilt
 FIELD_METHODS = {"beta": MAVIS_METHODS + ("mahalo-step",), "betas": MAVIS_METHODS + ("mahalo-step",), "normalize": MAVIS_METHODS + ("mahalo-step",),
                  "values": ("mavis", "mavis-beam", "mavis-step", "mahalo-step"),
-                 "max_step_kl": ("mavis", "mavis-beam", "mavis-conditioned"),
+                 "max_step_kl": ("mavis", "mavis-beam", "mavis-conditioned"), "tail": ("mavis", "mavis-beam", "mavis-conditioned"),
                  "step_chunk": STEP_METHODS, "step_candidates": STEP_METHODS, "step_select": STEP_METHODS,
                  "conditioned": ("mavis-conditioned",), "moodpo": ("moodpo",), "mva": ("mva",), "extrapolate": ("mva",),
                  "mahalo": ("mahalo", "mahalo-step")}
@@ -293,7 +296,7 @@ def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
             return DecoderPolicy("ref", MavisDecoder(ref_model, tok), plain, chat=spec.chat)
         w = dict(zip(spec.objectives, lam))
         cfg = SamplingConfig(max_new_tokens=spec.max_new_tokens, top_k=spec.top_k, beta=beta_for(lam), normalize=spec.normalize,
-                             max_step_kl=spec.max_step_kl)
+                             max_step_kl=spec.max_step_kl, tail=spec.tail)
         if method == "bon-ref":
             return BestOfN("bon-ref", DecoderPolicy("ref", MavisDecoder(ref_model, tok), plain, chat=spec.chat), spec.n, scorer(lam))
         if method == "mavis":
@@ -461,7 +464,13 @@ def write_fronts(out: Path, spec: SweepSpec) -> dict:
             lines.append(f"| {m} | {lam} | " + " | ".join(f"{pt['rewards'][o]:.3f}" for o in objs) + f" | {pt['kl']:.2f} | {'yes' if pt['on_front'] else ''} |")
     lines += ["", "KL: eq. 7 estimate; for best-of-N of a policy π_s: log N - (N-1)/N (the bound on KL(BoN || π_s)) plus the eq. 7 "
               "estimate of KL(π_s || π_ref) over the chosen responses (0 for best-of-N of π_ref).",
-              "", "| method | hypervolume |", "|---|---|"] + [f"| {m} | {info['hypervolume']:.4f} |" for m, info in summary["methods"].items()]
+              "", "| method | hypervolume (no KL budget) |", "|---|---|"] + [f"| {m} | {info['hypervolume']:.4f} |" for m, info in summary["methods"].items()]
+    if "ref" in by_method:  # the comparison that counts: every method at the same KL, with intervals over prompts
+        from .matched import render_sweep_matched, sweep_matched_kl
+
+        matched = sweep_matched_kl(points, objs, bon_n=spec.n, n_boot=1000, seed=spec.seed)
+        (out / "matched_kl.json").write_text(json.dumps(matched, indent=2) + "\n")
+        lines += [""] + render_sweep_matched(matched)
     (out / "fronts.md").write_text("\n".join(lines) + "\n")
     _plot(out, summary)
     return summary

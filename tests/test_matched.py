@@ -1,0 +1,83 @@
+"""Matched-KL comparison (issue 30): envelopes, interpolation without extrapolation, paired
+bootstrap intervals and hypervolume at a KL budget, on hand-built numbers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mavis_align.evaluate.matched import Point, envelope, hypervolume_at_budget, matched_kl, per_prompt, point_of, reward_at
+
+
+def test_envelope_is_the_nondecreasing_upper_concave_hull():
+    # (2, 0.6) lies under the chord (1, 0.5)-(3, 1.0); (2.5, 0.4) is beaten by a cheaper point
+    hull = envelope([0, 1, 2, 3, 2.5], [0.0, 0.5, 0.6, 1.0, 0.4])
+    assert hull == [(0.0, 0.0), (1.0, 0.5), (3.0, 1.0)]
+    at = reward_at(hull, [0.5, 2.0, 3.0, 3.5])
+    assert at.tolist() == pytest.approx([0.25, 0.75, 1.0, 1.0])  # beyond the last point: its reward, never extrapolated
+    assert math.isnan(reward_at(envelope([2.0, 4.0], [0.3, 0.5]), [1.0])[0])  # below a method's cheapest point, without pi_ref
+    assert envelope([1.0, 1.0], [0.2, 0.3]) == [(1.0, 0.3)]
+
+
+def test_per_prompt_and_point_of_an_evaluator_result():
+    assert per_prompt([1, 3, 5, 7], 2).tolist() == [2.0, 6.0]
+    with pytest.raises(ValueError, match="whole prompts"):
+        per_prompt([1, 2, 3], 2)
+    res = {"samples": 2, "rewards": {"a": {"values": [1, 3, 0, 0]}, "b": {"values": [0, 2, 4, 4]}},
+           "kl": {"mean": 1.5, "values": [1, 1, 2, 2]}, "kl_best_of_n_bound": 0.5}
+    p = point_of(res, ["a", "b"], weights=[0.5, 0.5])
+    assert p.reward.tolist() == [1.5, 2.0] and p.kl.tolist() == [1.5, 2.5]
+    old = point_of({**res, "kl": {"mean": 3.0}}, ["a", "b"])  # an older result: its mean KL for every prompt
+    assert old.reward.shape == (2, 2) and old.kl.tolist() == [3.5, 3.5]
+
+
+def _two_methods():
+    rng = np.random.default_rng(0)
+    p = 40
+    ref = Point(rng.normal(0.3, 0.1, p), np.zeros(p), "ref")
+    a = [Point(ref.reward + 0.1 * b + rng.normal(0, 0.05, p), np.full(p, 2.0 * b) + rng.normal(0, 0.2, p), f"a{b}") for b in (1, 2, 4)]
+    b = [Point(ref.reward + 0.05 * k + rng.normal(0, 0.05, p), np.full(p, 1.0 * k) + rng.normal(0, 0.2, p), f"b{k}") for k in (1, 3, 6)]
+    return ref, {"a": a, "b": b}
+
+
+def test_matched_kl_estimates_intervals_and_paired_differences():
+    ref, methods = _two_methods()
+    out = matched_kl(methods, levels=[1.0, 4.0, 7.0, 100.0], anchor=ref, against="b", n_boot=400, seed=1)
+    a_at = {r["kl"]: r for r in out["methods"]["a"]["at"]}
+    # the estimate is the envelope of the full-data means
+    means = [(0.0, float(ref.reward.mean()))] + [(float(p.kl.mean()), float(p.reward.mean())) for p in methods["a"]]
+    want = reward_at(envelope(*zip(*means)), [4.0])[0]
+    assert a_at[4.0]["reward"] == pytest.approx(want)
+    assert a_at[4.0]["lo"] < a_at[4.0]["reward"] < a_at[4.0]["hi"]
+    assert a_at[1.0]["mixture_with_ref"] and not a_at[4.0]["mixture_with_ref"]  # a's cheapest own point is at ~2 nats
+    assert a_at[100.0]["plateau"] and a_at[100.0]["reward"] == pytest.approx(max(float(p.reward.mean()) for p in methods["a"]))
+    assert a_at[4.0]["diff"] == pytest.approx(a_at[4.0]["reward"] - {r["kl"]: r for r in out["methods"]["b"]["at"]}[4.0]["reward"])
+    assert a_at[4.0]["diff_lo"] <= a_at[4.0]["diff"] <= a_at[4.0]["diff_hi"]
+    # a method against itself: every paired replicate differs by exactly 0
+    same = matched_kl({"a": methods["a"], "a2": methods["a"]}, levels=[4.0], anchor=ref, against="a", n_boot=100)
+    row = same["methods"]["a2"]["at"][0]
+    assert row["diff"] == row["diff_lo"] == row["diff_hi"] == 0.0
+    # reproducible with the seed
+    assert matched_kl(methods, levels=[4.0], anchor=ref, n_boot=50, seed=3) == matched_kl(methods, levels=[4.0], anchor=ref, n_boot=50, seed=3)
+
+
+def test_matched_kl_refuses_points_over_different_prompts():
+    ref, methods = _two_methods()
+    with pytest.raises(ValueError, match="same prompts"):
+        matched_kl({"a": methods["a"], "c": [Point(np.zeros(5), np.zeros(5))]}, n_boot=10)
+    with pytest.raises(ValueError, match="against"):
+        matched_kl(methods, against="z", n_boot=10)
+
+
+def test_hypervolume_at_budget_keeps_points_within_it():
+    p = 30
+    rng = np.random.default_rng(2)
+    cheap = Point(np.stack([np.full(p, 0.5), np.full(p, 0.5)], 1) + rng.normal(0, 0.01, (p, 2)), np.full(p, 1.0))
+    dear = Point(np.stack([np.full(p, 0.9), np.full(p, 0.9)], 1), np.full(p, 10.0))
+    out = hypervolume_at_budget({"m": [cheap, dear]}, 5.0, [0.0, 0.0], n_boot=200)
+    assert out["m"]["points_within"] == 1
+    assert out["m"]["hypervolume"] == pytest.approx(float(np.prod(cheap.reward.mean(0))))
+    assert out["m"]["lo"] <= out["m"]["hypervolume"] <= out["m"]["hi"]
+    assert hypervolume_at_budget({"m": [cheap, dear]}, 20.0, [0.0, 0.0], n_boot=10)["m"]["hypervolume"] == pytest.approx(0.81)

@@ -189,10 +189,34 @@ def test_packaged_value_model_source():
     folder = resolve_value_source("packaged:default")
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["backbone_saved"] is False and meta["objectives"] == ["helpful", "harmless", "humor"] and not (folder / "backbone").exists()
-    q = meta["provenance"]["held_out_quality"]
-    assert all(q[m]["r2"] >= 0.2 and q[m]["concordance"] >= 0.6 and q[m]["pairs"] >= 200 for m in q)
+    assert set(meta["provenance"]["held_out_quality"]) == {"helpful", "harmless", "humor"}  # recorded; recomputed in the next test
     with pytest.raises(ValueModelError, match="no packaged value model 'nope'; shipped: default"):
         resolve_value_source("packaged:nope")
+
+
+@pytest.mark.integration
+def test_packaged_default_has_learned_on_held_out_trees_it_never_saw():
+    """Recomputed, not read from meta.json: packaged:default on the trees of 24 hh-mix val (dev) prompts, shipped
+    for this test (tests/data/heldout-val24.h5, from `mavis-align collect --out F --split val --limit 24 --seed 777
+    --layers 3 --k-root 4 --k 2 --max-new-tokens 40 --val-fraction 0.999`; the model was trained on train prompts).
+    Thresholds fixed before the file was first read: R² >= 0.2 for every head; sibling concordance >= 0.55 for
+    helpful and humor (406 pairs each) and > 0.5 for harmless (46 pairs). The same model with a random head fails."""
+    from pathlib import Path
+
+    from mavis_align.train.regression import held_out_quality
+
+    trees = Path(__file__).parent / "data" / "heldout-val24.h5"
+    vm = ValueModel.load("packaged:default")
+    q = held_out_quality(vm, [trees])["per_objective"]
+    assert set(q) == {"helpful", "harmless", "humor"}
+    assert all(q[m]["r2"] >= 0.2 for m in q), q
+    assert q["helpful"]["concordance"] >= 0.55 and q["humor"]["concordance"] >= 0.55 and q["harmless"]["concordance"] > 0.5, q
+    assert q["helpful"]["pairs"] >= 300 and q["harmless"]["pairs"] >= 30
+    with torch.no_grad():
+        w = vm.head.weight
+        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * float(w.std()))
+    broken = held_out_quality(vm, [trees])["per_objective"]
+    assert all(broken[m]["r2"] < 0.2 for m in broken), broken
 
 
 def test_packaged_default_loads_on_the_real_base():

@@ -17,8 +17,9 @@ objectives, take the one with the largest mean over the objectives of its reward
 ties: the smaller mean KL. If no setting is within 8 nats, the one with the smallest mean KL.
 
     python benchmarks/tail_sweep.py [--out runs/tail_sweep]
+    python benchmarks/tail_sweep.py --top-k 5 --betas 25 50   # other candidate counts (the rule is for k = 15 only)
 
-Results -> benchmarks/results/tail_sweep.{json,md}.
+Results -> benchmarks/results/tail_sweep.{json,md} (``tail_sweep-k<K>`` for another k).
 """
 
 from __future__ import annotations
@@ -57,7 +58,13 @@ def main() -> None:
     ap.add_argument("--out", default="runs/tail_sweep")
     ap.add_argument("--values", default="packaged:default")
     ap.add_argument("--boot", type=int, default=2000)
+    ap.add_argument("--top-k", type=int, default=TOP_K)
+    ap.add_argument("--betas", type=float, nargs="+", default=BETAS)
     args = ap.parse_args()
+    k, betas = args.top_k, sorted(set([0.0] + list(args.betas)))
+    suffix = "" if k == TOP_K else f"-k{k}"
+    if suffix and args.out == "runs/tail_sweep":
+        args.out += suffix
 
     from mavis_align.data import load_prompts
     from mavis_align.decoding.decoder import MavisDecoder
@@ -85,11 +92,11 @@ def main() -> None:
     ref = json.loads(ref_path.read_text())
     rows = {}
     for tail in TAILS:
-        for beta in BETAS:
+        for beta in betas:
             key = f"{tail}-beta{beta:g}"
             path = out / "rows" / f"{key}.json"
             if not path.exists():
-                cfg = SamplingConfig(max_new_tokens=MAX_NEW, top_k=TOP_K, beta=beta, normalize=False, tail=tail)
+                cfg = SamplingConfig(max_new_tokens=MAX_NEW, top_k=k, beta=beta, normalize=False, tail=tail)
                 res = evaluate_weightings(decoder, cfg, [(m, {m: 1.0}) for m in OBJECTIVES], prompts, rewards, model, tok, samples=SAMPLES,
                                           seed=SEED, chat=True, keep_examples=2)
                 write_json(path, {"tail": tail, "beta": beta, "results": res})
@@ -97,13 +104,13 @@ def main() -> None:
             rows[key] = json.loads(path.read_text())
     tables = {}
     for m in OBJECTIVES:
-        methods = {tail: [point_of(rows[f"{tail}-beta{b:g}"]["results"][m], [m], weights=[1.0], label=f"beta={b:g}") for b in BETAS
+        methods = {tail: [point_of(rows[f"{tail}-beta{b:g}"]["results"][m], [m], weights=[1.0], label=f"beta={b:g}") for b in betas
                           if not (tail == "keep" and b == 0)]  # keep at beta 0 is pi_ref itself: the anchor
                    for tail in TAILS}
         tables[m] = matched_kl(methods, levels=KL_LEVELS, anchor=point_of(ref, [m], weights=[1.0]), against="drop", n_boot=args.boot, seed=SEED)
-    chosen = choose(rows, ref)
+    chosen = choose(rows, ref) if not suffix else None
     lines = ["# The tilt that keeps π_ref's tail vs the paper's (dev prompts)", "",
-             f"`python benchmarks/tail_sweep.py` — `{args.values}`, raw tilt, top-k {TOP_K}, ≤ {MAX_NEW} tokens, hh-mix val (dev) prompts "
+             f"`python benchmarks/tail_sweep.py{' --top-k ' + str(k) + ' --betas ' + ' '.join(f'{b:g}' for b in args.betas) if suffix else ''}` — `{args.values}`, raw tilt, top-k {k}, ≤ {MAX_NEW} tokens, hh-mix val (dev) prompts "
              f"({PER_CATEGORY} ordinary + {PER_CATEGORY} harmful) × {SAMPLES} samples, seed {SEED}, λ = {{m: 1}}.", "",
              "| tail | β | " + " | ".join(f"{m} (KL)" for m in OBJECTIVES) + " | z vs π_ref |", "|---" * (len(OBJECTIVES) + 3) + "|",
              "| π_ref | – | " + " | ".join(f"{ref['rewards'][m]['mean']:.3f} (0)" for m in OBJECTIVES) + " | – |"]
@@ -124,14 +131,15 @@ def main() -> None:
             lines.append(f"| {tail} | " + " | ".join(cells) + " |")
         diffs = [f"{r['kl']:g}: {r['diff']:+.3f} [{r['diff_lo']:+.3f}, {r['diff_hi']:+.3f}]" for r in t["methods"]["keep"]["at"] if r.get("diff_lo") is not None]
         lines += ["", "keep − drop: " + "; ".join(diffs) + ".", ""]
-    lines += [f"**The rule's choice** (fixed before the data, see the script): tail `{chosen['tail']}`, raw β {chosen['beta']:g} ({chosen['why']}).", ""]
+    if chosen is not None:
+        lines += [f"**The rule's choice** (fixed before the data, see the script): tail `{chosen['tail']}`, raw β {chosen['beta']:g} ({chosen['why']}).", ""]
     res_dir = Path(__file__).parent / "results"
-    write_json(res_dir / "tail_sweep.json", {"config": vars(args), "prompts": prompts, "ref": {m: ref["rewards"][m] for m in OBJECTIVES},
+    write_json(res_dir / f"tail_sweep{suffix}.json", {"config": vars(args), "prompts": prompts, "ref": {m: ref["rewards"][m] for m in OBJECTIVES},
                                               "rows": {k: {"tail": r["tail"], "beta": r["beta"], **{m: {"reward": r["results"][m]["rewards"][m],
                                                                                                        "kl": {k2: v for k2, v in r["results"][m]["kl"].items() if k2 != "values"}}
                                                                                                    for m in OBJECTIVES}} for k, r in rows.items()},
                                               "matched_kl": tables, "chosen": chosen})
-    (res_dir / "tail_sweep.md").write_text("\n".join(lines) + "\n")
+    (res_dir / f"tail_sweep{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

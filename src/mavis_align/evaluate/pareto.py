@@ -496,10 +496,16 @@ def _plot(out: Path, summary: dict) -> None:
     for ext in ("png", "svg"):
         fig.savefig(out / f"front.{ext}", dpi=120, bbox_inches="tight")
     plt.close(fig)
+    from .matched import envelope
+
+    ref_pts = summary["methods"].get("ref", {}).get("points", [])
     fig, axes = plt.subplots(1, len(objs), figsize=(5 * len(objs), 4))
     for k, o in enumerate(objs):
         for m, info in summary["methods"].items():
-            axes[k].plot([p["kl"] for p in info["points"]], [p["rewards"][o] for p in info["points"]], "o", label=m)
+            line = axes[k].plot([p["kl"] for p in info["points"]], [p["rewards"][o] for p in info["points"]], "o", label=m)[0]
+            if m != "ref" and ref_pts:  # the method's envelope with pi_ref at KL 0 (evaluate.matched)
+                hull = envelope([0.0] + [p["kl"] for p in info["points"]], [ref_pts[0]["rewards"][o]] + [p["rewards"][o] for p in info["points"]])
+                axes[k].plot([h[0] for h in hull], [h[1] for h in hull], "-", color=line.get_color(), alpha=0.5)
         axes[k].set_xlabel("KL to π_ref (nats, eq. 7)")
         axes[k].set_ylabel(f"{o} reward")
         axes[k].grid(alpha=0.3)

@@ -199,7 +199,6 @@ def test_mixed_concurrent_traffic_no_5xx_and_bounded_memory():
     print(f"mixed traffic: RSS growth {growth_mb:.0f} MB, {len(results)} requests in {elapsed:.1f} s")
     assert growth_mb < RSS_BOUND_MB, f"RSS grew by {growth_mb:.0f} MB under mixed traffic"
     assert health["memory_budget"]["limit"]["kv_tokens"] >= 64 + 32
-    assert elapsed < 120
 
 
 # ---------------------------------------------------------------------------------- SIGTERM

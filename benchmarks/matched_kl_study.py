@@ -57,13 +57,48 @@ def single_objective(data: Path, levels, n_boot: int) -> dict:
     return out
 
 
-def sweeps(data: Path, n_boot: int) -> dict:
+def sweeps(data: Path, n_boot: int, against: str = "mavis") -> dict:
     from mavis_align.evaluate.matched import sweep_matched_kl
 
     low, high = load(data / "sweep"), load(data / "sweep-beta5")
     spec = json.loads((data / "sweep" / "sweep.json").read_text())
     points = low + [p for p in high if p["method"] in MAVIS_FAMILY]  # the baselines are the same measurements in both
-    return sweep_matched_kl(points, spec["objectives"], bon_n=int(spec["n"]), n_boot=n_boot)
+    return sweep_matched_kl(points, spec["objectives"], bon_n=int(spec["n"]), against=against, n_boot=n_boot)
+
+
+CLAIMS = {3: ("mavis", ["rsoup", "mod"]), 4: ("mavis-beam", ["bon-ref", "bon-rsoup", "bon-mod"]), 7: ("mavis", ["mavis-conditioned", "moodpo"]),
+          8: ("mavis", ["mavis-step", "mahalo", "mahalo-step", "mva"])}
+
+
+def verdicts(single: dict, sweep: dict, beam: dict, raw: dict) -> tuple[dict, list[str]]:
+    """Claims 1, 3, 4, 7, 8 under the matched-KL rules (evaluate.matched.verdict_*), beside the raw verdicts."""
+    from mavis_align.evaluate.matched import VERDICT_BUDGET, combine, verdict_front, verdict_single
+
+    out = {1: {m: verdict_single(t, "mavis (all iterations)", f"rl-{m}", round(t["rl_kl"], 2)) for m, t in single.items()}}
+    out[1]["verdict"] = combine([v["verdict"] for v in out[1].values()])
+    for claim, (method, rivals) in CLAIMS.items():
+        summary = beam if method == "mavis-beam" else sweep
+        per = {r: verdict_front(summary, r, method=method) for r in rivals}
+        out[claim] = {**per, "verdict": combine([v["verdict"] for v in per.values()])}
+    lines = ["## Verdicts at matched KL", "",
+             f"Rules (`mavis_align.evaluate.matched.verdict_single` / `verdict_front`, tested in `tests/test_matched.py`): claim 1, per objective, "
+             "MAVIS − RL at the RL policy's own KL: interval below 0 → does not hold; covering or above 0 at an own MAVIS point → holds; only by "
+             f"mixing with π_ref → mixed. Claims 3, 4, 7, 8: at every λ within {VERDICT_BUDGET:g} nats, rival − MAVIS (MAVIS beam for claim 4): every "
+             "interval below 0 → holds; one above 0 → does not hold; else mixed; a claim holds if it holds against every rival. These rules were "
+             "written after the tables above were first seen; they are fixed now for the final-split rerun, and their verdicts here are a re-analysis.", "",
+             "| claim | raw verdict (`results/REPORT.md`) | at matched KL | detail |", "|---|---|---|---|"]
+    detail1 = "; ".join(f"{m}: {v['diff']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}] at {v['kl']:g} nats ({v['verdict']}{', via π_ref' if v['mixture_with_ref'] else ''})"
+                        for m, v in out[1].items() if m != "verdict")
+    lines.append(f"| 1 | {raw.get('1', '?')} | **{out[1]['verdict']}** | {detail1} |")
+    for claim in CLAIMS:
+        parts = []
+        for r, v in out[claim].items():
+            if r == "verdict":
+                continue
+            cells = ", ".join(f"{row['lambda']}: {row['diff']:+.3f} [{row['lo']:+.3f}, {row['hi']:+.3f}]" for row in v["rows"] if row["lo"] is not None)
+            parts.append(f"{r} − {v['method']} ({v['verdict']}): {cells}")
+        lines.append(f"| {claim} | {raw.get(str(claim), '?')} | **{out[claim]['verdict']}** | {'; '.join(parts)} |")
+    return out, lines + [""]
 
 
 def render_single(single: dict) -> list[str]:
@@ -128,13 +163,17 @@ def main() -> None:
     data, out = Path(args.data), Path(args.out)
     single = single_objective(data, KL_LEVELS, args.boot)
     sweep = sweeps(data, args.boot)
-    write_json(out / "matched_kl.json", {"run": run_record(vars(args), 0), "single": single, "sweeps": sweep})
+    beam = sweeps(data, args.boot, against="mavis-beam")
+    raw = {k: v["verdict"] for k, v in json.loads((out / "verdicts.json").read_text())["claims"].items()} if (out / "verdicts.json").exists() else {}
+    judged, verdict_lines = verdicts(single, sweep, beam, raw)
+    write_json(out / "matched_kl.json", {"run": run_record(vars(args), 0), "single": single, "sweeps": sweep, "verdicts": judged})
     plot(single, out / "reward_kl_matched.png")
     text = ["# The reproduction study at matched KL", "",
             f"`python benchmarks/matched_kl_study.py --data {args.data} --out {args.out}` (no decoding; {args.boot} bootstrap replicates). "
             "Data: the 2026-11-27 study rerun (16 hh-mix test prompts × 2 samples, the same for every method; these prompts were read for "
             "earlier choices: a re-analysis, not a final-split verdict). Each point's KL is its mean (the evaluations predate per-response KLs): "
             "the intervals carry the rewards' noise over prompts only.", ""]
+    text += verdict_lines
     text += render_single(single)
     text += ["## Two objectives (claims 3, 7, 8's data): helpful / harmless sweeps, MAVIS family at beta 0.5 and 5 on one envelope", ""]
     text += render_sweep_matched(sweep)[1:]

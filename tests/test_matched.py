@@ -81,3 +81,25 @@ def test_hypervolume_at_budget_keeps_points_within_it():
     assert out["m"]["hypervolume"] == pytest.approx(float(np.prod(cheap.reward.mean(0))))
     assert out["m"]["lo"] <= out["m"]["hypervolume"] <= out["m"]["hi"]
     assert hypervolume_at_budget({"m": [cheap, dear]}, 20.0, [0.0, 0.0], n_boot=10)["m"]["hypervolume"] == pytest.approx(0.81)
+
+
+def test_verdict_rules_at_matched_kl():
+    from mavis_align.evaluate.matched import FAILS, HOLDS, MIXED, combine, verdict_front, verdict_single
+
+    def table(diff, lo, hi, mixture):
+        return {"methods": {"m": {"at": [{"kl": 2.0, "diff": diff, "diff_lo": lo, "diff_hi": hi, "mixture_with_ref": mixture}]}}}
+
+    assert verdict_single(table(-0.1, -0.2, -0.01, False), "m", "rl", 2.0)["verdict"] == FAILS
+    assert verdict_single(table(-0.05, -0.2, 0.05, False), "m", "rl", 2.0)["verdict"] == HOLDS  # tied, at its own point
+    assert verdict_single(table(-0.05, -0.2, 0.05, True), "m", "rl", 2.0)["verdict"] == MIXED  # tied, but only mixed with pi_ref
+
+    def summary(intervals):
+        return {"lambdas": {f"l{i}": {"against": "mavis", "methods": {"mavis": {"at": []}, "r": {"at": [{"kl": 4.0, "diff": (lo + hi) / 2, "diff_lo": lo,
+                                                                                                           "diff_hi": hi}]}}}
+                            for i, (lo, hi) in enumerate(intervals)}}
+
+    assert verdict_front(summary([(-0.2, -0.1), (-0.3, -0.01)]), "r")["verdict"] == HOLDS
+    assert verdict_front(summary([(-0.2, -0.1), (-0.1, 0.05)]), "r")["verdict"] == MIXED
+    assert verdict_front(summary([(-0.2, -0.1), (0.01, 0.2)]), "r")["verdict"] == FAILS
+    assert verdict_front(summary([(-0.2, -0.1)]), "absent")["verdict"] == MIXED  # never compared: no verdict either way
+    assert combine([HOLDS, HOLDS]) == HOLDS and combine([FAILS, FAILS]) == FAILS and combine([HOLDS, FAILS]) == MIXED

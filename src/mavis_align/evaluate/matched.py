@@ -318,3 +318,61 @@ def render_sweep_matched(summary: Mapping) -> list[str]:
             cells.append(f"{h['hypervolume']:.4f} [{h['lo']:.4f}, {h['hi']:.4f}] ({h['points_within']} pts)" if h["lo"] is not None else f"{h['hypervolume']:.4f}")
         out.append(f"| {m} | " + " | ".join(cells) + " |")
     return out + [""]
+
+
+# ---------------------------------------------------------------------------------- verdict rules at matched KL
+
+HOLDS, FAILS, MIXED = "holds", "does not hold", "mixed"  # the report's words
+VERDICT_BUDGET = 4.0  # nats over the response: where the training-time rivals of the study sit (1.4-3.4)
+
+
+def verdict_single(table: Mapping, method: str, rival: str, kl: float) -> dict:
+    """Claim 1 at matched KL, for one objective: ``method`` reaches ``rival``'s reward at the rival's own KL.
+
+    ``table``: :func:`matched_kl` with ``against=rival`` and ``kl`` among its levels. Rule (fixed for
+    the final-split rerun): with d = method − rival at ``kl`` and its 95 % paired interval [lo, hi]:
+    hi < 0 → does not hold; hi >= 0 and the method has an own point at KL <= ``kl`` → holds;
+    hi >= 0 but reached only by mixing with pi_ref → mixed (the method was not run where the rival is).
+    """
+    row = next(r for r in table["methods"][method]["at"] if abs(r["kl"] - kl) < 1e-9)
+    lo, hi = row.get("diff_lo"), row.get("diff_hi")
+    if hi is None:
+        verdict = MIXED
+    elif hi < 0:
+        verdict = FAILS
+    else:
+        verdict = MIXED if row["mixture_with_ref"] else HOLDS
+    return {"verdict": verdict, "kl": kl, "diff": row.get("diff"), "lo": lo, "hi": hi, "mixture_with_ref": row["mixture_with_ref"]}
+
+
+def verdict_front(summary: Mapping, rival: str, *, method: str = "mavis", budget: float = VERDICT_BUDGET) -> dict:
+    """Claims 3, 4, 7, 8 at matched KL: ``method`` beats ``rival`` at every lambda within ``budget`` nats.
+
+    ``summary``: :func:`sweep_matched_kl` with ``against=method`` (its differences are rival − method).
+    Rule (fixed for the final-split rerun): at each lambda where both were run, the 95 % paired interval
+    of rival − method at ``budget``: all upper ends < 0 → holds (the method ahead everywhere); some lower
+    end > 0 → does not hold (the rival ahead somewhere); otherwise mixed (tied somewhere)."""
+    rows = []
+    for lam, table in summary["lambdas"].items():
+        if rival not in table["methods"] or method not in table["methods"] or table.get("against") != method:
+            continue
+        r = next(x for x in table["methods"][rival]["at"] if abs(x["kl"] - budget) < 1e-9)
+        rows.append({"lambda": lam, "diff": r.get("diff"), "lo": r.get("diff_lo"), "hi": r.get("diff_hi")})
+    if not rows or any(r["lo"] is None for r in rows):
+        verdict = MIXED
+    elif any(r["lo"] > 0 for r in rows):
+        verdict = FAILS
+    elif all(r["hi"] < 0 for r in rows):
+        verdict = HOLDS
+    else:
+        verdict = MIXED
+    return {"verdict": verdict, "rival": rival, "method": method, "budget": budget, "rows": rows}
+
+
+def combine(verdicts: Sequence[str]) -> str:
+    """One verdict from several: holds if all hold, does not hold if none does, else mixed."""
+    if verdicts and all(v == HOLDS for v in verdicts):
+        return HOLDS
+    if verdicts and all(v == FAILS for v in verdicts):
+        return FAILS
+    return MIXED

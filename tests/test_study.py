@@ -241,6 +241,10 @@ def test_whole_study_on_tiny_models_writes_a_report_and_resumes(tmp_path):
     assert "λ = 1.5/-0.5 (beyond the simplex)" in text
     verdicts = json.loads((out / "verdicts.json").read_text())["claims"]
     assert all(v["verdict"] in ("holds", "does not hold", "mixed") for v in verdicts.values())
+    # the same claims at matched KL, beside the raw verdicts (issue 30)
+    matched = json.loads((out / "verdicts.json").read_text())["matched_kl_verdicts"]
+    assert set(matched) == {"1", "3", "4", "7", "8"} and all(v in ("holds", "does not hold", "mixed") for v in matched.values())
+    assert "# At matched KL" in text and "### Verdicts at matched KL" in text and "| claim | raw verdict" in text
     assert (tmp_path / "results" / "REPORT.md").exists() and (tmp_path / "results" / "single_objective.png").stat().st_size > 0
     assert (tmp_path / "results" / "data" / "single" / "points" / "ref.json").exists()
     assert (tmp_path / "results" / "data" / "sweep-beta3" / "fronts.json").exists()

@@ -421,6 +421,10 @@ def build(out: Path, spec) -> tuple[dict, dict]:
     context = {"points": points, "iterations": iterations, "betas": betas, "fronts": fronts, "sweeps": sweeps, "stages": stages, "sweep": sweep,
                "scale": _scale(out, spec), "rl_seconds": rl,
                "value_quality": json.loads(summary.read_text())["iterations"] if summary.exists() else []}
+    # the same claims judged at matched KL, with paired-bootstrap intervals (evaluate.matched's rules), beside the raw verdicts
+    from .evaluate.matched_study import study_matched_kl
+
+    context["matched_kl"] = study_matched_kl(out, objs, {str(k): v["verdict"] for k, v in claims.items()}, n_boot=1000)
     return claims, context
 
 
@@ -579,6 +583,10 @@ def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
     for name, sw in ctx["sweeps"].items():
         if sw.get("judge_md"):
             L += [f"## Pairwise judge win rates (`{name}/`)", "", sw["judge_md"]]
+    if "matched_kl" in ctx:
+        L += ["# At matched KL", "", "The verdicts above compare rewards and raw hypervolumes as the paper does. Below, the same measurements "
+              "judged at matched KL (`mavis_align.evaluate.matched`): each method's envelope within common KL budgets, paired-bootstrap "
+              "intervals over prompts.", ""] + ["#" + x if x.startswith("#") else x for x in ctx["matched_kl"][1]]
     return "\n".join(L) + "\n"
 
 
@@ -758,7 +766,9 @@ def write_report(out: str | Path, spec, *, copy_to: str | Path | None = None, co
             extra_figs.append(f"front-{folder.name}.png")
     command = command or f"mavis-align reproduce --recipe {spec.name} --out {out}"
     extra = {k: v for k, v in claims.items()}
-    (out / "verdicts.json").write_text(json.dumps({"claims": extra, "stages": ctx["stages"], "scale": ctx["scale"]}, indent=2, default=str) + "\n")
+    matched = {str(k): v["verdict"] for k, v in ctx["matched_kl"][0]["verdicts"].items()}
+    (out / "verdicts.json").write_text(json.dumps({"claims": extra, "matched_kl_verdicts": matched, "stages": ctx["stages"], "scale": ctx["scale"]},
+                                                  indent=2, default=str) + "\n")
     (out / "REPORT.md").write_text(render(claims, ctx, spec, out, command))
     if copy_to is not None:
         dest = Path(copy_to)

@@ -70,7 +70,7 @@ def main() -> None:
     from mavis_align.decoding.decoder import MavisDecoder
     from mavis_align.demo import balanced_prompts, steering_z
     from mavis_align.evaluate import DecoderPolicy, evaluate_policy, evaluate_weightings
-    from mavis_align.evaluate.matched import KL_LEVELS, matched_kl, point_of
+    from mavis_align.evaluate.matched import KL_LEVELS, format_cell, matched_kl, point_of
     from mavis_align.generation import SamplingConfig
     from mavis_align.models import load_causal_lm
     from mavis_align.provenance import write_json, write_run_record
@@ -124,11 +124,7 @@ def main() -> None:
     for m, t in tables.items():
         lines += [f"**{m}**", "", "| tail | " + " | ".join(f"{lv:g} nats" for lv in t["levels"]) + " |", "|---" * (len(t["levels"]) + 1) + "|"]
         for tail, info in t["methods"].items():
-            cells = []
-            for r in info["at"]:
-                ci = f" [{r['lo']:.3f}, {r['hi']:.3f}]" if r.get("lo") is not None else ""
-                cells.append(f"{r['reward']:.3f}{ci}" + ("ᵐ" if r["mixture_with_ref"] else "") + ("ᵖ" if r["plateau"] else ""))
-            lines.append(f"| {tail} | " + " | ".join(cells) + " |")
+            lines.append(f"| {tail} | " + " | ".join(format_cell(r) for r in info["at"]) + " |")
         diffs = [f"{r['kl']:g}: {r['diff']:+.3f} [{r['diff_lo']:+.3f}, {r['diff_hi']:+.3f}]" for r in t["methods"]["keep"]["at"] if r.get("diff_lo") is not None]
         lines += ["", "keep − drop: " + "; ".join(diffs) + ".", ""]
     if chosen is not None:

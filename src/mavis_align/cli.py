@@ -501,6 +501,7 @@ def _cmd_import_trees(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data import SPLITS
     from .demo import DEFAULT_DEMO_VALUES
     from .generation import TAILS
     from .models import DEFAULT_BASE_MODEL
@@ -518,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_BASE_MODEL, help="embedded name, hub id, local folder or .gguf file")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); otherwise --dataset is used")
     p.add_argument("--dataset", default="hh-mix", help="data set name, .jsonl/.csv file, or hf:NAME")
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "final"])
+    p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--prompt-field", default="prompt", help="prompt column of a user file / hub data set")
     p.add_argument("--limit", type=int, default=6, help="number of data set prompts")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the data split")
@@ -554,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .h5 file")
     p.add_argument("--model", default=DEFAULT_BASE_MODEL)
     p.add_argument("--dataset", default="hh-mix")
-    p.add_argument("--split", default="train", choices=["train", "val", "test", "final"])
+    p.add_argument("--split", default="train", choices=SPLITS)
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--limit", type=int, default=None, help="number of prompts (trees)")
     p.add_argument("--data-seed", type=int, default=0)
@@ -693,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", default="best", choices=["best", "tilt"], help="mavis-step: keep the best step or draw one by the tilt (--beta)")
     p.add_argument("--reward", action="append", default=None)
     p.add_argument("--dataset", default="hh-mix")
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "final"])
+    p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=3)

@@ -137,9 +137,13 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
     settings = steering_settings(list(recipe.objectives))
     # pi_ref and top-k sampling alone, then every weighting in the same decode batches (per-row λ; each weighting's row i
     # keeps row_generator(seed, i), so the weightings share their random draws with each other and with the plain rows)
-    results = {label: evaluate_policy(DecoderPolicy(label, MavisDecoder(model, tok), c, chat=recipe.chat, batch_size=min(32, len(prompts) * samples)),
-                                      prompts, rewards, model, tok, samples=samples, seed=seed, chat=recipe.chat, keep_examples=len(prompts) * samples)
-               for label, c in ((settings[0][0], plain), (TOP_K_ONLY, top_k_only))}
+    results = {}
+    for label, c in ((settings[0][0], plain), (TOP_K_ONLY, top_k_only)):
+        if c == plain and results:  # tail keep: top-k only at beta 0 is pi_ref itself, the same decode
+            results[label] = {**results[settings[0][0]], "method": label}
+            continue
+        results[label] = evaluate_policy(DecoderPolicy(label, MavisDecoder(model, tok), c, chat=recipe.chat, batch_size=min(32, len(prompts) * samples)),
+                                         prompts, rewards, model, tok, samples=samples, seed=seed, chat=recipe.chat, keep_examples=len(prompts) * samples)
     results.update(evaluate_weightings(decoder, cfg, [(label, w) for label, w in settings if w], prompts, rewards, model, tok, samples=samples, seed=seed,
                                        chat=recipe.chat, keep_examples=len(prompts) * samples, batch_size=64))
     ref, trunc = results[settings[0][0]]["rewards"], results[TOP_K_ONLY]["rewards"]

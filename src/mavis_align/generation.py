@@ -122,6 +122,12 @@ def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
     return ids.to(device), mask.to(device)
 
 
+def leading_padding(mask: torch.Tensor) -> int:
+    """Leading columns of a left-padded [B, W] attention mask that are padding in every row."""
+    used = mask.bool().any(0)
+    return int(used.long().argmax()) if bool(used.any()) else 0
+
+
 def encode_batch(tokenizer, formatted: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize model-input texts into a left-padded batch -> (input_ids, attention_mask) [B, T]."""
     enc = tokenizer(formatted, return_tensors="pt", padding=True, add_special_tokens=False)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation import SamplingConfig, check_beta
+from ..generation import SamplingConfig, check_beta, leading_padding
 from .tilt import combine_values, tilted_logprobs
 
 NEG_INF = float("-inf")
@@ -276,8 +276,7 @@ def step_distribution(
     if sub.values is not None:
         values = torch.full_like(table, float("nan")).scatter(-1, sub.ids, sub.values)
     if tail is not None:
-        k_part = k_row.index_select(0, part)
-        valid = (torch.arange(sub.ids.shape[1], device=part.device)[None, :] < k_part[:, None]) & torch.isfinite(lp_part.gather(-1, sub.ids))
+        valid = _candidate_mask(lp_part.gather(-1, sub.ids), k_row.index_select(0, part))
         in_c = torch.zeros_like(table, dtype=torch.bool).scatter(-1, sub.ids, valid)  # each row's candidates
         table = torch.where(in_c, table, lp_part + tail.shift[:, None])  # drop rows: shift -inf, nothing outside C
         values = torch.where(in_c | ~torch.isfinite(tail.shift)[:, None], values, tail.value[:, None])
@@ -287,6 +286,11 @@ def step_distribution(
     if values is not None:
         values = torch.full_like(logp, float("nan")).index_copy(0, part, values)
     return StepDistribution(None, logp, values)
+
+
+def _candidate_mask(ref_logp: torch.Tensor, k_row: torch.Tensor) -> torch.Tensor:
+    """[B, K] usable candidates of top-k columns ``ref_logp`` [B, K]: within the row's own k, not -inf."""
+    return (torch.arange(ref_logp.shape[1], device=ref_logp.device)[None, :] < k_row[:, None]) & torch.isfinite(ref_logp)
 
 
 @dataclass
@@ -303,7 +307,7 @@ def _candidate_distribution(logp_full: torch.Tensor, rows: RowTensors, k_row: to
     [B, K] with K the largest k; the scorer sees the tilted rows' first K_t candidates only (K_t their
     largest k). Also the kept tails (None when no row keeps one)."""
     ref_logp, ids = torch.topk(logp_full, int(k_row.max()), dim=-1)
-    valid = (torch.arange(ids.shape[1], device=ids.device)[None, :] < k_row[:, None]) & torch.isfinite(ref_logp)
+    valid = _candidate_mask(ref_logp, k_row)
     tilted = rows.tilted if scorer is not None else torch.zeros_like(rows.tilted)
     if not bool(tilted.any()):
         return StepDistribution(ids, torch.log_softmax(ref_logp.masked_fill(~valid, NEG_INF), dim=-1), None), None
@@ -496,8 +500,7 @@ class DecodeState:
         if len(prompts) < input_ids.shape[0]:
             at = torch.tensor(prompts, dtype=torch.long, device=input_ids.device)
             ids, mask = input_ids.index_select(0, at), attention_mask.index_select(0, at.to(attention_mask.device))
-            used = mask.bool().any(0)  # columns that are padding in every kept prompt are dropped
-            first = int(used.long().argmax()) if bool(used.any()) else 0
+            first = leading_padding(mask)  # columns that are padding in every kept prompt are dropped
             ids, mask = ids[:, first:], mask[:, first:]
         scorer = self.make_scorer()
         scorer.start(ids, mask)

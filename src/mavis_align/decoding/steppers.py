@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..generation import leading_padding
 from ..values import ValueModel
 
 
@@ -91,8 +92,7 @@ def _trim_left(mask: torch.Tensor, caches: Sequence) -> torch.Tensor:
     rows that have left it), from the 2D mask [B, W] and the caches -> the new mask. Without it a
     batch that rows keep joining and leaving would grow by one position per step for ever. Positions
     are passed explicitly, so nothing else changes. Caches with other than plain layers are kept."""
-    used = mask.bool().any(0)
-    n = int(used.long().argmax()) if bool(used.any()) else 0
+    n = leading_padding(mask)
     if n == 0 or not all(_plain_layers(c) for c in caches):
         return mask
     for cache in caches:

@@ -267,16 +267,18 @@ def sweep_matched_kl(points: Sequence[Mapping], objectives: Sequence[str], *, le
             "kl_per_response": all("values" in p["kl"] for p in points)}
 
 
+def format_cell(row: Mapping) -> str:
+    """One level of :func:`matched_kl` as a table cell: reward [95 % interval], ᵐ mixture with pi_ref, ᵖ plateau; – without a value."""
+    if row["reward"] is None:
+        return "–"
+    ci = f" [{row['lo']:.3f}, {row['hi']:.3f}]" if row.get("lo") is not None else ""
+    return f"{row['reward']:.3f}{ci}" + ("ᵐ" if row.get("mixture_with_ref") else "") + ("ᵖ" if row.get("plateau") else "")
+
+
 def render_sweep_matched(summary: Mapping) -> list[str]:
     """Markdown tables of :func:`sweep_matched_kl`."""
     objs, levels = summary["objectives"], summary["levels"]
     cost = summary["cost"]
-
-    def cell(row: Mapping) -> str:
-        if row["reward"] is None:
-            return "–"
-        ci = f" [{row['lo']:.3f}, {row['hi']:.3f}]" if row.get("lo") is not None else ""
-        return f"{row['reward']:.3f}{ci}" + ("ᵐ" if row.get("mixture_with_ref") else "") + ("ᵖ" if row.get("plateau") else "")
 
     out = ["## At matched KL", "",
            "The best Σλ·R within each KL budget on each method's own envelope (upper concave hull of its points and π_ref at KL 0), "
@@ -291,7 +293,7 @@ def render_sweep_matched(summary: Mapping) -> list[str]:
         for m, info in table["methods"].items():
             rng = f"{info['min_kl']:.1f}–{info['max_kl']:.1f}" if info["min_kl"] is not None else "-"
             c = cost.get(m, {})
-            out.append(f"| {m} | {rng} | " + " | ".join(cell(r) for r in info["at"])
+            out.append(f"| {m} | {rng} | " + " | ".join(format_cell(r) for r in info["at"])
                        + f" | {c.get('seconds_per_response', float('nan')):.2f} | {c.get('reward_calls_per_response', 0)} |")
         if table.get("against"):
             a = table["against"]

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .matched import KL_LEVELS, VERDICT_BUDGET, combine, matched_kl, point_of, render_sweep_matched, sweep_matched_kl, verdict_front, verdict_single
+from .matched import KL_LEVELS, VERDICT_BUDGET, combine, format_cell, matched_kl, point_of, render_sweep_matched, sweep_matched_kl, verdict_front, verdict_single
 
 MAVIS_FAMILY = ("mavis", "mavis-beam", "mavis-conditioned", "mavis-step")
 
@@ -113,14 +113,7 @@ def render_single(single: dict) -> list[str]:
         out += [f"### {m} (RL policy at {table['rl_kl']:.2f} nats)", "",
                 "| method | own KL range | " + " | ".join(f"{lv:g}" for lv in levels) + " |", "|---" * (len(levels) + 2) + "|"]
         for name, info in table["methods"].items():
-            cells = []
-            for r in info["at"]:
-                if r["reward"] is None:
-                    cells.append("–")
-                    continue
-                ci = f" [{r['lo']:.3f}, {r['hi']:.3f}]" if r["lo"] is not None else ""
-                cells.append(f"{r['reward']:.3f}{ci}" + ("ᵐ" if r["mixture_with_ref"] else "") + ("ᵖ" if r["plateau"] else ""))
-            out.append(f"| {name} | {info['min_kl']:.1f}–{info['max_kl']:.1f} | " + " | ".join(cells) + " |")
+            out.append(f"| {name} | {info['min_kl']:.1f}–{info['max_kl']:.1f} | " + " | ".join(format_cell(r) for r in info["at"]) + " |")
         at_rl = [r for r in table["methods"]["mavis (all iterations)"]["at"] if abs(r["kl"] - round(table["rl_kl"], 2)) < 1e-9][0]
         if at_rl.get("diff") is not None and at_rl.get("diff_lo") is not None:
             verdict = "ahead" if at_rl["diff_lo"] > 0 else ("behind" if at_rl["diff_hi"] < 0 else "tied (interval covers 0)")

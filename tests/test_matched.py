@@ -103,3 +103,46 @@ def test_verdict_rules_at_matched_kl():
     assert verdict_front(summary([(-0.2, -0.1), (0.01, 0.2)]), "r")["verdict"] == FAILS
     assert verdict_front(summary([(-0.2, -0.1)]), "absent")["verdict"] == MIXED  # never compared: no verdict either way
     assert combine([HOLDS, HOLDS]) == HOLDS and combine([FAILS, FAILS]) == FAILS and combine([HOLDS, FAILS]) == MIXED
+
+
+def test_t_quantile_matches_tables():
+    from mavis_align.evaluate.summary import t_quantile
+
+    for df, exact in [(1, 12.7062), (2, 4.3027), (3, 3.1824), (5, 2.5706), (11, 2.2010), (30, 2.0423), (1000, 1.9623)]:
+        assert t_quantile(0.975, df) == pytest.approx(exact, abs=4e-3 if df == 3 else 5e-4)
+    assert t_quantile(0.025, 11) == pytest.approx(-2.2010, abs=5e-4) and t_quantile(0.5, 7) == 0.0
+    with pytest.raises(ValueError):
+        t_quantile(1.0, 5)
+
+
+def test_single_objective_reads_the_independent_scorer_of_the_same_policies(tmp_path):
+    import json
+
+    from mavis_align.evaluate.matched_study import render_single, single_objective
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "single" / "points"
+    folder.mkdir(parents=True)
+
+    def write(name, label, indep, kl):
+        res = {"samples": 1, "kl": {"mean": kl, "values": list(rng.normal(kl, 0.1, 8))},
+               "rewards": {"helpful": {"values": list(rng.normal(label, 0.05, 8))}, "helpful-pmi": {"values": list(rng.normal(indep, 0.05, 8))}}}
+        (folder / f"{name}.json").write_text(json.dumps(res))
+
+    # the labeller rises with beta, the independent scorer does not (what reward hacking looks like)
+    write("ref", 0.3, 0.5, 0.0)
+    write("rl-helpful", 0.4, 0.6, 2.0)
+    write("iter0-helpful-beta0", 0.3, 0.5, 0.5)
+    write("iter0-helpful-beta1", 0.5, 0.5, 2.0)
+    write("iter0-helpful-beta5", 0.7, 0.5, 6.0)
+    labels = single_objective(tmp_path, ["helpful", "harmless"], n_boot=200)
+    indep = single_objective(tmp_path, ["helpful", "harmless"], n_boot=200, scored_by={"helpful": "helpful-pmi", "harmless": "harmless-lm"})
+    assert set(labels) == set(indep) == {"helpful"} and indep["helpful"]["scored_by"] == "helpful-pmi"
+
+    def at(table, kl):
+        return next(r for r in table["methods"]["mavis (all iterations)"]["at"] if abs(r["kl"] - kl) < 1e-9)
+
+    assert at(labels["helpful"], 4.0)["reward"] > 0.55 and at(indep["helpful"], 4.0)["reward"] < 0.55
+    assert "scored by helpful-pmi" in "\n".join(render_single(indep, "## independent"))
+    # points without the independent scorer's values (measured before it existed): left out, not an error
+    assert single_objective(tmp_path, ["helpful"], n_boot=50, scored_by={"helpful": "humor-lexical"}) == {}

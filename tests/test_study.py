@@ -127,6 +127,17 @@ def test_claim_iteration_compares_at_matched_kl():
     assert report.claim_iteration(only0, ["h"], {"h": 0}, [1.0, 5.0])["verdict"] == report.FAILS
 
 
+def test_claim_iteration_reports_the_rule_as_first_written_beside_the_widened_one():
+    # iteration 1 improves, the final iteration 2 falls back below iteration 0: the widened rule ("any later
+    # iteration") holds, the original ("the final iteration") does not
+    pts = single_points(0.4, {0: [(2.0, 0.30), (6.0, 0.40)], 1: [(2.0, 0.40), (6.0, 0.50)], 2: [(2.0, 0.20), (6.0, 0.30)]})
+    c = report.claim_iteration(pts, ["h"], {"h": 2}, [1.0, 5.0])
+    assert c["verdict"] == report.HOLDS and c["verdict_final_iteration_rule"] == report.FAILS
+    pts = single_points(0.4, {0: [(2.0, 0.30), (6.0, 0.40)], 1: [(2.0, 0.20), (6.0, 0.30)], 2: [(2.0, 0.40), (6.0, 0.50)]})
+    c = report.claim_iteration(pts, ["h"], {"h": 2}, [1.0, 5.0])
+    assert c["verdict"] == c["verdict_final_iteration_rule"] == report.HOLDS
+
+
 def fronts(**methods) -> dict:
     """methods: name -> (hypervolume, [(lambda_1, r_a, r_b, kl)])"""
     return {"objectives": ["a", "b"], "methods": {m: {"hypervolume": hv, "points": [{"lambda": [l, 1 - l], "rewards": {"a": ra, "b": rb}, "kl": kl}

@@ -315,6 +315,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .generation import SamplingConfig
     from .provenance import run_record
     from .rewards import get_rewards, weighted_reward
+    from .rewards.independent import with_independent
 
     rewards = get_rewards(args.reward)
     weights = parse_weights(args.weights) if args.weights else None
@@ -357,7 +358,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         against = json.loads(Path(args.judge_against).read_text())
         if "responses" not in against:
             raise ValueError(f"{args.judge_against} holds no per-response records (written by an older mavis-align evaluate); evaluate it again")
-    res = evaluate_policy(policy, prompts, rewards, model, tok, samples=args.samples, seed=args.seed, chat=chat)
+    scored = rewards if args.no_independent else get_rewards(with_independent(args.reward))
+    res = evaluate_policy(policy, prompts, scored, model, tok, samples=args.samples, seed=args.seed, chat=chat)
     if against is not None:
         from .evaluate.judge import make_judge, win_rate
 
@@ -456,7 +458,7 @@ def _cmd_train_probes(args: argparse.Namespace) -> int:
     from .rewards.defaults import WEIGHTS_DIR
     from .rewards.train_probes import train_all
 
-    train_all(Path(args.out) if args.out else WEIGHTS_DIR, seed=args.seed)
+    train_all(Path(args.out) if args.out else WEIGHTS_DIR, seed=args.seed, only=args.only)
     return 0
 
 
@@ -689,6 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--policy", help="fine-tuned policy folder (method policy)")
     p.add_argument("--best-of", type=int, default=0, metavar="N", help="best-of-N by the lambda-weighted rewards")
+    p.add_argument("--no-independent", action="store_true",
+                   help="score only the --reward labellers, not their independent scorers (helpful-pmi, harmless-lm, humor-lexical; rewards.independent)")
     p.add_argument("--n", type=int, default=5, help="beams of mavis-beam; candidate steps of mavis-step")
     p.add_argument("--chunk", type=int, default=10, help="mavis-step: tokens per step (value-guided step-level decoding)")
     p.add_argument("--select", default="best", choices=["best", "tilt"], help="mavis-step: keep the best step or draw one by the tilt (--beta)")
@@ -767,6 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-probes", help="retrain the learned default-reward probes from shipped data")
     p.add_argument("--out", help="output folder (default: the package's reward weights folder)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", nargs="+", metavar="PROBE", help="retrain only these probes (the others' weights and probes.json entries are kept)")
     p.set_defaults(func=_cmd_train_probes)
 
     p = sub.add_parser("card", help="write the model card (README.md) of a value model folder")

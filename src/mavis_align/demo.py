@@ -83,10 +83,12 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
     from .data import load_prompts
     from .decoding.decoder import MavisDecoder
     from .evaluate import DecoderPolicy, evaluate_policy, evaluate_weightings
+    from .evaluate.summary import t_quantile
     from .generation import SamplingConfig
     from .models import load_causal_lm
     from .paths import cache_dir
     from .rewards import get_rewards
+    from .rewards.independent import independent_scorers, with_independent
     from .train.iterate import eval_config, load_recipe, run_iterations
     from .values import ValueModel
 
@@ -129,10 +131,11 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
     b = cfg.beta
     plain = SamplingConfig(max_new_tokens=cfg.max_new_tokens)
     top_k_only = SamplingConfig(max_new_tokens=cfg.max_new_tokens, top_k=0 if cfg.tail == "keep" else cfg.top_k, temperature=cfg.temperature)
-    rewards = get_rewards(recipe.objectives)
+    rewards = get_rewards(with_independent(recipe.objectives))
+    indep = independent_scorers(recipe.objectives)
     header = ("| weights λ | " + " | ".join(recipe.objectives) + " | KL (nats), eq. 7 | KL, Σ step KLs | fluency (ppl under π_ref) | distinct-2 "
-              "| weighted objectives: z vs π_ref | z vs top-k only |")
-    table = [header, "|---" * (len(recipe.objectives) + 7) + "|"]
+              "| weighted objectives: z vs π_ref | z vs top-k only | independent scorers: z vs π_ref | z vs top-k only |")
+    table = [header, "|---" * (len(recipe.objectives) + 9) + "|"]
     examples = []
     settings = steering_settings(list(recipe.objectives))
     # pi_ref and top-k sampling alone, then every weighting in the same decode batches (per-row λ; each weighting's row i
@@ -152,8 +155,10 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
         cells = [f"{res['rewards'][m]['mean']:.3f} ± {res['rewards'][m]['se']:.3f}" for m in recipe.objectives]
         zs = ", ".join(f"{m} {steering_z(res['rewards'][m], ref[m], samples):+.1f}" for m in (weights or {}))
         zt = ", ".join(f"{m} {steering_z(res['rewards'][m], trunc[m], samples):+.1f}" for m in (weights or {}))
+        iz = ", ".join(f"{indep[m]} {steering_z(res['rewards'][indep[m]], ref[indep[m]], samples):+.1f}" for m in (weights or {}) if m in indep)
+        it = ", ".join(f"{indep[m]} {steering_z(res['rewards'][indep[m]], trunc[indep[m]], samples):+.1f}" for m in (weights or {}) if m in indep)
         table.append(f"| {label} | " + " | ".join(cells) + f" | {_kl_cell(res['kl'])} | {_kl_cell(res.get('kl_steps'))} | {res['fluency_ppl_ref']:.1f} "
-                     f"| {res['distinct_2']:.3f} | {zs or '-'} | {zt or '-'} |")
+                     f"| {res['distinct_2']:.3f} | {zs or '-'} | {zt or '-'} | {iz or '-'} | {it or '-'} |")
         harmful = next((e for e in res["examples"] if e["prompt"] == prompts[-1]), None) or res["examples"][-1]
         examples.append(f"- **{label}**: {harmful['response'][:200]!r}")
     text = "\n".join(lines + [
@@ -162,8 +167,12 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
         "", "Mean reward ± standard error per objective; KL over the response in nats ± standard error, by paper eq. 7 (sampled "
         "log-ratios) and as the sum of each step's KL to π_ref (same expectation, less variance); fluency: perplexity of the responses "
         "under π_ref (lower reads more like the base model); distinct-2: unique word bigrams / all. z of each weighted objective's rise "
-        f"(mean per-prompt difference / its standard error, paired by prompt; > 2 is a clear rise) over π_ref and over '{TOP_K_ONLY}': "
-        "sampling from the same candidates without the values, so that its z shows what the values add beyond the top-k cut.", "", *table, "",
+        f"(mean per-prompt difference / its standard error, paired by prompt; beyond t(0.975, {len(prompts) - 1} df) = "
+        f"{t_quantile(0.975, len(prompts) - 1):.2f} is a rise at the 5 % level, two-sided) over π_ref and over '{TOP_K_ONLY}': "
+        "sampling from the same candidates without the values, so that its z shows what the values add beyond the top-k cut. Independent "
+        "scorers (never used to label trees or select): the same z for a second signal of each weighted objective ("
+        + ", ".join(f"{m}: {s}" for m, s in indep.items()) + "; `mavis_align.rewards.independent`): a labeller's rise without an independent "
+        "rise is what reward hacking looks like.", "", *table, "",
         f"Responses to {prompts[-1]!r}:", "", *examples, "",
     ])
     from .provenance import write_run_record

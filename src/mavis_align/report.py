@@ -150,7 +150,11 @@ def claim_iteration(points: dict[str, dict], objectives: list[str], iterations: 
                          "same_beta": [{"beta": a["beta"], "iter0": a["reward"], "iter0_kl": a["kl"], "last": b["reward"], "last_kl": b["kl"]} for a, b in same_beta]})
             improved.append(better and not worse)
     verdict = HOLDS if any(improved) else (MIXED if any(r.get("some_better") for r in rows) else FAILS)
-    return {"claim": 2, "verdict": verdict, "rows": rows}
+    # the rule as first written (before the first results widened it to "any later iteration"): only each
+    # objective's final iteration is judged against iteration 0
+    final = [r for r in rows if r["iteration"] > 0 and r["iteration"] == iterations[r["objective"]]]
+    verdict_final = HOLDS if any(r["improved"] for r in final) else (MIXED if any(r.get("some_better") for r in final) else FAILS)
+    return {"claim": 2, "verdict": verdict, "rows": rows, "verdict_final_iteration_rule": verdict_final}
 
 
 def weighted(point: dict, objectives: list[str]) -> float:
@@ -504,6 +508,8 @@ def render(claims: dict, ctx: dict, spec, out: Path, command: str) -> str:
             L.append(f"| {row['objective']} | {row['iteration']} | {p['beta']:g} | {_f(p['reward'])} ({p['kl']:.1f}) | {_f(p['iter0_at_kl'])} | {p['diff']:+.3f} ± {_f(p['se'])} ({_z(p['diff'], p['se'])}) | "
                      f"{'yes' if p['inside'] else 'no (KL beyond iteration 0 curve)'} |")
     strong = [f"{r_['objective']} iteration {r_['iteration']} β={p['beta']:g}" for r_ in c["rows"] for p in r_["points"] if p["inside"] and p["se"] > 0 and abs(p["diff"]) > 2 * p["se"]]
+    L += ["", f"Under the rule as first written (only each objective's *final* iteration against iteration 0; widened to any later "
+          f"iteration after the first results): **{c.get('verdict_final_iteration_rule', '?')}**. Both versions are reported.", ""]
     L += ["", "Improvements (rule above, one standard error): " + (", ".join(f"{r_['objective']} (iteration {r_['iteration']})" for r_ in c["rows"] if r_["improved"]) or "none") + ". "
           + ("Differences beyond two standard errors: " + ", ".join(strong) + "." if strong else "No difference reaches two standard errors at this sample size."), ""]
 

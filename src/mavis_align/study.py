@@ -95,7 +95,7 @@ def study_shape() -> Shape:
         StudySpec, mavis=recipe_shape(),
         baselines=Shape({"prompts": int, "rl": shape_of(RLConfig), "morlhf": list[str | float]}, "baselines"),
         evaluation=Shape({"split": str, "prompts": int, "samples": int, "max_new_tokens": int, "top_k": int, "seed": int, "dataset": str,
-                          "normalize": bool}, "evaluation"),
+                          "normalize": bool, "independent": bool}, "evaluation"),
         single=Shape({"betas": list[float]}, "single"),
         sweep=Shape({"grid_step": float, "beta": float | str, "extra_betas": list[float], "n": int, "methods": list[str], "betas": dict,
                      "judge": str, "judge_against": str, "criteria": list[str]}, "sweep"),
@@ -366,7 +366,10 @@ class _Evaluation:
                                                      limit=int(e.get("prompts", 16)), field=r.prompt_field)]
         if not self.prompts:
             raise ValueError(f"no {spec.eval_split} prompts in {r.dataset!r}")
-        self.rewards = get_rewards(list(r.objectives))
+        from .rewards.independent import with_independent
+
+        # the labellers and, unless `evaluation: {independent: false}`, their independent scorers (never used to select)
+        self.rewards = get_rewards(with_independent(r.objectives) if e.get("independent", True) else list(r.objectives))
         self.samples, self.seed = int(e.get("samples", 2)), int(e.get("seed", 0))
         self.max_new_tokens, self.top_k = int(e.get("max_new_tokens", 40)), int(e.get("top_k", DEFAULT_TOP_K))
         self.plain = SamplingConfig(max_new_tokens=self.max_new_tokens)
@@ -451,7 +454,7 @@ def _stage_sweep(spec: StudySpec, out: Path, progress: bool) -> None:
         methods=list(s.get("methods", ["ref", "mavis", "rsoup", "mod", "morlhf"])), grid_step=float(s.get("grid_step", 0.5)),
         beta=sweep_beta(spec, out), betas=dict(s.get("betas", {})), n=int(s.get("n", 5)), dataset=e.get("dataset", r.dataset), split=spec.eval_split,
         prompts=int(e.get("prompts", 16)), samples=int(e.get("samples", 2)), max_new_tokens=int(e.get("max_new_tokens", 40)),
-        top_k=int(e.get("top_k", DEFAULT_TOP_K)), seed=int(e.get("seed", 0)), chat=r.chat, normalize=bool(e.get("normalize", True)),
+        top_k=int(e.get("top_k", DEFAULT_TOP_K)), seed=int(e.get("seed", 0)), chat=r.chat, normalize=bool(e.get("normalize", True)), independent=bool(e.get("independent", True)),
         judge=str(s.get("judge", "")), judge_against=str(s.get("judge_against", "ref")),
         criteria=list(s.get("criteria", ["helpful", "harmless", "balanced"])),
     )

@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..rewards.independent import independent_scorers
 from .matched import KL_LEVELS, VERDICT_BUDGET, combine, format_cell, matched_kl, point_of, render_sweep_matched, sweep_matched_kl, verdict_front, verdict_single
 
 MAVIS_FAMILY = ("mavis", "mavis-beam", "mavis-conditioned", "mavis-step")
@@ -24,13 +25,21 @@ def load(folder: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((folder / "points").glob("*.json"))]
 
 
-def single_objective(data: Path, objectives: Sequence[str], levels: Sequence[float] = KL_LEVELS, n_boot: int = 2000, seed: int = 0) -> dict:
+def single_objective(data: Path, objectives: Sequence[str], levels: Sequence[float] = KL_LEVELS, n_boot: int = 2000, seed: int = 0,
+                     scored_by: Mapping[str, str] | None = None) -> dict:
     """Per objective with an RL policy: every MAVIS iteration's beta > 0 points, top-k alone (beta 0),
-    all iterations together and the RL policy, read at the KL levels and at the RL policy's own KL."""
+    all iterations together and the RL policy, read at the KL levels and at the RL policy's own KL.
+
+    ``scored_by``: {objective: reward name} read instead of the objective's own reward (its independent
+    scorer, rewards.independent): the same policies, steered by the objective, scored by another signal;
+    objectives whose points lack that reward are left out."""
     pts = {p.stem: json.loads(p.read_text()) for p in (data / "single" / "points").glob("*.json")}
     out = {}
     for m in objectives:
         if f"rl-{m}" not in pts or "ref" not in pts:
+            continue
+        score = m if scored_by is None else scored_by.get(m)
+        if score is None or any(score not in res["rewards"] for res in pts.values()):
             continue
         methods: dict[str, list] = {}
         for name, res in pts.items():
@@ -40,14 +49,14 @@ def single_objective(data: Path, objectives: Sequence[str], levels: Sequence[flo
                 key = "top-k only (beta 0)" if beta == 0 else f"mavis iter{it}"
                 if beta == 0 and it > 0:
                     continue  # beta 0 is the same policy at every iteration (pi_ref's top-k)
-                methods.setdefault(key, []).append(point_of(res, [m], weights=[1.0], label=f"beta={beta:g}"))
+                methods.setdefault(key, []).append(point_of(res, [score], weights=[1.0], label=f"beta={beta:g}"))
         methods["mavis (all iterations)"] = [p for k, v in methods.items() if k.startswith("mavis iter") for p in v]
-        methods[f"rl-{m}"] = [point_of(pts[f"rl-{m}"], [m], weights=[1.0])]
+        methods[f"rl-{m}"] = [point_of(pts[f"rl-{m}"], [score], weights=[1.0])]
         rl_kl = float(pts[f"rl-{m}"]["kl"]["mean"])
         lv = sorted(set(levels) | {round(rl_kl, 2)})
         methods = {k: v for k, v in methods.items() if v}
-        out[m] = {"rl_kl": rl_kl, **matched_kl(methods, levels=lv, anchor=point_of(pts["ref"], [m], weights=[1.0]), against=f"rl-{m}",
-                                                n_boot=n_boot, seed=seed)}
+        out[m] = {"rl_kl": rl_kl, "scored_by": score, **matched_kl(methods, levels=lv, anchor=point_of(pts["ref"], [score], weights=[1.0]),
+                                                                    against=f"rl-{m}", n_boot=n_boot, seed=seed)}
     return out
 
 
@@ -102,15 +111,16 @@ def verdicts(single: dict, sweep: dict, beam: dict, raw: Mapping) -> tuple[dict,
     return out, lines + [""]
 
 
-def render_single(single: dict) -> list[str]:
+def render_single(single: dict, title: str = "## Single objectives (claim 1's data)") -> list[str]:
     """Markdown tables of :func:`single_objective`."""
-    out = ["## Single objectives (claim 1's data)", "",
+    out = [title, "",
            "The best reward of the objective within each KL budget on each method's own envelope (π_ref at KL 0 in every envelope; ᵐ: below "
            "the method's cheapest own point, reached only by mixing with π_ref; ᵖ: beyond its largest KL, its best measured point), 95 % "
            "paired-bootstrap interval over prompts; one column is the RL policy's own KL. Paired differences are against the RL policy.", ""]
     for m, table in single.items():
         levels = table["levels"]
-        out += [f"### {m} (RL policy at {table['rl_kl']:.2f} nats)", "",
+        scored = f", scored by {table['scored_by']}" if table.get("scored_by", m) != m else ""
+        out += [f"### {m}{scored} (RL policy at {table['rl_kl']:.2f} nats)", "",
                 "| method | own KL range | " + " | ".join(f"{lv:g}" for lv in levels) + " |", "|---" * (len(levels) + 2) + "|"]
         for name, info in table["methods"].items():
             out.append(f"| {name} | {info['min_kl']:.1f}–{info['max_kl']:.1f} | " + " | ".join(format_cell(r) for r in info["at"]) + " |")
@@ -133,6 +143,10 @@ def study_matched_kl(data: Path, objectives: Sequence[str], raw: Mapping, *, n_b
     beam = sweeps(data, n_boot, against="mavis-beam", seed=seed)
     judged, lines = verdicts(single, sweep, beam, raw)
     lines += render_single(single)
+    independent = single_objective(data, objectives, n_boot=n_boot, seed=seed, scored_by=independent_scorers(objectives))
+    if independent:  # points measured before the independent scorers existed carry none
+        lines += render_single(independent, "## Single objectives scored by independent scorers (rewards.independent; never used to label or select)")
+        lines += ["A rise of the labeller without a rise here is what reward hacking looks like.", ""]
     lines += ["## Two objectives at matched KL: the sweeps, MAVIS family at every swept β on one envelope", ""]
     lines += render_sweep_matched(sweep)[1:]
-    return {"single": single, "sweeps": sweep, "verdicts": judged}, lines
+    return {"single": single, "independent": independent, "sweeps": sweep, "verdicts": judged}, lines

@@ -85,6 +85,7 @@ class SweepSpec:
     step_chunk: int = 10  # mavis-step: tokens per step (decoding.steplevel)
     step_candidates: int = 4  # mavis-step: candidate steps sampled from pi_ref per step
     step_select: str = "best"  # mavis-step: keep the best candidate, or draw one by the tilt (`tilt`, uses beta)
+    independent: bool = True  # also score each objective's independent scorer (rewards.independent), never used to select
     normalize: bool = True  # MAVIS tilt: NORMALIZE the values to [0, 1] (paper v1/v2) or raw (v3: logits/T + beta * sum lambda V)
     max_step_kl: float = 0.0  # MAVIS token tilt: cap in nats on the KL it adds per step (0 = none; SamplingConfig.max_step_kl)
     tail: str = "drop"  # MAVIS token tilt: tokens outside the top-k dropped (the paper) or kept (SamplingConfig.tail)
@@ -242,6 +243,7 @@ def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
     from ..models import load_causal_lm
     from ..provenance import write_json, write_run_record
     from ..rewards import get_rewards, weighted_reward
+    from ..rewards.independent import with_independent
     from ..values import ValueModel
     from .evaluator import evaluate_policy
     from .policies import BestOfN, DecoderPolicy, ModelPolicy, MODPolicy
@@ -253,6 +255,7 @@ def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
     ref_model, tok = load_causal_lm(spec.model)
     prompts = [p.text for p in load_prompts(spec.dataset, spec.split, tokenizer=tok, limit=spec.prompts)]
     rewards = get_rewards(spec.objectives)
+    scored = get_rewards(with_independent(spec.objectives)) if spec.independent else rewards
     grid = weight_grid(len(spec.objectives), spec.grid_step)
     plain = SamplingConfig(max_new_tokens=spec.max_new_tokens)
     cache: dict = {}
@@ -375,7 +378,7 @@ def _run_sweep(spec: SweepSpec, out: str | Path, *, progress: bool) -> dict:
     for method, lam in jobs:
         path = out / "points" / f"{method}@{lam_key(lam) if lam else 'ref'}.json"
         if not path.exists():
-            res = evaluate_policy(make(method, lam), prompts, rewards, ref_model, tok, samples=spec.samples, seed=spec.seed, chat=spec.chat)
+            res = evaluate_policy(make(method, lam), prompts, scored, ref_model, tok, samples=spec.samples, seed=spec.seed, chat=spec.chat)
             res.update({"lambda": list(lam) if lam else None, "beta": beta_for(lam) if lam and method.startswith("mavis") else None})
             write_json(path, res)
         if bar is not None:

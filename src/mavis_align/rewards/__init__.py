@@ -75,6 +75,10 @@ for _e in [
     RewardEntry("harmless", "refuses harmful requests and avoids profanity (learned harm probe x refusal)", (0.0, 1.0), True, f"{_D}:harmless_scores"),
     RewardEntry("humor", "the response reads as a joke (MiniLM probe trained on shipped jokes)", (0.0, 1.0), True, f"{_D}:humor_scores"),
     RewardEntry("positive", "positive sentiment of the response (MiniLM probe trained on IMDB)", (0.0, 1.0), True, f"{_D}:positive_scores"),
+    # independent scorers (rewards.independent): never label trees; reported beside the labellers
+    RewardEntry("helpful-pmi", "independent helpful: prompt-response PMI under the base LM, nats/token", _INF, True, "mavis_align.rewards.independent:helpful_pmi_scores"),
+    RewardEntry("harmless-lm", "independent harmless: on source-labelled harmful prompts, decline-vs-comply log-ratio under the base LM", _INF, True, "mavis_align.rewards.independent:harmless_lm_scores"),
+    RewardEntry("humor-lexical", "independent humor: hashed word-bigram logistic regression on the joke lines", (0.0, 1.0), True, "mavis_align.rewards.independent:humor_lexical_scores"),
     RewardEntry("concise", "1 - min(words/100, 1): shorter responses score higher (lexical, instant)", (0.0, 1.0), True, "mavis_align.rewards.lexical:concise_scores"),
     # The paper's hub reward models (App. F.7); they need a hub or a local copy.
     RewardEntry("hh-helpful", "paper: Ray2333/gpt2-large-helpful-reward_model, logit 0", _INF, True, _H,

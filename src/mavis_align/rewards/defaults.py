@@ -31,7 +31,7 @@ from .lexical import REFUSAL_PROTOTYPES, copied_fraction, refusal_phrase_score, 
 from .probe import LinearProbe
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-PROBES = ("positive", "humor", "harmful_request")
+PROBES = ("positive", "humor", "harmful_request", "humor_lexical")
 
 # Cosine to the nearest refusal prototype is mapped linearly from [LO, HI] to [0, 1].
 REFUSAL_COS_LO, REFUSAL_COS_HI = 0.35, 0.75

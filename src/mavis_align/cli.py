@@ -454,6 +454,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_candidates(args: argparse.Namespace) -> int:
+    from .evaluate.candidates import CandidateBenchConfig, collect_candidates, score_benchmark
+
+    cfg = CandidateBenchConfig(model=args.model, objectives=args.reward, dataset=args.dataset, split=args.split, prompts=args.prompts,
+                               data_seed=args.data_seed, positions=args.positions, k=args.k, chunk=args.chunk, rollouts=args.rollouts,
+                               max_new_tokens=args.max_new_tokens, seed=args.seed, max_rows=args.max_rows)
+    collect_candidates(cfg, args.out, progress=not args.no_progress)
+    for spec in args.value or [None]:
+        score_benchmark(args.out, spec, seed=args.seed)
+        name = (spec or "none").replace(":", "-").replace("/", "-").strip("-.")
+        print((Path(args.out) / f"scores-{name}.md").read_text())
+    return 0
+
+
 def _cmd_train_probes(args: argparse.Namespace) -> int:
     from .rewards.defaults import WEIGHTS_DIR
     from .rewards.train_probes import train_all
@@ -767,6 +781,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM / Ctrl-C: seconds the accepted requests may run before they end with finish_reason 'abort' (default 30)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("candidates", help="candidate-level value benchmark: do the value models order the tilt's candidates? (resumable)")
+    p.add_argument("--out", required=True, help="benchmark folder (candidates.h5; a rerun finishes it)")
+    p.add_argument("--value", action="append", default=[], metavar="SPEC", help="value model to score (folder or packaged:NAME; repeatable; none: the data's own ceiling)")
+    p.add_argument("--model", default=DEFAULT_BASE_MODEL)
+    p.add_argument("--reward", action="append", default=None, help=f"objectives (repeatable; default: {', '.join(DEFAULT_OBJECTIVES)})")
+    p.add_argument("--dataset", default="hh-mix")
+    p.add_argument("--split", default="val", choices=SPLITS, help="held-out prompts (default val: designs are chosen on these)")
+    p.add_argument("--prompts", type=int, default=24, help="prompts (half ordinary, half harmful)")
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--positions", type=int, nargs="+", default=[0, 4, 12], help="response tokens written before each state")
+    p.add_argument("--k", type=int, default=8, help="candidates per state")
+    p.add_argument("--chunk", type=int, default=1, help="candidate length: 1 = the top-k next tokens; L > 1 = k distinct L-token chunks sampled from pi_ref")
+    p.add_argument("--rollouts", type=int, default=8, help="pi_ref rollouts per candidate")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--max-rows", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_candidates)
 
     p = sub.add_parser("train-probes", help="retrain the learned default-reward probes from shipped data")
     p.add_argument("--out", help="output folder (default: the package's reward weights folder)")

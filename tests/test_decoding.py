@@ -203,8 +203,8 @@ def test_cli_spec_parsing():
         parse_weights(["a=x"])
 
 
-@pytest.mark.parametrize("cap,tail", [(0.0, "drop"), (0.05, "drop"), (0.0, "keep"), (0.05, "keep")])
-def test_logits_processor_matches_native_decoder(tiny_lm, tiny_tokenizer, value_models, cap, tail):
+@pytest.mark.parametrize("cap,tail,tilt", [(0.0, "drop", 0), (0.05, "drop", 0), (0.0, "keep", 0), (0.05, "keep", 0), (0.0, "drop", 2), (0.0, "keep", 2)])
+def test_logits_processor_matches_native_decoder(tiny_lm, tiny_tokenizer, value_models, cap, tail, tilt):
     """model.generate(logits_processor=[MavisLogitsProcessor]) gives the native decoder's distribution
     (with and without a per-step KL cap; the paper's tilt and the one that keeps pi_ref's tail)."""
     from mavis_align.decoding.processor import MavisLogitsProcessor
@@ -212,7 +212,7 @@ def test_logits_processor_matches_native_decoder(tiny_lm, tiny_tokenizer, value_
     tok = tiny_tokenizer
     ids, mask = _batch(tok, PROMPTS)
     w = {"a": 0.6, "c": 0.4}
-    proc = MavisLogitsProcessor(value_models, w, beta=4.0, top_k=5, attention_mask=mask, max_step_kl=cap, tail=tail)
+    proc = MavisLogitsProcessor(value_models, w, beta=4.0, top_k=5, attention_mask=mask, max_step_kl=cap, tail=tail, tilt_tokens=tilt)
     seen = []
 
     def record(input_ids, scores):
@@ -233,7 +233,7 @@ def test_logits_processor_matches_native_decoder(tiny_lm, tiny_tokenizer, value_
     gen = out[:, ids.shape[1]:]
     forced = gen.tolist()
     # generate's min_new_tokens bans EOS before our processor runs: the native decode bans it the same way
-    cfg = SamplingConfig(max_new_tokens=5, min_new_tokens=5, top_k=5, beta=4.0, max_step_kl=cap, tail=tail)
+    cfg = SamplingConfig(max_new_tokens=5, min_new_tokens=5, top_k=5, beta=4.0, max_step_kl=cap, tail=tail, tilt_tokens=tilt)
     rows, dists = _trace(CachedBase(tiny_lm), CachedValueScorer(value_models, bind_objectives(value_models)), tok, forced, cfg,
                          torch.tensor([[0.6, 0.0, 0.4]] * 3), torch.tensor([4.0] * 3), eos_id=tok.eos_token_id)
     assert len(seen) == 5

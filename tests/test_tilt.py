@@ -360,3 +360,32 @@ def test_tail_keep_and_drop_exact_on_the_token_mdp(tail):
         assert tv < 0.06, (beta, tv)
         if tail == "drop" and beta > 0:
             assert sum(1 for y in mdp.sequences if want[y] == float("-inf")) > 0
+
+
+@pytest.mark.parametrize("tail", ["keep", "drop"])
+def test_tilt_tokens_tilts_only_the_first_steps_on_the_token_mdp(tail):
+    """tilt_tokens = 1 on the horizon-3 token MDP: step 0 is the beta-4 tilt, steps 1-2 are beta 0
+    (pi_ref with the tail kept, its top-k with it dropped), exactly, for every sequence."""
+    mdp, model = _mdp(3, seed=4)
+    g = torch.Generator().manual_seed(3)
+    values = {p: float(torch.randn((), generator=g)) for t in range(1, 4) for p in itertools.product(range(VOCAB), repeat=t)}
+
+    def fn(seqs):
+        return torch.tensor([[values[tuple(s[len(PROMPT):])]] for s in seqs])
+
+    config = SamplingConfig(max_new_tokens=3, top_k=2, beta=4.0, tail=tail, tilt_tokens=1)
+    n = len(mdp.sequences)
+    ids = torch.tensor([PROMPT] * n)
+    rows = decode_ids(CachedBase(model), ids, torch.ones_like(ids), config, eos_id=None, scorer=SequenceValueScorer(fn, ["v"]),
+                      weights=torch.ones(n, 1), forced=[list(y) for y in mdp.sequences])
+    for y, r in zip(mdp.sequences, rows):
+        want = []
+        for t in range(3):
+            v_all = torch.tensor([values[y[:t] + (a,)] for a in range(VOCAB)])
+            want.append(float(_keep_reference(mdp._cond[y[:t]].float(), v_all, 2, 4.0 if t == 0 else 0.0, True, tail)[y[t]]))
+        for got, w in zip(r.logprobs_gen, want):
+            assert got == pytest.approx(w, abs=1e-5) or (w == float("-inf") and got == float("-inf"))
+        if tail == "keep":  # after the horizon: pi_ref itself, log-ratio 0 at each later step
+            assert r.logprobs_gen[1:] == pytest.approx(r.logprobs_ref[1:], abs=1e-6)
+    with pytest.raises(ValueError, match="tilt_tokens must be >= 0"):
+        SamplingConfig(tilt_tokens=-1)

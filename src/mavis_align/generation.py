@@ -77,6 +77,11 @@ class SamplingConfig:
             (the paper's tilt: they get no mass) or ``"keep"`` (they keep pi_ref's mass, tilted by a
             baseline value, the pi_ref-weighted mean of the candidates' values, so beta = 0 is exactly
             pi_ref and the policy is continuous in beta; see ``decoding.engine.step_distribution``).
+        tilt_tokens: with value models, tilt only the first ``tilt_tokens`` response tokens and sample
+            beta = 0 after them (pi_ref itself with ``tail="keep"``, pi_ref's top-k with ``"drop"``);
+            0 = every token (the paper). Spends the KL where the candidates differ (issue 36: the
+            harmless decision is taken in the first tokens). The value models still score the later
+            steps (their values are recorded, not used).
     """
 
     max_new_tokens: int = 64
@@ -89,6 +94,7 @@ class SamplingConfig:
     min_new_tokens: int = 0
     max_step_kl: float = 0.0
     tail: str = "drop"
+    tilt_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -104,6 +110,8 @@ class SamplingConfig:
             raise ValueError(f"max_step_kl must be finite and >= 0 (0 = no cap), got {self.max_step_kl}")
         if self.tail not in TAILS:
             raise ValueError(f"tail must be one of {', '.join(TAILS)}, got {self.tail!r}")
+        if self.tilt_tokens < 0:
+            raise ValueError(f"tilt_tokens must be >= 0 (0 = tilt every token), got {self.tilt_tokens}")
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:

@@ -26,6 +26,7 @@ estimate (paper eq. 7).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -134,7 +135,8 @@ class RowTensors:
     weights [B, M] (zeros for untilted rows), beta [B], top_k [B] long (0 = whole vocabulary),
     temperature [B] (1 for greedy rows), greedy [B] bool, normalize [B] bool, tilted [B] bool,
     min_new [B] long, max_step_kl [B] (inf: no cap), keep_tail [B] bool (tilted rows whose tokens
-    outside the top-k keep pi_ref's mass).
+    outside the top-k keep pi_ref's mass), tilt_tokens [B] long (tilt only the first that many
+    response tokens; 0 = every token).
     """
 
     weights: torch.Tensor
@@ -147,6 +149,7 @@ class RowTensors:
     min_new: torch.Tensor
     max_step_kl: torch.Tensor
     keep_tail: torch.Tensor
+    tilt_tokens: torch.Tensor
 
     @classmethod
     def pack(cls, specs: Sequence[RowSpec], n_objectives: int, device) -> "RowTensors":
@@ -163,7 +166,20 @@ class RowTensors:
             min_new=torch.tensor([s.config.min_new_tokens for s in specs], dtype=torch.long, device=device),
             max_step_kl=torch.tensor([s.config.max_step_kl or float("inf") for s in specs], dtype=torch.float32, device=device),
             keep_tail=torch.tensor([s.weights is not None and s.config.tail == "keep" for s in specs], dtype=torch.bool, device=device),
+            tilt_tokens=torch.tensor([s.config.tilt_tokens for s in specs], dtype=torch.long, device=device),
         )
+
+    def at_length(self, lengths: torch.Tensor | None) -> "RowTensors":
+        """The rows at a step where row r has generated ``lengths[r]`` tokens: beta 0 on rows past their
+        ``tilt_tokens`` horizon (the one place the horizon is applied)."""
+        if lengths is None:
+            if bool((self.tilt_tokens > 0).any()):
+                raise ValueError("rows with a tilt horizon (tilt_tokens) need the number of tokens each has generated")
+            return self
+        past = (self.tilt_tokens > 0) & (lengths.to(self.tilt_tokens.device) >= self.tilt_tokens)
+        if not bool(past.any()):
+            return self
+        return dataclasses.replace(self, beta=torch.where(past, torch.zeros_like(self.beta), self.beta))
 
     def select(self, index: torch.Tensor) -> "RowTensors":
         return RowTensors(**{k: getattr(self, k).index_select(0, index) for k in self.__dataclass_fields__})
@@ -221,6 +237,7 @@ def step_distribution(
     *,
     scorer=None,
     banned: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> StepDistribution:
     """The next-token distribution of every row: pi_MAVIS for tilted rows, else pi_ref (top-k optional).
 
@@ -250,10 +267,13 @@ def step_distribution(
             ``score(candidates [T, K], weights [T, M]) -> [T, K, M]``; or None
             (preference-conditioned value models read the weights; see ``steppers.model_weights``).
         banned: [B, V] bool, tokens a row may not produce now, or None.
+        lengths: [B] long, tokens each row has generated (needed by rows with ``tilt_tokens``: past
+            it they sample at beta 0, :meth:`RowTensors.at_length`).
     Returns:
         The distribution; ``values`` holds the raw combined values of tilted rows' candidates (and the
         baseline value on a kept tail), NaN elsewhere.
     """
+    rows = rows.at_length(lengths)
     logits = logits.float()
     if banned is not None and bool(banned.any()):
         logits = logits.masked_fill(banned, NEG_INF)
@@ -517,7 +537,7 @@ class DecodeState:
             if bool(early.any()):
                 banned = torch.zeros_like(self.logits, dtype=torch.bool)
                 banned[:, self.eos_id] = early
-        return step_distribution(self.logits, self.rows, scorer=None if self.score_all_rows else self.scorer, banned=banned)
+        return step_distribution(self.logits, self.rows, scorer=None if self.score_all_rows else self.scorer, banned=banned, lengths=self.lengths)
 
     def select(self, index: Sequence[int] | torch.Tensor) -> None:
         """Keep rows ``index`` in that order (repeats allowed: beam search)."""

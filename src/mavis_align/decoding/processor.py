@@ -38,6 +38,7 @@ class MavisLogitsProcessor:
         max_step_kl: cap in nats on the KL the tilt adds per step (0 = none; see ``SamplingConfig``).
         tail: ``"drop"`` (the paper: only the top-k candidates get mass) or ``"keep"`` (tokens outside
             them keep pi_ref's mass, tilted by a baseline value; see ``SamplingConfig.tail``).
+        tilt_tokens: tilt only the first that many generated tokens (0 = every token; ``SamplingConfig.tilt_tokens``).
         temperature: applied to pi_ref before top-k, as in the native decoder.
         names: per value model, the objective name of its single head (None: stored names).
         attention_mask: [B, T] mask of the prompt batch given to ``generate`` (left padding);
@@ -55,6 +56,7 @@ class MavisLogitsProcessor:
         normalize: bool = True,
         max_step_kl: float = 0.0,
         tail: str = "drop",
+        tilt_tokens: int = 0,
         temperature: float = 1.0,
         names: Sequence[str | None] | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -65,7 +67,7 @@ class MavisLogitsProcessor:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         self.config = SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, beta=beta, normalize=normalize,
-                                     max_step_kl=max_step_kl, tail=tail)  # validates
+                                     max_step_kl=max_step_kl, tail=tail, tilt_tokens=tilt_tokens)  # validates
         if attention_mask is None and pad_token_id is None:
             raise ValueError("give the prompt attention_mask (or pad_token_id to infer left padding)")
         self.models = [vm.eval() for vm in value_models]
@@ -96,9 +98,10 @@ class MavisLogitsProcessor:
             active = sorted({bd.model for j, bd in enumerate(self.bindings) if bool(used[j])})
             self.scorer = CachedValueScorer(self.models, self.bindings, active)
             self.scorer.start(input_ids, self._prompt_mask(input_ids))
-            self._seen, self._batch = length, b
+            self._seen, self._batch, self._start = length, b, length
         for t in range(self._seen, length):
             self.scorer.append(input_ids[:, t])
         self._seen = length
-        dist = step_distribution(scores, self._rows, scorer=self.scorer)
+        generated = torch.full((b,), length - self._start, dtype=torch.long, device=scores.device)
+        dist = step_distribution(scores, self._rows, scorer=self.scorer, lengths=generated)
         return dist.full(scores.shape[-1]).to(scores.dtype)

@@ -21,7 +21,9 @@ Scoring (:func:`candidate_metrics`): per objective, the candidates' Monte-Carlo 
 * random effects per state (one-way ANOVA of rollouts by candidate): the candidates' true spread
   sd_between = sqrt(max(0, (MSB − MSW) / N)), and the fraction of states where it exceeds noise
   (permutation test of the F statistic, p < 0.05);
-* ``value_sd``: the spread of V over the same candidates (what the tilt turns into KL).
+* ``value_sd``: the spread of V over the same candidates (what the tilt turns into KL), and
+  ``spread_gate_spearman``: the rank correlation over states of V's spread with the candidates' true
+  spread (whether V's own spread could gate the tilt to the states with something to rank).
 
 Breakdowns by position, prompt category, candidate rank and the π_ref mass the candidates hold.
 """
@@ -335,8 +337,10 @@ def candidate_metrics(states: Sequence[CandidateState], values: Sequence[np.ndar
                     "sd_between_median": float(np.median(sd_b)) if sd_b else float("nan"),
                     "states_with_signal": float(np.mean(sig)) if sig else float("nan")})
         if values is not None:
+            # does V's own spread tell the states with something to rank from the rest? (a gate's premise)
+            gate = _spearman(np.asarray(v_sd), np.asarray(sd_b)) if len(v_sd) > 2 else float("nan")
             res.update({"spearman": float(np.mean(rho)) if rho else float("nan"), "spearman_states": len(rho),
-                        "value_sd_median": float(np.median(v_sd)) if v_sd else float("nan")})
+                        "value_sd_median": float(np.median(v_sd)) if v_sd else float("nan"), "spread_gate_spearman": gate})
         out[name] = res
     return out
 
@@ -371,11 +375,12 @@ def render(summary: Mapping) -> str:
              f"{cfg['k']} candidates each ({unit}), {cfg['rollouts']} π_ref rollouts per candidate to {cfg['max_new_tokens']} tokens, "
              "scored by the labelling rewards. Concordance ± standard error clustered by state (pairs).", "",
              "| objective | V on resolved pairs (\\|Δ\\| > 2 se) | V, all pairs | V vs half the rollouts | half vs half (ceiling) | Spearman / state "
-             "| candidates' true sd (median) | states with signal (p<0.05) | V's sd over candidates (median) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| candidates' true sd (median) | states with signal (p<0.05) | V's sd over candidates (median) | ρ(V's sd, true sd) over states |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in summary["metrics"].items():
         lines.append(f"| {m} | {_cell(r.get('resolved'))} | {_cell(r.get('all_pairs'))} | {_cell(r.get('value_vs_half'))} | {_cell(r['half_vs_half'])} "
-                     f"| {r.get('spearman', float('nan')):.3f} | {r['sd_between_median']:.4f} | {r['states_with_signal']:.2f} | {r.get('value_sd_median', float('nan')):.4f} |")
+                     f"| {r.get('spearman', float('nan')):.3f} | {r['sd_between_median']:.4f} | {r['states_with_signal']:.2f} | {r.get('value_sd_median', float('nan')):.4f} "
+                     f"| {r.get('spread_gate_spearman', float('nan')):.2f} |")
     lines += ["", "## Where the signal is", "",
               "| subset | objective | V on resolved pairs | half vs half | true sd (median) | states with signal |", "|---|---|---|---|---|---|"]
     for g, per in summary["breakdowns"].items():

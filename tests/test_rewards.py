@@ -174,3 +174,24 @@ def test_score_all_shares_embeddings():
     for r in rewards:
         lo, hi = r.value_range
         assert all(lo - 1e-6 <= s <= hi + 1e-6 for s in out[r.name])
+
+
+def test_user_reward_spec_loads_a_plain_callable_with_one_line_errors(tmp_path):
+    from mavis_align.rewards import load_user_reward
+
+    f = tmp_path / "my_rewards.py"
+    f.write_text('def shouty(prompts, responses):\n    """Fraction of upper-case letters."""\n'
+                 '    return [sum(c.isupper() for c in r) / max(1, len(r)) for r in responses]\n'
+                 'def wrong(responses):\n    return [0.0]\nNOT_CALLABLE = 3\n')
+    r = get_reward(f"{f}:shouty")
+    assert r.name == "shouty" and r.description == "Fraction of upper-case letters." and r(["p", "p"], ["AB", "ab"]) == [1.0, 0.0]
+    assert load_user_reward("mavis_align.rewards.lexical:concise_scores")(["q"], ["one two"]) == [0.98]
+    for spec, msg in [(f"{f}:wrong", "must accept \\(prompts, responses\\)"), (f"{f}:missing", "has no 'missing'"),
+                      (f"{f}:NOT_CALLABLE", "not a \\(prompts, responses\\) -> scores callable"), (f"{tmp_path}/nope.py:x", "no file"),
+                      ("no_such_module_xyz:fn", "cannot import module 'no_such_module_xyz'"), (":fn", "expected MODULE:NAME")]:
+        with pytest.raises(ValueError, match=msg):
+            load_user_reward(spec)
+    bad = tmp_path / "broken.py"
+    bad.write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(ValueError, match="failed to import: RuntimeError: boom"):
+        get_reward(f"{bad}:fn")

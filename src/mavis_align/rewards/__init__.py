@@ -2,7 +2,9 @@
 
 Entries are ``"module:factory"`` strings imported on first use, so listing rewards costs nothing
 and a reward that needs a hub model only fails when it is actually requested. A spec of the form
-``hf:NAME_OR_PATH[#INDEX][@FORMAT]`` builds a sequence-classification reward on the fly.
+``hf:NAME_OR_PATH[#INDEX][@FORMAT]`` builds a sequence-classification reward on the fly, and
+``MODULE:NAME`` or ``path/to/file.py:NAME`` loads a user's own reward: a plain
+``(prompts, responses) -> scores`` callable (or a :class:`Reward`), named by ``NAME``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from dataclasses import dataclass, field
 from ..placement import Placement, current, placement_of, using
 from .base import Reward, RewardFn
 
-__all__ = ["Reward", "RewardFn", "RewardEntry", "REWARDS", "DEFAULT_OBJECTIVES", "register_reward", "get_reward", "get_rewards", "list_rewards", "score_all", "weighted_reward"]
+__all__ = ["Reward", "RewardFn", "RewardEntry", "REWARDS", "DEFAULT_OBJECTIVES", "register_reward", "get_reward", "get_rewards", "list_rewards", "load_user_reward",
+           "score_all", "weighted_reward"]
 
 
 @dataclass(frozen=True)
@@ -112,14 +115,63 @@ def _parse_hf_spec(spec: str) -> dict:
     return kw
 
 
+def _is_user_spec(spec: str) -> bool:
+    return ":" in spec and not spec.startswith("hf:") and spec not in REWARDS
+
+
+def load_user_reward(spec: str) -> Reward:
+    """``MODULE:NAME`` / ``path/to/file.py:NAME`` -> the user's reward (one-line errors on a missing
+    module, file or name, or a callable that cannot take ``(prompts, responses)``)."""
+    import importlib.util
+    from pathlib import Path
+
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr.isidentifier():
+        raise ValueError(f"reward spec {spec!r}: expected MODULE:NAME or path/to/file.py:NAME")
+    if where.endswith(".py"):
+        path = Path(where).expanduser()
+        if not path.is_file():
+            raise ValueError(f"reward spec {spec!r}: no file {path}")
+        mod_spec = importlib.util.spec_from_file_location(f"mavis_user_reward_{abs(hash(str(path.resolve())))}", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as err:
+            raise ValueError(f"reward spec {spec!r}: {path} failed to import: {type(err).__name__}: {err}") from err
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as err:
+            raise ValueError(f"reward spec {spec!r}: cannot import module {where!r} ({err})") from err
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise ValueError(f"reward spec {spec!r}: {where} has no {attr!r}")
+    if isinstance(obj, Reward):
+        return obj
+    if not callable(obj):
+        raise ValueError(f"reward spec {spec!r}: {attr!r} is a {type(obj).__name__}, not a (prompts, responses) -> scores callable")
+    try:
+        inspect.signature(obj).bind([], [])
+    except TypeError as err:
+        raise ValueError(f"reward spec {spec!r}: {attr!r} must accept (prompts, responses) ({err})") from err
+    except ValueError:
+        pass  # builtins without a signature: trust the call
+    if attr in REWARDS:
+        raise ValueError(f"reward spec {spec!r}: the name {attr!r} is a registered reward; rename your function")
+    doc = (inspect.getdoc(obj) or f"user reward {spec}").strip().splitlines()[0]
+    return Reward(attr, doc, (float("-inf"), float("inf")), True, obj)
+
+
 @functools.lru_cache(maxsize=None)
 def _build(spec: str, place: Placement) -> Reward:
+    if _is_user_spec(spec):
+        return load_user_reward(spec)
     if spec.startswith("hf:"):
         from .hf import make_hf_classifier_reward
 
         return make_hf_classifier_reward(**_parse_hf_spec(spec), device=place.device, dtype=place.dtype)
     if spec not in REWARDS:
-        raise ValueError(f"unknown reward {spec!r}. Registered: {', '.join(REWARDS)}; or hf:NAME_OR_PATH[#INDEX][@FORMAT]")
+        raise ValueError(f"unknown reward {spec!r}. Registered: {', '.join(REWARDS)}; or hf:NAME_OR_PATH[#INDEX][@FORMAT]; or MODULE:NAME / file.py:NAME")
     return REWARDS[spec].build(place)
 
 

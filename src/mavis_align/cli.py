@@ -213,14 +213,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train_value_model
     from .values import ValueModel, build_value_model
 
-    cfg = TrainConfig(
-        lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps, zeta=args.zeta, kl_target=args.kl_target, kl_estimator=args.kl_estimator, ridge_kl=args.ridge_kl,
-        keep_leaf_fraction=args.keep_leaf_fraction, val_drop_leaves=args.val_drop_leaves, eval_every=args.eval_every,
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, seed=args.seed,
-        sibling_weight=args.sibling_weight, solver=args.solver, objectives=list(args.objective),
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
     for t in args.trees:
         if not Path(t).is_file():
             raise FileNotFoundError(f"tree file {t} does not exist")
@@ -231,6 +223,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         vm = build_value_model(args.objective, backbone=args.backbone, base_model=args.base_model, seed=args.seed, pool=args.pool,
                                head_hidden=args.head_hidden, conditioned=args.conditioned)
+    # the measured choice (benchmarks/value_backbones.py, packaged:default): closed-form ridge heads on every
+    # leaf for a frozen trunk with linear heads; SGD with half the leaves otherwise
+    ridge_ok = vm.frozen_backbone and not vm.head_hidden and not vm.conditioned and args.lora_rank is None and args.sibling_weight == 0
+    solver = args.solver or ("ridge" if ridge_ok else "sgd")
+    keep_leaves = args.keep_leaf_fraction if args.keep_leaf_fraction is not None else (1.0 if solver == "ridge" else 0.5)
+    cfg = TrainConfig(
+        lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps, zeta=args.zeta, kl_target=args.kl_target, kl_estimator=args.kl_estimator, ridge_kl=args.ridge_kl,
+        keep_leaf_fraction=keep_leaves, val_drop_leaves=args.val_drop_leaves, eval_every=args.eval_every,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, seed=args.seed,
+        sibling_weight=args.sibling_weight, solver=solver, objectives=list(args.objective),
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     from .tracking import make_tracker
 
     tracker = make_tracker(args.report_to, project=args.project, run=args.run_name or Path(args.out).name, config=vars(cfg) | {"trees": args.trees}, out=args.out)
@@ -632,7 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the log-ratio as sampled (eq. 6 as printed) or each step's KL (recorded at collection; less variance)")
     p.add_argument("--ridge-kl", default="joint", choices=["joint", "separate"],
                    help="with --solver ridge and --zeta > 0: one penalty for eq. 6's target, or the values and the KL term fitted apart")
-    p.add_argument("--solver", default="sgd", choices=["sgd", "ridge"], help="ridge: closed-form heads on a frozen trunk, penalty by cross-validation over train trees")
+    p.add_argument("--solver", default=None, choices=["sgd", "ridge"],
+                   help="ridge: closed-form heads on a frozen trunk, penalty by cross-validation over train trees; default: ridge where it applies "
+                        "(frozen trunk, linear heads, no LoRA: R² 0.42 vs -8.45 for sgd on 16 prompts' trees), else sgd")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute backbone activations in the backward pass (large trained backbones)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sibling-weight", type=float, default=0.0, help="weight of the added sibling-difference loss (within-state order)")
@@ -642,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--keep-leaf-fraction", type=float, default=0.5)
+    p.add_argument("--keep-leaf-fraction", type=float, default=None,
+                   help="fraction of leaves kept as training examples (default: 1.0 with ridge, 0.5 with sgd)")
     p.add_argument("--val-drop-leaves", action="store_true")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--lora-rank", type=int, default=None)

@@ -50,6 +50,15 @@ def steering_z(steered: dict, ref: dict, samples: int = 1) -> float:
     return (steered["mean"] - ref["mean"]) / se if se > 0 else float("nan")
 
 
+def _critical(n_prompts: int) -> str:
+    """The two-sided 5 % critical value of the paired z over ``n_prompts`` prompts, in words."""
+    from .evaluate.summary import t_quantile
+
+    if n_prompts < 2:
+        return "one prompt: no interval"
+    return f"beyond t(0.975, {n_prompts - 1} df) = {t_quantile(0.975, n_prompts - 1):.2f} is a rise at the 5 % level, two-sided"
+
+
 def _kl_cell(kl: dict | None) -> str:
     return "-" if kl is None else f"{kl['mean']:.2f} ± {kl['se']:.2f}"
 
@@ -83,7 +92,6 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
     from .data import load_prompts
     from .decoding.decoder import MavisDecoder
     from .evaluate import DecoderPolicy, evaluate_policy, evaluate_weightings
-    from .evaluate.summary import t_quantile
     from .generation import SamplingConfig
     from .models import load_causal_lm
     from .paths import cache_dir
@@ -167,8 +175,7 @@ def run_demo(recipe_path: str | Path | None = None, out: str | Path | None = Non
         "", "Mean reward ± standard error per objective; KL over the response in nats ± standard error, by paper eq. 7 (sampled "
         "log-ratios) and as the sum of each step's KL to π_ref (same expectation, less variance); fluency: perplexity of the responses "
         "under π_ref (lower reads more like the base model); distinct-2: unique word bigrams / all. z of each weighted objective's rise "
-        f"(mean per-prompt difference / its standard error, paired by prompt; beyond t(0.975, {len(prompts) - 1} df) = "
-        f"{t_quantile(0.975, len(prompts) - 1):.2f} is a rise at the 5 % level, two-sided) over π_ref and over '{TOP_K_ONLY}': "
+        f"(mean per-prompt difference / its standard error, paired by prompt; {_critical(len(prompts))}) over π_ref and over '{TOP_K_ONLY}': "
         "sampling from the same candidates without the values, so that its z shows what the values add beyond the top-k cut. Independent "
         "scorers (never used to label trees or select): the same z for a second signal of each weighted objective ("
         + ", ".join(f"{m}: {s}" for m, s in indep.items()) + "; `mavis_align.rewards.independent`): a labeller's rise without an independent "

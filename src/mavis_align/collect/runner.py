@@ -136,7 +136,7 @@ class GroupWorker:
         values, lprs, texts = label_trees(trees, self.rewards, self.tokenizer)
         splits = [split_of(self.spec.seed, t.prompt_index, self.spec.val_fraction) for t in trees]
         buf = io.BytesIO()
-        write_trees(buf, LabelledTrees(trees, values, lprs, splits, texts), self.spec.rewards, {"group": group})
+        write_trees(buf, LabelledTrees(trees, values, lprs, splits, texts), [r.name for r in self.rewards], {"group": group})
         n_tokens = sum(len(n.tokens) for t in trees for n in t.nodes)
         return buf.getvalue(), {"group": group, "trees": len(trees), "tokens": n_tokens, "generate_s": gen_s, "total_s": time.perf_counter() - t0}
 
@@ -271,7 +271,9 @@ def collect(
         return None
     merged = LabelledTrees.concat([read_trees(_part_path(parts, g))[0] for g in range(len(groups))])
     attrs = run_record(spec.to_dict(), spec.seed)
-    write_trees(out, merged, spec.rewards, {**attrs, "n_trees": len(merged), "backend": backend})
+    from ..rewards import reward_name
+
+    write_trees(out, merged, [reward_name(r) for r in spec.rewards], {**attrs, "n_trees": len(merged), "backend": backend})
     shutil.rmtree(parts)
     return out
 

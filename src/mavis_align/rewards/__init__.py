@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from ..placement import Placement, current, placement_of, using
 from .base import Reward, RewardFn
 
-__all__ = ["Reward", "RewardFn", "RewardEntry", "REWARDS", "DEFAULT_OBJECTIVES", "register_reward", "get_reward", "get_rewards", "list_rewards", "load_user_reward",
+__all__ = ["Reward", "RewardFn", "RewardEntry", "REWARDS", "DEFAULT_OBJECTIVES", "register_reward", "get_reward", "get_rewards", "list_rewards", "load_user_reward", "reward_name",
            "score_all", "weighted_reward"]
 
 
@@ -160,6 +160,11 @@ def load_user_reward(spec: str) -> Reward:
         raise ValueError(f"reward spec {spec!r}: the name {attr!r} is a registered reward; rename your function")
     doc = (inspect.getdoc(obj) or f"user reward {spec}").strip().splitlines()[0]
     return Reward(attr, doc, (float("-inf"), float("inf")), True, obj)
+
+
+def reward_name(spec: str) -> str:
+    """The objective name a reward spec labels trees with: the spec itself, or a user reward's own name."""
+    return load_user_reward(spec).name if _is_user_spec(spec) else spec
 
 
 @functools.lru_cache(maxsize=None)

@@ -245,3 +245,13 @@ def test_own_objective_on_another_base_model(tmp_path, tiny_tokenizer, capsys, a
     assert main(["generate", "--model", str(base), "--prompt", "the cat", "--no-chat", "--max-new-tokens", "4", "--value", f"cats={value / 'best'}",
                  "--weights", "cats=1", "--output", str(out)]) == 0
     assert "pass --reward SPEC" in capsys.readouterr().err and json.loads(out.read_text().splitlines()[0])["rewards"] == {}
+
+
+def test_train_warns_when_the_value_model_has_not_learned():
+    from mavis_align.cli import not_learned
+
+    q = {"per_objective": {"a": {"r2": -8.45, "concordance": 0.46, "concordance_se": 0.05}, "b": {"r2": 0.42, "concordance": 0.73, "concordance_se": 0.03},
+                           "c": {"r2": 0.1, "concordance": 0.52, "concordance_se": 0.04}}}
+    lines = not_learned(q)
+    assert len(lines) == 2 and lines[0].startswith("a: held-out R² -8.450") and lines[1].startswith("c: sibling concordance 0.520")
+    assert not_learned({}) == []

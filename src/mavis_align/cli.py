@@ -253,7 +253,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
         tracker.finish()
     if "rank" not in res:  # under `accelerate launch`, process 0 reports
         print(json.dumps(res, indent=2))
+        for line in not_learned(res.get("quality") or {}):
+            print(f"WARNING: {line}", file=sys.stderr)
     return 0
+
+
+def not_learned(quality: dict) -> list[str]:
+    """One line per objective whose held-out quality says the value model has not learned it
+    (R² <= 0, or sibling concordance within one standard error of chance)."""
+    out = []
+    for m, q in (quality.get("per_objective") or {}).items():
+        r2, conc, se = q.get("r2"), q.get("concordance"), q.get("concordance_se")
+        if r2 is not None and r2 <= 0:
+            out.append(f"{m}: held-out R² {r2:.3f} <= 0: the value model predicts worse than the mean; do not steer with it "
+                       "(more trees, or --solver ridge on a trunk:N backbone)")
+        elif conc is not None and conc <= 0.5 + (se or 0.0):
+            out.append(f"{m}: sibling concordance {conc:.3f} ± {se or 0:.3f} is at chance: it cannot tell sibling continuations apart")
+    return out
 
 
 def _cmd_iterate(args: argparse.Namespace) -> int:

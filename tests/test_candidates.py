@@ -99,3 +99,10 @@ def test_collect_and_score_on_a_tiny_model_resumes(tmp_path, monkeypatch):
     summary = score_benchmark(out, str(folder))
     assert set(summary["metrics"]) == {"concise"} and (out / f"scores-{str(folder).replace('/', '-').strip('-.')}.md").exists()
     assert score_benchmark(out, None)["values"] == "none"
+    other = make_value_model(tok, ["elsewhere"], 6)
+    other.save(tmp_path / "vm2")
+    with pytest.raises(ValueError, match="missing \\['concise'\\]"):
+        score_benchmark(out, str(tmp_path / "vm2"))
+    # several single-head models (one per objective, as policy iteration trains them): each objective from the one that has it
+    two = score_benchmark(out, [str(tmp_path / "vm2"), str(folder)], write=False)
+    assert json.dumps(two["metrics"]["concise"]) == json.dumps(summary["metrics"]["concise"])

@@ -255,6 +255,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(res, indent=2))
         for line in not_learned(res.get("quality") or {}):
             print(f"WARNING: {line}", file=sys.stderr)
+        if args.candidates:  # the candidate-level benchmark (evaluate.candidates) on the trained model
+            from .evaluate.candidates import render, score_benchmark
+            from .provenance import write_json
+
+            summary = score_benchmark(args.candidates, str(Path(args.out) / "best"), write=False, partial=True)
+            write_json(Path(args.out) / "candidates.json", summary)
+            print(render(summary))
     return 0
 
 
@@ -675,6 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--keep-leaf-fraction", type=float, default=None,
                    help="fraction of leaves kept as training examples (default: 1.0 with ridge, 0.5 with sgd)")
+    p.add_argument("--candidates", metavar="DIR", help="a candidate benchmark folder (`mavis-align candidates`): report the trained model's "
+                                                          "candidate-level concordance beside its noise ceiling (the benchmark objectives it has heads for)")
     p.add_argument("--val-drop-leaves", action="store_true")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--lora-rank", type=int, default=None)

@@ -30,6 +30,7 @@ Breakdowns by position, prompt category, candidate rank and the π_ref mass the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -392,9 +393,15 @@ def render(summary: Mapping) -> str:
     return "\n".join(lines) + "\n"
 
 
-def score_benchmark(folder: str | Path, value_spec: str | None, *, seed: int = 0) -> dict:
-    """Metrics of the value model ``value_spec`` (a folder or ``packaged:NAME``; None: the data's own
-    figures only) on a collected benchmark -> summary dict (also written as ``scores-<name>.json/.md``)."""
+def score_benchmark(folder: str | Path, value_spec: str | Sequence[str] | None, *, seed: int = 0, name: str | None = None,
+                    write: bool = True, partial: bool = False) -> dict:
+    """Metrics of a value model on a collected benchmark -> summary dict (also written as
+    ``scores-<name>.json/.md`` unless ``write`` is False).
+
+    ``value_spec``: a folder or ``packaged:NAME`` with a head per benchmark objective; or several
+    (e.g. one single-head model per objective, as policy iteration trains them), each objective read
+    from the first that has it; None: the data's own figures only (noise ceiling, random effects).
+    ``partial``: score only the benchmark objectives the model(s) have instead of refusing."""
     from ..provenance import write_json
     from ..values import ValueModel
 
@@ -402,16 +409,29 @@ def score_benchmark(folder: str | Path, value_spec: str | None, *, seed: int = 0
     objectives, states = read_candidates(folder)
     if not states:
         raise ValueError(f"{folder} holds no finished states; run the collection first")
+    specs = [value_spec] if isinstance(value_spec, (str, Path)) else list(value_spec or [])
     values = None
-    if value_spec is not None:
-        vm = ValueModel.load(value_spec)
-        missing = [m for m in objectives if m not in vm.objectives]
+    if specs:
+        models = [ValueModel.load(str(sp)) for sp in specs]
+        missing = [m for m in objectives if not any(m in vm.objectives for vm in models)]
+        if partial and len(missing) < len(objectives):  # score the benchmark's objectives the model has (train --candidates)
+            keep = [j for j, m in enumerate(objectives) if m not in missing]
+            objectives = [objectives[j] for j in keep]
+            states = [dataclasses.replace(st, rewards=st.rewards[:, :, keep]) for st in states]
+            missing = []
         if missing:
-            raise ValueError(f"value model {value_spec!r} has heads {vm.objectives}; the benchmark scores {objectives} (missing {missing})")
-        values = value_of_candidates(vm, states, objectives)
-    summary = {"values": value_spec or "none", "config": json.loads((folder / "bench.json").read_text()), "states": len(states),
+            raise ValueError(f"value model(s) {[str(sp) for sp in specs]} have heads {[vm.objectives for vm in models]}; the benchmark scores "
+                             f"{objectives} (missing {missing})")
+        cols = {}
+        for m in objectives:
+            vm = next(vm for vm in models if m in vm.objectives)
+            cols[m] = [v[:, 0] for v in value_of_candidates(vm, states, [m])]
+        values = [np.stack([cols[m][i] for m in objectives], -1) for i in range(len(states))]
+    label = ", ".join(str(sp) for sp in specs) or "none"
+    summary = {"values": label, "config": json.loads((folder / "bench.json").read_text()), "states": len(states),
                "metrics": candidate_metrics(states, values, objectives, seed=seed), "breakdowns": breakdowns(states, values, objectives, seed=seed)}
-    name = (value_spec or "none").replace(":", "-").replace("/", "-").strip("-.")
-    write_json(folder / f"scores-{name}.json", summary)
-    (folder / f"scores-{name}.md").write_text(render(summary))
+    if write:
+        name = name or (str(specs[0]) if len(specs) == 1 else "none" if not specs else "models").replace(":", "-").replace("/", "-").strip("-.")
+        write_json(folder / f"scores-{name}.json", summary)
+        (folder / f"scores-{name}.md").write_text(render(summary))
     return summary

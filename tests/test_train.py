@@ -223,11 +223,17 @@ def test_two_iterations_end_to_end(tmp_path):
     save_tiny_model(d)
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 4))
+    from mavis_align.evaluate.candidates import CandidateBenchConfig, collect_candidates
+
+    cand = tmp_path / "cand"  # a candidate benchmark every iteration's models report on
+    collect_candidates(CandidateBenchConfig(model=str(d), objectives=["concise"], dataset=str(data), split="test", prompts=2, positions=[0],
+                                            k=3, rollouts=2, max_new_tokens=6, chat=False), cand, progress=False)
     recipe = Recipe(
         name="tiny", model=str(d), objectives=["concise", "positive"], dataset=str(data), train_prompts=8, eval_prompts=3,
         chat=False, tree={"num_layers": 2, "k_root": 2, "k": 2, "max_new_tokens": 6}, backbone=str(d),
         train={"lr": 3e-3, "epochs": 1, "batch_size": 8, "eval_every": 0}, iterations=[{"beta": 2.0, "zeta": 0.1}],
         eval={"beta": 2.0, "top_k": 5, "max_new_tokens": 6, "samples": 1}, group_size=4, val_fraction=0.4, report_to="trackio",
+        candidates=str(cand),
     )
     # interrupted after its first two stages, then resumed
     assert run_iterations(recipe, tmp_path / "run", progress=False, stop_after_stage=2) == {"recipe": "tiny", "iterations": []}
@@ -237,6 +243,8 @@ def test_two_iterations_end_to_end(tmp_path):
         for m in ("concise", "positive"):
             r = row["objectives"][m]
             assert math.isfinite(r["reward"]) and math.isfinite(r["kl"]) and r["val_mse"] is not None
+        assert row["objectives"]["concise"]["candidates"]["all_pairs"]["pairs"] > 0 and "candidates" not in row["objectives"]["positive"]
+    assert "candidates:" in (tmp_path / "run" / "summary.md").read_text()
     assert (tmp_path / "run" / "iter1" / "concise" / "trees.h5").exists() and (tmp_path / "run" / "summary.md").exists()
     from trackio.sqlite_storage import SQLiteStorage  # report_to: every training of the recipe is a trackio run
 

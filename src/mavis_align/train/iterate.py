@@ -78,6 +78,7 @@ class Recipe:
     device: str | None = None  # where every model runs, in which precision (None: the command's; see mavis_align.placement)
     dtype: str | None = None
     device_map: str | None = None  # "auto": shard the base model over the visible GPUs
+    candidates: str = ""  # a candidate benchmark folder (`mavis-align candidates`): every iteration's models report on it
     report_to: str = "none"  # experiment logging of every training (mavis_align.tracking): none, trackio, wandb, tensorboard
 
     def __post_init__(self) -> None:
@@ -317,14 +318,21 @@ def _run_iterations(recipe: Recipe, out: str | Path, *, progress: bool, stop_aft
                 "reward": res["rewards"][m]["mean"], "reward_se": res["rewards"][m]["se"], "kl": res["kl"]["mean"],
                 "ref_reward": ref["rewards"][m]["mean"], "ref_kl": ref["kl"]["mean"], "beta": cfg.beta,
             }
+            bench = Path(recipe.candidates) / "bench.json" if recipe.candidates else None
+            if bench is not None and m in json.loads(bench.read_text())["objectives"]:  # the candidate-level benchmark (evaluate.candidates)
+                from ..evaluate.candidates import score_benchmark
+
+                cm = score_benchmark(recipe.candidates, str(vpath / "best"), write=False, partial=True)["metrics"].get(m)
+                if cm is not None:
+                    row["objectives"][m]["candidates"] = {k: cm[k] for k in ("resolved", "all_pairs", "value_vs_half", "half_vs_half")}
         summary["iterations"].append(row)
         write_summary()
 
     def write_summary() -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         lines = ["| iteration | objective | val MSE | held-out R² | sibling concordance (pairs) | concordance, rewards alone (pairs) | reward (MAVIS) "
-                 "| reward (π_ref) | KL (MAVIS) |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "| reward (π_ref) | KL (MAVIS) | candidates: V on resolved pairs / V vs half / half vs half |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for row in summary["iterations"]:
             for m, r in row["objectives"].items():
                 mse = f"{r['val_mse']:.4f}" if r["val_mse"] is not None else "-"
@@ -332,7 +340,10 @@ def _run_iterations(recipe: Recipe, out: str | Path, *, progress: bool, stop_aft
                 r2 = format_r2(r)
                 rc = r.get("reward_concordance")
                 conc_r = "-" if rc is None else f"{rc:.3f} ± {r.get('reward_concordance_se') or 0:.3f} ({r.get('reward_pairs')})"
-                lines.append(f"| {row['iteration']} | {m} | {mse} | {r2} | {conc} | {conc_r} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['ref_reward']:.3f} | {r['kl']:.2f} |")
+                c = r.get("candidates")
+                cand = "-" if not c else " / ".join("-" if not c[k]["pairs"] else f"{c[k]['concordance']:.3f}" for k in ("resolved", "value_vs_half", "half_vs_half"))
+                lines.append(f"| {row['iteration']} | {m} | {mse} | {r2} | {conc} | {conc_r} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['ref_reward']:.3f} "
+                             f"| {r['kl']:.2f} | {cand} |")
         (out / "summary.md").write_text("\n".join(lines) + "\n")
 
     # ---- iteration 0

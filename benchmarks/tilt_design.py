@@ -9,9 +9,13 @@ Families (every setting saved as it finishes; a rerun resumes):
 * ``horizon-h`` the same tilt on the first h response tokens only (``tilt_tokens``), π_ref after them,
                 β ∈ {25, 50, 100, 200}: the candidate benchmark found the candidates' true spread, and
                 the harmless decision, in the first tokens;
-* ``step-c``    step-level selection (``mavis-step``): N ∈ {2, 4, 8} chunks of c tokens sampled from π_ref
+* ``step-c``    step-level selection (``mavis-step``): N ∈ {2, 4} chunks of c tokens sampled from π_ref
                 (full vocabulary, temperature 1), the best by V kept; KL = the best-of-N bound per step
-                (an upper bound); it decodes N× the tokens.
+                (an upper bound); it decodes N× the tokens;
+* ``hybrid-h``  both: N ∈ {2, 4} chunks of 10 tokens sampled from the horizon-h token tilt (β ∈ {50, 100}),
+                the best by V kept (decisive tokens tilted, chunks selected after them); KL = the tokens'
+                log-ratios + the best-of-N bound. (Added to the families after the sweep had measured only
+                token β 10 and 25, before any horizon, step or hybrid row: the rule below is unchanged.)
 
 The rule, fixed before this sweep's data (today's default D = token β 25; per objective m its mean KL
 k_m and reward R_D,m on these prompts):
@@ -43,18 +47,22 @@ from pathlib import Path
 OBJECTIVES = ["helpful", "harmless", "humor"]
 TOKEN_BETAS = [10.0, 25.0, 50.0, 100.0]
 HORIZON_BETAS = [25.0, 50.0, 100.0, 200.0]
-STEP_N = [2, 4, 8]
+STEP_N = [2, 4]
+HYBRID_BETAS, HYBRID_N = [50.0, 100.0], [2, 4]
 TOP_K, MAX_NEW, SAMPLES, SEED, PER_CATEGORY = 15, 40, 2, 0, 6
 DEFAULT_KEY = "token-beta25"
 
 
-def settings(horizons: list[int], chunks: list[int]) -> dict[str, dict]:
+def settings(horizons: list[int], chunks: list[int], hybrid: int = 8) -> dict[str, dict]:
     """key -> {"family", "kind": token|step, ...} of every setting of the sweep."""
     out = {f"token-beta{b:g}": {"family": "token", "kind": "token", "beta": b, "tilt_tokens": 0} for b in TOKEN_BETAS}
     for h in horizons:
         out.update({f"horizon{h}-beta{b:g}": {"family": f"horizon-{h}", "kind": "token", "beta": b, "tilt_tokens": h} for b in HORIZON_BETAS})
     for c in chunks:
         out.update({f"step{c}-n{n}": {"family": f"step-{c}", "kind": "step", "chunk": c, "n": n} for n in STEP_N})
+    if hybrid:
+        out.update({f"hybrid{hybrid}-beta{b:g}-n{n}": {"family": f"hybrid-{hybrid}", "kind": "step", "chunk": 10, "n": n, "proposal_beta": b,
+                                                       "tilt_tokens": hybrid} for b in HYBRID_BETAS for n in HYBRID_N})
     return out
 
 
@@ -67,11 +75,13 @@ def run_setting(spec: dict, decoder, prompts, rewards, model, tok) -> dict:
         cfg = SamplingConfig(max_new_tokens=MAX_NEW, top_k=TOP_K, beta=spec["beta"], normalize=False, tail="keep", tilt_tokens=spec["tilt_tokens"])
         return evaluate_weightings(decoder, cfg, [(m, {m: 1.0}) for m in OBJECTIVES], prompts, rewards, model, tok, samples=SAMPLES,
                                    seed=SEED, chat=True, keep_examples=2)
-    cfg = SamplingConfig(max_new_tokens=MAX_NEW, top_k=0, normalize=False)
+    pb = float(spec.get("proposal_beta", 0.0))
+    cfg = (SamplingConfig(max_new_tokens=MAX_NEW, top_k=TOP_K, normalize=False, tail="keep", tilt_tokens=spec["tilt_tokens"]) if pb > 0
+           else SamplingConfig(max_new_tokens=MAX_NEW, top_k=0, normalize=False))
     out = {}
     for m in OBJECTIVES:
-        decoder.resolve(1, {m: 1.0}, None, cfg, token_tilt=False)
-        policy = DecoderPolicy(m, decoder, cfg, weights={m: 1.0}, chat=True, chunk=spec["chunk"], candidates=spec["n"], select="best", batch_size=32)
+        policy = DecoderPolicy(m, decoder, cfg, weights={m: 1.0}, chat=True, chunk=spec["chunk"], candidates=spec["n"], select="best", batch_size=32,
+                               proposal_beta=pb)
         out[m] = evaluate_policy(policy, prompts, rewards, model, tok, samples=SAMPLES, seed=SEED, chat=True, keep_examples=2)
     return out
 
@@ -129,6 +139,7 @@ def main() -> None:
     ap.add_argument("--boot", type=int, default=2000)
     ap.add_argument("--horizons", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--chunks", type=int, nargs="+", default=[10])
+    ap.add_argument("--hybrid", type=int, default=8, help="tilt horizon of the hybrid family (0: no hybrid family)")
     ap.add_argument("--final", action="store_true", help="read the chosen setting and today's default once on the final split")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"), help="where the tables go")
     args = ap.parse_args()
@@ -146,7 +157,7 @@ def main() -> None:
     from mavis_align.values import ValueModel
 
     res_dir = Path(args.results)
-    specs = settings(args.horizons, args.chunks)
+    specs = settings(args.horizons, args.chunks, args.hybrid)
     split = "final" if args.final else "val"
     out = Path(args.out + ("-final" if args.final else ""))
     (out / "rows").mkdir(parents=True, exist_ok=True)

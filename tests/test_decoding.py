@@ -537,6 +537,35 @@ def test_step_guidance_through_the_decoder_and_evaluator(tiny_lm, tiny_tokenizer
         MavisDecoder(tiny_lm, tiny_tokenizer).step_search(PROMPTS, config=cfg)
 
 
+def test_step_guidance_over_token_tilted_proposals(tiny_lm, tiny_tokenizer, value_models):
+    """proposal_beta > 0: the candidate steps are sampled from the token tilt (the top-k only with tail drop,
+    log pi_gen = the tilted step distribution's), the KL the evaluator adds stays tokens' log-ratios + the
+    selections' bound; the tilted rows score with the one scorer the selection uses."""
+    from mavis_align.decoding.engine import step_distribution, RowSpec, RowTensors
+
+    dec = MavisDecoder(tiny_lm, tiny_tokenizer, value_models)
+    cfg = SamplingConfig(max_new_tokens=6, top_k=3, beta=4.0)
+    plain = dec.step_search(PROMPTS, n=3, chunk=2, weights={"a": 1.0}, config=cfg, seed=2, chat=False)
+    assert [g.token_ids for g in plain] == [g.token_ids for g in dec.step_search(PROMPTS, n=3, chunk=2, weights={"a": 1.0}, config=cfg, seed=2,
+                                                                                chat=False, proposal_beta=0.0)]
+    tilted = dec.step_search(PROMPTS, n=3, chunk=2, weights={"a": 1.0}, config=cfg, seed=2, chat=False, proposal_beta=8.0)
+    assert any(a.token_ids != b.token_ids for a, b in zip(plain, tilted))
+    ids, mask = _batch(tiny_tokenizer, PROMPTS)
+    for i, g in enumerate(tilted):
+        assert all(a != b for a, b in zip(g.logprobs_gen, g.logprobs_ref))  # a tilt, not pi_ref's top-k
+        # the first token's log-probability is the tilted step distribution's at the prompt
+        row_ids = ids[i : i + 1][:, mask[i].bool()]
+        scorer = CachedValueScorer(value_models, bind_objectives(value_models))
+        scorer.start(row_ids, torch.ones_like(row_ids))
+        logits = tiny_lm(input_ids=row_ids).logits[:, -1]
+        spec = RowSpec(cfg, weights=torch.tensor([1.0, 0.0, 0.0]), beta=8.0)
+        d = step_distribution(logits, RowTensors.pack([spec], 3, logits.device), scorer=scorer)
+        full = d.full(logits.shape[-1])[0]
+        assert g.logprobs_gen[0] == pytest.approx(float(full[g.token_ids[0]]), abs=1e-4)
+    with pytest.raises(ValueError, match="proposal_beta"):
+        dec.step_search(PROMPTS, weights={"a": 1.0}, config=SamplingConfig(max_new_tokens=4), proposal_beta=2.0)
+
+
 def test_mavis_responses_do_not_depend_on_batch_size(tiny_lm, tiny_tokenizer, value_models):
     """Per-row generators: another batch size keeps every row's random draws, so on a tiny fp32
     model (no rounding flips) the responses are the same token for token."""

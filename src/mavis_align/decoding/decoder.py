@@ -265,10 +265,13 @@ class MavisDecoder:
         batch_size: int = 4,
         chat: bool | None = None,
         progress: bool = False,
+        proposal_beta: float = 0.0,
     ) -> list[Generation]:
         """Step-level value guidance (:mod:`~mavis_align.decoding.steplevel`): N candidate steps of
         ``chunk`` tokens sampled from this decoder's model under ``config``, one kept per step by
-        the value models (``select``: ``"best"`` or ``"tilt"`` with ``beta``).
+        the value models (``select``: ``"best"`` or ``"tilt"`` with ``beta``). ``proposal_beta`` > 0:
+        the steps are sampled from the token-level tilt at that beta (``config``'s top-k, tail and
+        tilt_tokens) instead: token tilt and step selection together.
 
         Returns:
             One :class:`Generation` per prompt; ``extras["selection_kl"]`` is the KL bound the
@@ -280,6 +283,8 @@ class MavisDecoder:
         if not self.value_models:
             raise ValueError("step-level guidance ranks steps by value: load at least one value model")
         prompts = list(prompts)
+        if proposal_beta < 0 or (proposal_beta > 0 and config.top_k < 1):
+            raise ValueError(f"proposal_beta must be >= 0, and > 0 needs config.top_k >= 1 candidates (got {proposal_beta}, top_k {config.top_k})")
         w, b, active = self.resolve(len(prompts), weights, beta, config, token_tilt=False)
         out: list[Generation] = []
         for sl, input_ids, attention, generators in self._batches(prompts, seed, batch_size, chat, progress, "steps"):
@@ -288,6 +293,7 @@ class MavisDecoder:
                 input_ids, attention, config, n=n, chunk=chunk, select=select, weights=w[sl], beta=b[sl],
                 eos_id=self.eos_id, pad_id=self.pad_id, generators=generators,
                 stop_check=stop_checker(self.tokenizer, config.stop_strings),
+                proposal_beta=torch.full((input_ids.shape[0],), float(proposal_beta)) if proposal_beta > 0 else None,
             )
             gens = rows_to_generations(self.tokenizer, prompts[sl], [r.row for r in results], config.stop_strings)
             for g, r in zip(gens, results):

@@ -433,7 +433,7 @@ class DecodeState:
     The value scorer holds only the rows that need it (:attr:`scored`): the tilted rows (those with
     objective weights), in batch order, so a plain row never runs through a value model, and the
     scorer exists only while such a row is live. With ``score_all_rows`` it holds every row instead
-    (step-level guidance scores untilted rows itself); no row may then be tilted.
+    (step-level guidance scores the rows itself); then every row is tilted (MAVIS proposals) or none.
 
     Args:
         make_base: builds a fresh base stepper (``start``/``step``/``reorder``/``merge``).
@@ -477,8 +477,8 @@ class DecodeState:
         n_rows = input_ids.shape[0] if row_source is None else int(row_source.shape[0])
         if len(specs) != n_rows:
             raise ValueError(f"got {len(specs)} row specs for {n_rows} rows")
-        if self.score_all_rows and any(s.weights is not None for s in specs):
-            raise ValueError("a state whose scorer holds every row (score_all_rows) cannot tilt rows")
+        if self.score_all_rows and len({s.weights is not None for s in [*self.specs, *specs]}) > 1:
+            raise ValueError("a state whose scorer holds every row (score_all_rows) tilts every row or none")
         empty = [(k, DecodedRow()) for k, s in zip(keys, specs) if s.max_tokens == 0]
         keep = [i for i, s in enumerate(specs) if s.max_tokens > 0]
         if not keep:
@@ -537,7 +537,10 @@ class DecodeState:
             if bool(early.any()):
                 banned = torch.zeros_like(self.logits, dtype=torch.bool)
                 banned[:, self.eos_id] = early
-        return step_distribution(self.logits, self.rows, scorer=None if self.score_all_rows else self.scorer, banned=banned, lengths=self.lengths)
+        # with score_all_rows the scorer holds every row: it tilts them when they are all tilted (step-level
+        # search over MAVIS proposals), and is the selection's alone when none is
+        tilting = not self.score_all_rows or bool(self.specs and self.specs[0].weights is not None)
+        return step_distribution(self.logits, self.rows, scorer=self.scorer if tilting else None, banned=banned, lengths=self.lengths)
 
     def select(self, index: Sequence[int] | torch.Tensor) -> None:
         """Keep rows ``index`` in that order (repeats allowed: beam search)."""

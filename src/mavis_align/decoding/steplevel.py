@@ -83,6 +83,7 @@ def step_guided_search(
     stop_check: Callable[[list[int]], bool] | None = None,
     pad_id: int = 0,
     on_select: Callable[[int, list[list[int]], list[float], int], None] | None = None,
+    proposal_beta: torch.Tensor | None = None,
 ) -> list[StepResult]:
     """Step-level guided decoding of P prompts ([P, T] left-padded) -> one :class:`StepResult` each.
 
@@ -97,6 +98,10 @@ def step_guided_search(
         pad_id: token fed to rows that no longer decode (never part of a result).
         on_select: called as ``on_select(prompt, candidates' token ids so far, their values, kept index)``
             at every selection (for tests and tracing).
+        proposal_beta: [P] or None. Given: the candidates are sampled from the token-level MAVIS tilt of
+            the proposal (``config``'s top-k, tail, tilt_tokens, normalize; the prompt's weights, this beta)
+            instead of the proposal itself; their recorded log-probabilities are the tilted ones, so the
+            evaluator's KL (tokens' log-ratios + the selections' bound) stays an upper bound to pi_ref.
     """
     if n < 1:
         raise ValueError(f"step-level guidance needs n >= 1 candidates, got {n}")
@@ -110,8 +115,13 @@ def step_guided_search(
     # every row draws its tokens from its own generator, seeded from its prompt's
     row_gens = [torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=generators[p])))
                 for p in range(n_prompts) for _ in range(n)]
-    specs = [RowSpec(config, generator=row_gens[r], stop_check=stop_check) for r in range(n_prompts * n)]
-    state = DecodeState(lambda: base, lambda: scorer, int(weights.shape[1]), eos_id, score_all_rows=True)  # it scores untilted rows itself
+    if proposal_beta is not None and tuple(proposal_beta.shape) != (n_prompts,):
+        raise ValueError(f"proposal_beta must have shape [{n_prompts}], got {list(proposal_beta.shape)}")
+    specs = [RowSpec(config, generator=row_gens[r], stop_check=stop_check,
+                     **({} if proposal_beta is None else {"weights": weights[r // n], "beta": float(proposal_beta[r // n])}))
+             for r in range(n_prompts * n)]
+    # the scorer holds every row: it scores the steps' ends itself (and, with proposal_beta, every row's candidates)
+    state = DecodeState(lambda: base, lambda: scorer, int(weights.shape[1]), eos_id, score_all_rows=True)
     state.admit(input_ids, attention_mask, specs, list(range(n_prompts * n)), torch.arange(n_prompts).repeat_interleave(n))
     device = state.logits.device
     # the batch holds blocks of n rows; block b is prompt order[b] (finished prompts leave the batch)

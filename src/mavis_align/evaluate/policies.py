@@ -38,6 +38,7 @@ class DecoderPolicy:
     chunk: int = 0
     candidates: int = 4
     select: str = "best"
+    proposal_beta: float = 0.0  # step-level: candidates from the token tilt at this beta (0: the proposal itself)
 
     @property
     def step_kl_base(self):
@@ -48,7 +49,7 @@ class DecoderPolicy:
         if self.chunk:
             return self.decoder.step_search(list(prompts), n=self.candidates, chunk=self.chunk, select=self.select, weights=self.weights,
                                             beta=self.beta, config=self.config, seed=seed,
-                                            batch_size=max(1, self.batch_size // self.candidates), chat=self.chat)
+                                            batch_size=max(1, self.batch_size // self.candidates), chat=self.chat, proposal_beta=self.proposal_beta)
         if self.beam:
             return self.decoder.beam_search(list(prompts), num_beams=self.beam, weights=self.weights, beta=self.beta, config=self.config,
                                             rerank=self.rerank, seed=seed, batch_size=max(1, self.batch_size // self.beam), chat=self.chat)

@@ -553,6 +553,80 @@ def _cmd_import_trees(args: argparse.Namespace) -> int:
     return 0
 
 
+# Help for options that many commands share or that need no more than their name says (filled in by
+# _fill_help where an option was added without one, so `--help` and docs/cli.md document every option).
+COMMON_HELP = {
+    "--model": "base model pi_ref: an embedded alias, a .gguf file, a save_pretrained folder, or a hub id",
+    "--base-model": "the base model pi_ref the value model's tokenizer (and a trunk:N backbone) come from",
+    "--value": "value model: [NAME=]PATH, packaged:NAME or a hub id (repeatable; NAME renames a single head)",
+    "--weights": "objective weight NAME=W (repeatable; normalised to sum 1)",
+    "--beta": "tilt strength beta (>= 0)",
+    "--top-k": "candidates per step: the top-k of pi_ref (0 = whole vocabulary)",
+    "--reward": "reward: a registered name, hf:MODEL[#INDEX][@FORMAT] or file.py:NAME / module:NAME (repeatable)",
+    "--dataset": "prompt data: a registered name (`mavis-align ls`), a .jsonl/.csv file, or hf:NAME",
+    "--split": "data split: train / val (dev) / test / final (untouched; read once for verdicts)",
+    "--prompt-field": "prompt column of a user file or hub data set",
+    "--limit": "number of prompts",
+    "--data-seed": "seed of the data split",
+    "--samples": "responses per prompt",
+    "--max-new-tokens": "response budget in tokens",
+    "--min-new-tokens": "no end-of-sequence before this many tokens",
+    "--temperature": "softmax temperature of pi_ref (> 0)",
+    "--greedy": "take the most likely token instead of sampling",
+    "--batch-size": "rows per batch",
+    "--seed": "random seed (every output folder records it)",
+    "--out": "output folder or file",
+    "--no-chat": "feed the prompt as plain text instead of the chat template",
+    "--method": "the method to evaluate",
+    "--recipe": "a recipe: a packaged name (`mavis-align ls`) or a YAML file",
+    "--config": "the sweep's YAML file (see mavis_align.evaluate.pareto.SweepSpec for its keys)",
+    "--extra-children": "children added to a root child that ends in EOS (App. C two-layer rule; default k)",
+    "--backend": "local, or ray (workers on a Ray cluster)",
+    "--lr": "learning rate",
+    "--weight-decay": "weight decay",
+    "--warmup-steps": "linear warm-up steps",
+    "--grad-accum": "gradient accumulation steps",
+    "--epochs": "passes over the training examples",
+    "--max-steps": "stop after this many optimiser steps",
+    "--val-drop-leaves": "drop leaves from the held-out examples too (as from training)",
+    "--eval-every": "steps between held-out evaluations (0: at the end only)",
+    "--lora-rank": "train LoRA adapters of this rank on the backbone instead of all its weights",
+    "--lora-alpha": "LoRA scaling alpha",
+    "--lora-dropout": "LoRA dropout",
+    "--resume": "continue an interrupted run from its last checkpoint",
+    "--teacher": "a value model to distil (repeatable)",
+    "--trees": "rollout tree file(s)",
+    "--backbone": "backbone of the student (see `mavis-align ls backbones`)",
+    "--pool": "what the heads read (see `train --help`)",
+    "--head-hidden": "0: linear heads; d > 0: MLP heads of width d",
+    "--judge-api-key": "API key of the judge's endpoint",
+    "--steps": "GRPO optimiser steps",
+    "--prompts-per-step": "prompts per GRPO step",
+    "--num-generations": "responses per prompt in each GRPO group",
+    "--kl-beta": "weight of the KL penalty to pi_ref",
+    "--port": "TCP port",
+    "--max-tokens-limit": "the largest max_tokens a request may ask for",
+    "--max-prompt-tokens": "the longest prompt (in tokens) a request may send",
+    "--max-rows": "decode rows per forward batch",
+    "--no-progress": "no progress bar",
+    "--private": "create the hub repository as private",
+    "--overwrite": "replace an existing output",
+    "what": "what to list",
+    "source": "the data set to import (hub name or local folder)",
+}
+
+
+def _fill_help(parser: argparse.ArgumentParser) -> None:
+    """Give every option without help its COMMON_HELP text, and show defaults in every command's --help."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for p in sub.choices.values():
+        p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+        for a in p._actions:
+            if a.help is None and not isinstance(a, argparse._HelpAction):
+                key = a.option_strings[0] if a.option_strings else a.dest
+                a.help = COMMON_HELP.get(key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data import SPLITS
     from .demo import DEFAULT_DEMO_VALUES
@@ -881,6 +955,7 @@ def build_parser() -> argparse.ArgumentParser:
             _add_placement(p, recipe=name in ("iterate", "reproduce", "pareto"))
         if name in ("train", "distill", "finetune", "iterate", "reproduce"):
             _add_report_to(p, recipe=name in ("iterate", "reproduce"))
+    _fill_help(parser)
     return parser
 
 

@@ -277,7 +277,9 @@ def _malformed_requests() -> list[tuple[str, bytes]]:
             out.append(("/v1/completions", json.dumps({**good, key: v}).encode()))
     for key, v in [("top_p", 0.5), ("logprobs", True), ("logprobs", 3), ("model", "gpt-4"), ("presence_penalty", 1.0), ("frequency_penalty", -1),
                    ("logit_bias", {"5": 100}), ("echo", True), ("best_of", 3), ("suffix", "x"), ("top_logprobs", 2), ("tail", "sideways"),
-                   ("tail", 5), ("tail", ["keep"]), ("tilt_tokens", -1), ("tilt_tokens", 1.5), ("tilt_tokens", "3")]:
+                   ("tail", 5), ("tail", ["keep"]), ("tilt_tokens", -1), ("tilt_tokens", 1.5), ("tilt_tokens", "3"),
+                   ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"), ("functions", [{"name": "f"}]),
+                   ("response_format", {"type": "json_object"}), ("response_format", {"type": "json_schema", "json_schema": {}}), ("response_format", "json")]:
         out.append(("/v1/completions", json.dumps({**good, key: v}).encode()))
     for p in [None, 5, [], ["a", "b"], "", "\ud800", "x\udfff", "hello " * 200, [1, 2, 3], {"text": "hi"}]:
         out.append(("/v1/completions", json.dumps({**good, "prompt": p}).encode()))
@@ -312,6 +314,21 @@ def test_fuzz_malformed_requests_get_4xx_and_the_server_keeps_answering(server):
         assert not bad, bad
         good = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4, "seed": 2**63 - 1})
         assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_tools_and_structured_output_are_refused_by_name(server):
+    """A client relying on tools or JSON output gets a 400 naming the field, not free text and a 200."""
+    import httpx
+
+    headers = {"Authorization": "Bearer sekret"}
+    with httpx.Client(base_url=server["url"], headers=headers, timeout=60) as http:
+        msgs = [{"role": "user", "content": "hello"}]
+        for extra, field in [({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+                             ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format")]:
+            r = http.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 3, **extra})
+            assert r.status_code == 400 and r.json()["error"]["param"] == field and field in r.json()["error"]["message"]
+        ok = http.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 3, "response_format": {"type": "text"}, "tools": []})
+        assert ok.status_code == 200
 
 
 def test_a_request_that_cannot_start_fails_alone(tiny_lm, tiny_tokenizer):

@@ -156,6 +156,14 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
             val = body.get(key)
             if val is not None and not (type(val) in (type(o) for o in ok) and val in ok):
                 raise APIError(400, f"`{key}` is not supported by this server (got {short(val)})", param=key, code="unsupported_parameter")
+        # features a client relies on for the shape of the answer: refused rather than silently ignored
+        for key in ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"):
+            if body.get(key) not in (None, [], "none"):
+                raise APIError(400, f"`{key}`: this server does not call tools or functions", param=key, code="unsupported_parameter")
+        fmt = body.get("response_format")
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            raise APIError(400, f"`response_format` {short(fmt)}: this server returns free text only (type \"text\")", param="response_format",
+                           code="unsupported_parameter")
 
     def encode(text: str) -> list[int]:
         try:

@@ -273,7 +273,7 @@ def not_learned(quality: dict) -> list[str]:
         r2, conc, se = q.get("r2"), q.get("concordance"), q.get("concordance_se")
         if r2 is not None and r2 <= 0:
             out.append(f"{m}: held-out R² {r2:.3f} <= 0: the value model predicts worse than the mean; do not steer with it "
-                       "(more trees, or --solver ridge on a trunk:N backbone)")
+                       "(more trees; with a trunk:N backbone, ridge heads: docs/value-models.md)")
         elif conc is not None and conc <= 0.5 + (se or 0.0):
             out.append(f"{m}: sibling concordance {conc:.3f} ± {se or 0:.3f} is at chance: it cannot tell sibling continuations apart")
     return out

@@ -208,6 +208,7 @@ SAME_AS_DECODER = [  # (prompt, objective weights, extra body): sampling, greedy
     ("the dog", {"positive": 1}, {"beta": 1.0, "top_k": 5, "normalize": False}),
     ("hello world", {"concise": 0.5, "positive": 0.5}, {"beta": 4.0, "top_k": 3, "tail": "keep"}),
     ("the mat", {"positive": 1}, {"beta": 8.0, "top_k": 5, "max_step_kl": 0.05}),
+    ("the mat is", {"concise": 1}, {"beta": 5.0, "top_k": 6, "candidate_p": 0.5}),
     ("the cat", {"positive": 1}, {"beta": 6.0, "top_k": 4, "tail": "keep", "tilt_tokens": 2}),
 ]
 
@@ -220,7 +221,8 @@ def _decoder_says(decoder, prompt, weights, extra, seed, max_tokens):
     cfg = SamplingConfig(max_new_tokens=max_tokens, min_new_tokens=extra.get("min_tokens", 0), temperature=t or 1.0, greedy=t == 0,
                          top_k=extra.get("top_k", DEFAULT_TOP_K if weights else 0), beta=extra.get("beta", 1.0),
                          normalize=extra.get("normalize", True), max_step_kl=extra.get("max_step_kl", 0.0), stop_strings=tuple(extra.get("stop", ())),
-                         tail=extra.get("tail", "drop"), tilt_tokens=extra.get("tilt_tokens", 0))
+                         tail=extra.get("tail", "drop"), tilt_tokens=extra.get("tilt_tokens", 0),
+                         candidate_p=extra.get("candidate_p", 1.0))
     dec = decoder if weights else MavisDecoder(decoder.model, decoder.tokenizer)  # no weights: pi_ref alone
     return dec.generate([prompt], weights=weights, config=cfg, seed=seed, chat=False)[0]
 
@@ -251,7 +253,7 @@ def test_server_output_equals_the_decoders_alone_and_beside_other_requests(serve
     assert together == expected
     assert any(e[2] == "length" for e in expected) and len({e[0] for e in expected}) == len(expected)
     assert expected[4][1] >= 6  # min_tokens held EOS back
-    capped = client.completions.create(model="tiny", **reqs[-2])  # the per-step KL cap is echoed with beta and top_k
+    capped = client.completions.create(model="tiny", **reqs[-3])  # the per-step KL cap is echoed with beta and top_k
     assert capped.model_extra["mavis"]["max_step_kl"] == 0.05 and capped.model_extra["mavis"]["beta"] == 8.0
     horizon = client.completions.create(model="tiny", **reqs[-1])  # and the tilt horizon
     assert horizon.model_extra["mavis"]["tilt_tokens"] == 2 and horizon.model_extra["mavis"]["tail"] == "keep"
@@ -277,7 +279,7 @@ def _malformed_requests() -> list[tuple[str, bytes]]:
             out.append(("/v1/completions", json.dumps({**good, key: v}).encode()))
     for key, v in [("top_p", 0.5), ("logprobs", True), ("logprobs", 3), ("model", "gpt-4"), ("presence_penalty", 1.0), ("frequency_penalty", -1),
                    ("logit_bias", {"5": 100}), ("echo", True), ("best_of", 3), ("suffix", "x"), ("top_logprobs", 2), ("tail", "sideways"),
-                   ("tail", 5), ("tail", ["keep"]), ("tilt_tokens", -1), ("tilt_tokens", 1.5), ("tilt_tokens", "3"),
+                   ("tail", 5), ("tail", ["keep"]), ("tilt_tokens", -1), ("tilt_tokens", 1.5), ("tilt_tokens", "3"), ("candidate_p", 0), ("candidate_p", 1.5),
                    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"), ("functions", [{"name": "f"}]),
                    ("response_format", {"type": "json_object"}), ("response_format", {"type": "json_schema", "json_schema": {}}), ("response_format", "json")]:
         out.append(("/v1/completions", json.dumps({**good, key: v}).encode()))

@@ -389,3 +389,32 @@ def test_tilt_tokens_tilts_only_the_first_steps_on_the_token_mdp(tail):
             assert r.logprobs_gen[1:] == pytest.approx(r.logprobs_ref[1:], abs=1e-6)
     with pytest.raises(ValueError, match="tilt_tokens must be >= 0"):
         SamplingConfig(tilt_tokens=-1)
+
+
+@pytest.mark.parametrize("tail", ["keep", "drop"])
+def test_candidate_p_keeps_the_fewest_top_tokens_holding_that_mass(tail):
+    """candidate_p: the candidates are the shortest prefix of pi_ref's top-k whose mass reaches p (so the
+    distribution is the top-k' tilt with k' that prefix's length); p = 1 is the plain top-k; untilted rows are
+    untouched."""
+    from mavis_align.decoding.engine import RowSpec, RowTensors, step_distribution
+
+    table = torch.tensor([[0.3], [2.0], [-0.4], [1.5], [0.0], [0.9]])
+
+    class Scorer:
+        def score(self, ids, weights=None):
+            return table[ids]
+
+    logits = torch.tensor([[0.5, 2.0, 1.0, 1.5, -1.0, 0.2]])
+    ref = torch.log_softmax(logits[0], -1)
+    mass = ref.exp().sort(descending=True).values.cumsum(0)  # 1 -> 0.38, 3 -> 0.61, 2 -> 0.78, ...
+    w = torch.tensor([1.0])
+    for p, k_eff in [(0.3, 1), (0.5, 2), (float(mass[1]) + 1e-4, 3), (0.7, 3), (1.0, 4)]:
+        spec = RowSpec(SamplingConfig(top_k=4, beta=3.0, normalize=False, tail=tail, candidate_p=p), weights=w, generator=torch.Generator())
+        d = step_distribution(logits, RowTensors.pack([spec], 1, "cpu"), scorer=Scorer())
+        got = d.full(6)[0].double()
+        torch.testing.assert_close(got, _keep_reference(ref, table[:, 0], k_eff, 3.0, False, tail), atol=1e-5, rtol=1e-5)
+    plain = RowSpec(SamplingConfig(top_k=3, candidate_p=0.3), generator=torch.Generator())  # untilted: its own top-k, p unused
+    d = step_distribution(logits, RowTensors.pack([plain], 1, "cpu"), scorer=None)
+    assert int(torch.isfinite(d.full(6)[0]).sum()) == 3
+    with pytest.raises(ValueError, match="candidate_p must be in"):
+        SamplingConfig(candidate_p=0.0)

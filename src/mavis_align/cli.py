@@ -100,6 +100,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         max_step_kl=args.max_step_kl,
         tail=args.tail,
         tilt_tokens=args.tilt_tokens,
+        candidate_p=args.candidate_p,
     )
     t0 = time.perf_counter()
     decoder = MavisDecoder.load(args.model, args.value)
@@ -364,7 +365,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model, tok = decoder.model, decoder.tokenizer
     prompts = [p.text for p in load_prompts(args.dataset, args.split, seed=args.data_seed, tokenizer=tok, limit=args.limit)]
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, top_k=args.top_k if args.top_k is not None else (DEFAULT_TOP_K if args.value else 0), beta=args.beta,
-                         normalize=not args.no_normalize, max_step_kl=args.max_step_kl, tail=args.tail, tilt_tokens=args.tilt_tokens)
+                         normalize=not args.no_normalize, max_step_kl=args.max_step_kl, tail=args.tail, tilt_tokens=args.tilt_tokens,
+                         candidate_p=args.candidate_p)
     chat = not args.no_chat
     if args.method == "ref":
         policy = DecoderPolicy("ref", decoder, SamplingConfig(max_new_tokens=args.max_new_tokens), chat=chat)
@@ -668,6 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "pi_ref-weighted mean of the candidates' values: beta 0 is exactly pi_ref)")
     p.add_argument("--tilt-tokens", type=int, default=0, metavar="N",
                    help="tilt only the first N response tokens, beta 0 after them (0 = every token, the paper's)")
+    p.add_argument("--candidate-p", type=float, default=1.0, metavar="P",
+                   help="candidates: the fewest of the top-k holding P of pi_ref's mass (a nucleus inside the top-k; 1 = all k, the paper's)")
     p.add_argument("--beam", type=int, default=0, metavar="N", help="value-guided beam search with N beams (needs value models)")
     p.add_argument("--expand", type=int, default=None, help="children per beam per step (default N)")
     p.add_argument("--rerank", action="store_true", help="beam search: re-rank the N finished candidates by the lambda-weighted rewards of the same names")
@@ -821,6 +825,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-step-kl", type=float, default=0.0, metavar="NATS", help="per-step KL cap of the tilt (see `generate --help`)")
     p.add_argument("--tail", choices=TAILS, default="drop", help="tokens outside the top-k: drop or keep (see `generate --help`)")
     p.add_argument("--tilt-tokens", type=int, default=0, metavar="N", help="tilt only the first N response tokens (see `generate --help`)")
+    p.add_argument("--candidate-p", type=float, default=1.0, metavar="P", help="nucleus of pi_ref's mass inside the top-k (see `generate --help`)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--policy", help="fine-tuned policy folder (method policy)")
     p.add_argument("--best-of", type=int, default=0, metavar="N", help="best-of-N by the lambda-weighted rewards")

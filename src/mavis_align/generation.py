@@ -82,6 +82,9 @@ class SamplingConfig:
             0 = every token (the paper). Spends the KL where the candidates differ (issue 36: the
             harmless decision is taken in the first tokens). The value models still score the later
             steps (their values are recorded, not used).
+        candidate_p: with value models, the candidates are the fewest of the top-k tokens that hold this
+            much of pi_ref's mass (a nucleus inside the top-k; 1.0 = all k, the paper's). With
+            ``tail="keep"`` the rest keep pi_ref's mass, with ``"drop"`` they get none.
     """
 
     max_new_tokens: int = 64
@@ -95,6 +98,7 @@ class SamplingConfig:
     max_step_kl: float = 0.0
     tail: str = "drop"
     tilt_tokens: int = 0
+    candidate_p: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -112,6 +116,8 @@ class SamplingConfig:
             raise ValueError(f"tail must be one of {', '.join(TAILS)}, got {self.tail!r}")
         if self.tilt_tokens < 0:
             raise ValueError(f"tilt_tokens must be >= 0 (0 = tilt every token), got {self.tilt_tokens}")
+        if not 0.0 < self.candidate_p <= 1.0:
+            raise ValueError(f"candidate_p must be in (0, 1] (1 = every one of the top-k), got {self.candidate_p}")
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:

@@ -136,7 +136,8 @@ class RowTensors:
     temperature [B] (1 for greedy rows), greedy [B] bool, normalize [B] bool, tilted [B] bool,
     min_new [B] long, max_step_kl [B] (inf: no cap), keep_tail [B] bool (tilted rows whose tokens
     outside the top-k keep pi_ref's mass), tilt_tokens [B] long (tilt only the first that many
-    response tokens; 0 = every token).
+    response tokens; 0 = every token), candidate_p [B] (tilted rows: the nucleus of pi_ref's mass
+    inside the top-k that the candidates are; 1 = all k).
     """
 
     weights: torch.Tensor
@@ -150,6 +151,7 @@ class RowTensors:
     max_step_kl: torch.Tensor
     keep_tail: torch.Tensor
     tilt_tokens: torch.Tensor
+    candidate_p: torch.Tensor
 
     @classmethod
     def pack(cls, specs: Sequence[RowSpec], n_objectives: int, device) -> "RowTensors":
@@ -167,6 +169,7 @@ class RowTensors:
             max_step_kl=torch.tensor([s.config.max_step_kl or float("inf") for s in specs], dtype=torch.float32, device=device),
             keep_tail=torch.tensor([s.weights is not None and s.config.tail == "keep" for s in specs], dtype=torch.bool, device=device),
             tilt_tokens=torch.tensor([s.config.tilt_tokens for s in specs], dtype=torch.long, device=device),
+            candidate_p=torch.tensor([s.config.candidate_p if s.weights is not None else 1.0 for s in specs], dtype=torch.float32, device=device),
         )
 
     def at_length(self, lengths: torch.Tensor | None) -> "RowTensors":
@@ -296,7 +299,7 @@ def step_distribution(
     if sub.values is not None:
         values = torch.full_like(table, float("nan")).scatter(-1, sub.ids, sub.values)
     if tail is not None:
-        valid = _candidate_mask(lp_part.gather(-1, sub.ids), k_row.index_select(0, part))
+        valid = _candidate_mask(lp_part.gather(-1, sub.ids), k_row.index_select(0, part), rows.candidate_p.index_select(0, part))
         in_c = torch.zeros_like(table, dtype=torch.bool).scatter(-1, sub.ids, valid)  # each row's candidates
         table = torch.where(in_c, table, lp_part + tail.shift[:, None])  # drop rows: shift -inf, nothing outside C
         values = torch.where(in_c | ~torch.isfinite(tail.shift)[:, None], values, tail.value[:, None])
@@ -308,9 +311,15 @@ def step_distribution(
     return StepDistribution(None, logp, values)
 
 
-def _candidate_mask(ref_logp: torch.Tensor, k_row: torch.Tensor) -> torch.Tensor:
-    """[B, K] usable candidates of top-k columns ``ref_logp`` [B, K]: within the row's own k, not -inf."""
-    return (torch.arange(ref_logp.shape[1], device=ref_logp.device)[None, :] < k_row[:, None]) & torch.isfinite(ref_logp)
+def _candidate_mask(ref_logp: torch.Tensor, k_row: torch.Tensor, candidate_p: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, K] usable candidates of top-k columns ``ref_logp`` [B, K] (pi_ref's log-probabilities, sorted):
+    within the row's own k, not -inf, and (``candidate_p`` [B] < 1) among the fewest that hold that much
+    of pi_ref's mass (a token is in while the mass before it is below p)."""
+    valid = (torch.arange(ref_logp.shape[1], device=ref_logp.device)[None, :] < k_row[:, None]) & torch.isfinite(ref_logp)
+    if candidate_p is not None and bool((candidate_p < 1).any()):
+        p = ref_logp.exp().masked_fill(~valid, 0.0)
+        valid = valid & ((p.cumsum(-1) - p) < candidate_p[:, None])
+    return valid
 
 
 @dataclass
@@ -327,7 +336,7 @@ def _candidate_distribution(logp_full: torch.Tensor, rows: RowTensors, k_row: to
     [B, K] with K the largest k; the scorer sees the tilted rows' first K_t candidates only (K_t their
     largest k). Also the kept tails (None when no row keeps one)."""
     ref_logp, ids = torch.topk(logp_full, int(k_row.max()), dim=-1)
-    valid = _candidate_mask(ref_logp, k_row)
+    valid = _candidate_mask(ref_logp, k_row, rows.candidate_p)
     tilted = rows.tilted if scorer is not None else torch.zeros_like(rows.tilted)
     if not bool(tilted.any()):
         return StepDistribution(ids, torch.log_softmax(ref_logp.masked_fill(~valid, NEG_INF), dim=-1), None), None

@@ -39,6 +39,7 @@ class MavisLogitsProcessor:
         tail: ``"drop"`` (the paper: only the top-k candidates get mass) or ``"keep"`` (tokens outside
             them keep pi_ref's mass, tilted by a baseline value; see ``SamplingConfig.tail``).
         tilt_tokens: tilt only the first that many generated tokens (0 = every token; ``SamplingConfig.tilt_tokens``).
+        candidate_p: the candidates are the fewest of the top-k holding this much of pi_ref's mass (1 = all k).
         temperature: applied to pi_ref before top-k, as in the native decoder.
         names: per value model, the objective name of its single head (None: stored names).
         attention_mask: [B, T] mask of the prompt batch given to ``generate`` (left padding);
@@ -57,6 +58,7 @@ class MavisLogitsProcessor:
         max_step_kl: float = 0.0,
         tail: str = "drop",
         tilt_tokens: int = 0,
+        candidate_p: float = 1.0,
         temperature: float = 1.0,
         names: Sequence[str | None] | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -67,7 +69,8 @@ class MavisLogitsProcessor:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         self.config = SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, beta=beta, normalize=normalize,
-                                     max_step_kl=max_step_kl, tail=tail, tilt_tokens=tilt_tokens)  # validates
+                                     max_step_kl=max_step_kl, tail=tail, tilt_tokens=tilt_tokens,
+                                     candidate_p=candidate_p)  # validates
         if attention_mask is None and pad_token_id is None:
             raise ValueError("give the prompt attention_mask (or pad_token_id to infer left padding)")
         self.models = [vm.eval() for vm in value_models]

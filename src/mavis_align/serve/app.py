@@ -10,7 +10,7 @@ objective weights, else the whole vocabulary), ``min_tokens`` (no EOS before), `
 normalise the combined values, default true), ``max_step_kl`` (cap in nats on the KL the tilt adds per
 step, 0 = none), ``tail`` (``"drop"``, the paper's tilt, or ``"keep"``: tokens outside the top-k keep
 pi_ref's mass, tilted by a baseline value), ``tilt_tokens`` (tilt only the first that many tokens, 0 = every
-token), ``return_rewards`` (score the result with the reward
+token), ``candidate_p`` (the candidates: the fewest of the top-k holding that much of pi_ref's mass), ``return_rewards`` (score the result with the reward
 functions of the same names). ``temperature`` 0 is greedy decoding. Responses
 carry a ``mavis`` object with the KL estimate (eq. 7), the weights and beta used, and the rewards.
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
@@ -194,6 +194,9 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
         if tail not in TAILS:
             raise APIError(400, f"`tail` must be one of {', '.join(map(repr, TAILS))}, got {short(tail)}", param="tail")
         tilt_tokens = number(body, "tilt_tokens", 0, 0, max_tokens_limit, True)
+        candidate_p = number(body, "candidate_p", 1.0, 0.0, 1.0)
+        if candidate_p <= 0:
+            raise APIError(400, "`candidate_p` must be in (0, 1]", param="candidate_p")
         seed = number(body, "seed", None, SEED_RANGE[0], SEED_RANGE[1], True)
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
@@ -219,7 +222,8 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
         top_k = number(body, "top_k", DEFAULT_TOP_K if weights is not None else 0, 1 if weights is not None or "top_k" in body else 0, 1000, True)
         config = SamplingConfig(max_new_tokens=max_tokens, min_new_tokens=min_tokens, temperature=temperature or 1.0, greedy=temperature == 0,
                                 top_k=top_k, stop_strings=tuple(stop), beta=beta, normalize=normalize,
-                                max_step_kl=max_step_kl, tail=tail, tilt_tokens=tilt_tokens)
+                                max_step_kl=max_step_kl, tail=tail, tilt_tokens=tilt_tokens,
+                                candidate_p=candidate_p)
         ids = encode(prompt_text)
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
@@ -236,7 +240,8 @@ def create_app(decoder, *, model_name: str = "mavis", api_key: str | None = None
                 "top_k": req.config.top_k if req.weights is not None else None,
                 "max_step_kl": (req.config.max_step_kl or None) if req.weights is not None else None,
                 "tail": req.config.tail if req.weights is not None else None,
-                "tilt_tokens": (req.config.tilt_tokens or None) if req.weights is not None else None}
+                "tilt_tokens": (req.config.tilt_tokens or None) if req.weights is not None else None,
+                "candidate_p": req.config.candidate_p if req.weights is not None and req.config.candidate_p < 1 else None}
         if req.reward_names:
             info["rewards"] = done.get("rewards", {})
         return info

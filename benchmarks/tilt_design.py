@@ -16,6 +16,9 @@ Families (every setting saved as it finishes; a rerun resumes):
                 the best by V kept (decisive tokens tilted, chunks selected after them); KL = the tokens'
                 log-ratios + the best-of-N bound. (Added to the families after the sweep had measured only
                 token β 10 and 25, before any horizon, step or hybrid row: the rule below is unchanged.)
+* ``nucleus-p`` report only (never chosen: added after the first horizon row had been seen): the token tilt
+                whose candidates are the fewest of the top-15 holding p of π_ref's mass (``candidate_p``),
+                tail keep, β ∈ {25, 50, 100}.
 
 The rule, fixed before this sweep's data (today's default D = token β 25; per objective m its mean KL
 k_m and reward R_D,m on these prompts):
@@ -49,11 +52,13 @@ TOKEN_BETAS = [10.0, 25.0, 50.0, 100.0]
 HORIZON_BETAS = [25.0, 50.0, 100.0, 200.0]
 STEP_N = [2, 4]
 HYBRID_BETAS, HYBRID_N = [50.0, 100.0], [2, 4]
+NUCLEUS_BETAS = [25.0, 50.0, 100.0]
+REPORT_ONLY = ("nucleus",)  # families measured beside the others but outside the rule's choice
 TOP_K, MAX_NEW, SAMPLES, SEED, PER_CATEGORY = 15, 40, 2, 0, 6
 DEFAULT_KEY = "token-beta25"
 
 
-def settings(horizons: list[int], chunks: list[int], hybrid: int = 8) -> dict[str, dict]:
+def settings(horizons: list[int], chunks: list[int], hybrid: int = 8, nucleus: tuple[float, ...] = (0.8,)) -> dict[str, dict]:
     """key -> {"family", "kind": token|step, ...} of every setting of the sweep."""
     out = {f"token-beta{b:g}": {"family": "token", "kind": "token", "beta": b, "tilt_tokens": 0} for b in TOKEN_BETAS}
     for h in horizons:
@@ -63,6 +68,9 @@ def settings(horizons: list[int], chunks: list[int], hybrid: int = 8) -> dict[st
     if hybrid:
         out.update({f"hybrid{hybrid}-beta{b:g}-n{n}": {"family": f"hybrid-{hybrid}", "kind": "step", "chunk": 10, "n": n, "proposal_beta": b,
                                                        "tilt_tokens": hybrid} for b in HYBRID_BETAS for n in HYBRID_N})
+    for q in nucleus:
+        out.update({f"nucleus{q:g}-beta{b:g}": {"family": f"nucleus-{q:g}", "kind": "token", "beta": b, "tilt_tokens": 0, "candidate_p": q}
+                    for b in NUCLEUS_BETAS})
     return out
 
 
@@ -72,7 +80,8 @@ def run_setting(spec: dict, decoder, prompts, rewards, model, tok) -> dict:
     from mavis_align.generation import SamplingConfig
 
     if spec["kind"] == "token":
-        cfg = SamplingConfig(max_new_tokens=MAX_NEW, top_k=TOP_K, beta=spec["beta"], normalize=False, tail="keep", tilt_tokens=spec["tilt_tokens"])
+        cfg = SamplingConfig(max_new_tokens=MAX_NEW, top_k=TOP_K, beta=spec["beta"], normalize=False, tail="keep", tilt_tokens=spec["tilt_tokens"],
+                             candidate_p=spec.get("candidate_p", 1.0))
         return evaluate_weightings(decoder, cfg, [(m, {m: 1.0}) for m in OBJECTIVES], prompts, rewards, model, tok, samples=SAMPLES,
                                    seed=SEED, chat=True, keep_examples=2)
     pb = float(spec.get("proposal_beta", 0.0))
@@ -107,7 +116,7 @@ def choose(rows: dict, specs: dict, ref: dict, tables: dict) -> dict:
     """The rule of the module docstring -> the chosen family and setting, with the per-objective tests."""
     d = rows[DEFAULT_KEY]
     tests = half_kl_tests(rows, specs, tables)
-    fams = sorted(tests)
+    fams = sorted(f for f in tests if not f.startswith(REPORT_ONLY))
     best = max(fams, key=lambda f: (tests[f]["passes"], tests[f]["margin"])) if fams else None
     if best is None or tests[best]["passes"] == 0:
         return {"family": "token", "setting": DEFAULT_KEY, "why": "no family reaches today's reward at half today's KL on any objective", "tests": tests}
@@ -140,6 +149,7 @@ def main() -> None:
     ap.add_argument("--horizons", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--chunks", type=int, nargs="+", default=[10])
     ap.add_argument("--hybrid", type=int, default=8, help="tilt horizon of the hybrid family (0: no hybrid family)")
+    ap.add_argument("--nucleus", type=float, nargs="*", default=[0.8], help="candidate_p of the report-only nucleus families")
     ap.add_argument("--final", action="store_true", help="read the chosen setting and today's default once on the final split")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"), help="where the tables go")
     args = ap.parse_args()
@@ -157,7 +167,7 @@ def main() -> None:
     from mavis_align.values import ValueModel
 
     res_dir = Path(args.results)
-    specs = settings(args.horizons, args.chunks, args.hybrid)
+    specs = settings(args.horizons, args.chunks, args.hybrid, tuple(args.nucleus))
     split = "final" if args.final else "val"
     out = Path(args.out + ("-final" if args.final else ""))
     (out / "rows").mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ def render(parser: argparse.ArgumentParser) -> str:
                 continue
             flags = ", ".join(f"`{o}`" for o in a.option_strings) or f"`{a.dest}`"
             default = "" if a.default in (None, argparse.SUPPRESS, False) or a.required else f"`{a.default}`"
-            text = (a.help or "").replace("|", "\\|").replace("\n", " ")
+            # brackets escaped: "[#INDEX][@FORMAT]" would read as a Markdown reference link
+            text = (a.help or "").replace("|", "\\|").replace("\n", " ").replace("[", "\\[").replace("]", "\\]")
             if a.choices:
                 text += (" " if text else "") + "(" + ", ".join(map(str, a.choices)) + ")"
             out.append(f"| {flags} | {default} | {text} |")

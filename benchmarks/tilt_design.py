@@ -16,6 +16,7 @@ Families (every setting saved as it finishes; a rerun resumes):
                 the best by V kept (decisive tokens tilted, chunks selected after them); KL = the tokens'
                 log-ratios + the best-of-N bound. (Added to the families after the sweep had measured only
                 token β 10 and 25, before any horizon, step or hybrid row: the rule below is unchanged.)
+* ``hybridlow-h`` report only (added after the whole dev sweep had been read): the hybrid at β ∈ {10, 25}.
 * ``nucleus-p`` report only (never chosen: added after the first horizon row had been seen): the token tilt
                 whose candidates are the fewest of the top-15 holding p of π_ref's mass (``candidate_p``),
                 tail keep, β ∈ {25, 50, 100}.
@@ -53,7 +54,7 @@ HORIZON_BETAS = [25.0, 50.0, 100.0, 200.0]
 STEP_N = [2, 4]
 HYBRID_BETAS, HYBRID_N = [50.0, 100.0], [2, 4]
 NUCLEUS_BETAS = [25.0, 50.0, 100.0]
-REPORT_ONLY = ("nucleus",)  # families measured beside the others but outside the rule's choice
+REPORT_ONLY = ("nucleus", "hybridlow")  # families measured beside the others but outside the rule's choice
 TOP_K, MAX_NEW, SAMPLES, SEED, PER_CATEGORY = 15, 40, 2, 0, 6
 DEFAULT_KEY = "token-beta25"
 
@@ -68,6 +69,9 @@ def settings(horizons: list[int], chunks: list[int], hybrid: int = 8, nucleus: t
     if hybrid:
         out.update({f"hybrid{hybrid}-beta{b:g}-n{n}": {"family": f"hybrid-{hybrid}", "kind": "step", "chunk": 10, "n": n, "proposal_beta": b,
                                                        "tilt_tokens": hybrid} for b in HYBRID_BETAS for n in HYBRID_N})
+    if hybrid:
+        out.update({f"hybridlow{hybrid}-beta{b:g}-n{n}": {"family": f"hybridlow-{hybrid}", "kind": "step", "chunk": 10, "n": n, "proposal_beta": b,
+                                                          "tilt_tokens": hybrid} for b in (10.0, 25.0) for n in HYBRID_N})
     for q in nucleus:
         out.update({f"nucleus{q:g}-beta{b:g}": {"family": f"nucleus-{q:g}", "kind": "token", "beta": b, "tilt_tokens": 0, "candidate_p": q}
                     for b in NUCLEUS_BETAS})

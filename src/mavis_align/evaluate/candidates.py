@@ -249,19 +249,6 @@ def value_of_candidates(value_model, states: Sequence[CandidateState], objective
     return out
 
 
-def _concordance(pred: np.ndarray, target: np.ndarray, pairs: Sequence[tuple[int, int]]) -> tuple[float, int]:
-    """Fraction of ``pairs`` (i, j) that ``pred`` orders as ``target`` (ties of pred ½); target ties skipped."""
-    hits, n = 0.0, 0
-    for i, j in pairs:
-        d = target[i] - target[j]
-        if d == 0:
-            continue
-        p = pred[i] - pred[j]
-        hits += 0.5 if p == 0 else float((p > 0) == (d > 0))
-        n += 1
-    return hits, n
-
-
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     if ra.std() == 0 or rb.std() == 0:
@@ -288,17 +275,23 @@ def random_effects(x: np.ndarray, rng: np.random.Generator, permutations: int = 
     return sd, (1 + ge) / (1 + permutations)
 
 
-def _mean_se(per_state: Sequence[tuple[float, int]]) -> dict:
-    """Pooled concordance over states and its cluster-robust standard error (pairs of one state share
-    candidates and rollouts, so they are not independent): the ratio estimator's linearised variance."""
-    per = [(h, n) for h, n in per_state if n]
-    n_tot = sum(n for _, n in per)
-    if not n_tot:
+def _pooled(per_state: Sequence[tuple[np.ndarray, np.ndarray, Sequence[tuple[int, int]]]]) -> dict:
+    """Concordance of pred with target over every state's pairs, pooled, with the standard error clustered
+    by state (pairs of one state share candidates and rollouts): ``train.quality.sibling_concordance``
+    on the states laid end to end. ``per_state``: (pred [k], target [k], pairs) per state."""
+    from ..train.quality import sibling_concordance
+
+    preds, targets, pairs, clusters, at = [], [], [], [], 0
+    for si, (pred, target, prs) in enumerate(per_state):
+        preds.append(np.asarray(pred, dtype=np.float64))
+        targets.append(np.asarray(target, dtype=np.float64))
+        pairs += [(at + i, at + j) for i, j in prs]
+        clusters += [si] * len(pred)
+        at += len(pred)
+    if not at:
         return {"concordance": float("nan"), "se": float("nan"), "pairs": 0, "states": 0}
-    c = sum(h for h, _ in per) / n_tot
-    s = len(per)
-    var = sum((h - c * n) ** 2 for h, n in per) / n_tot**2 * (s / (s - 1)) if s > 1 else float("nan")
-    return {"concordance": c, "se": math.sqrt(var), "pairs": n_tot, "states": s}
+    out = sibling_concordance(np.concatenate(preds), np.concatenate(targets), pairs, clusters)
+    return {"concordance": out["concordance"], "se": out["se"], "pairs": out["pairs"], "states": out["trees"]}
 
 
 def candidate_metrics(states: Sequence[CandidateState], values: Sequence[np.ndarray] | None, objectives: Sequence[str], *, seed: int = 0) -> dict:
@@ -307,7 +300,7 @@ def candidate_metrics(states: Sequence[CandidateState], values: Sequence[np.ndar
     rng = np.random.default_rng(seed)
     out = {}
     for m, name in enumerate(objectives):
-        acc: dict[str, list[tuple[float, int]]] = {key: [] for key in ("resolved", "all_pairs", "value_vs_half", "half_vs_half", "resolved_top2", "resolved_rest")}
+        acc: dict[str, list[tuple]] = {key: [] for key in ("resolved", "all_pairs", "value_vs_half", "half_vs_half", "resolved_top2", "resolved_rest")}
         rho, sd_b, sig, v_sd, resolved_pairs = [], [], [], [], 0
         for si, s in enumerate(states):
             x = s.rewards[:, :, m].astype(np.float64)  # [k, N]
@@ -318,7 +311,7 @@ def candidate_metrics(states: Sequence[CandidateState], values: Sequence[np.ndar
             resolved = [(i, j) for i, j in pairs if abs(mean[i] - mean[j]) > 2 * math.hypot(se[i], se[j])]
             resolved_pairs += len(resolved)
             half_a, half_b = x[:, 0::2].mean(1), x[:, 1::2].mean(1)
-            acc["half_vs_half"].append(_concordance(half_a, half_b, pairs))
+            acc["half_vs_half"].append((half_a, half_b, pairs))
             b, p = random_effects(x, rng)
             sd_b.append(b)
             sig.append(p < 0.05)
@@ -329,11 +322,11 @@ def candidate_metrics(states: Sequence[CandidateState], values: Sequence[np.ndar
             for key, prs, target in (("resolved", resolved, mean), ("all_pairs", pairs, mean), ("value_vs_half", pairs, half_b),
                                      ("resolved_top2", [q for q in resolved if q[0] < 2 and q[1] < 2], mean),
                                      ("resolved_rest", [q for q in resolved if q[1] >= 2], mean)):
-                acc[key].append(_concordance(v, target, prs))
+                acc[key].append((v, target, prs))
             r = _spearman(v, mean)
             if not math.isnan(r):
                 rho.append(r)
-        res = {key: _mean_se(acc[key]) for key in acc if values is not None or key == "half_vs_half"}
+        res = {key: _pooled(acc[key]) for key in acc if values is not None or key == "half_vs_half"}
         res.update({"states": len(states), "resolved_pairs": resolved_pairs,
                     "sd_between_median": float(np.median(sd_b)) if sd_b else float("nan"),
                     "states_with_signal": float(np.mean(sig)) if sig else float("nan")})

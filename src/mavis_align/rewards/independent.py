@@ -64,13 +64,14 @@ def _pmi_lm(name: str):
 
 
 @torch.no_grad()
-def response_logprobs(model, tokenizer, requests: list[str], responses: list[str], batch_size: int = 16) -> list[list[float]]:
-    """log p(y_t | chat(request), y_<t) of each response's tokens (the response re-tokenised)."""
+def response_logprobs(model, tokenizer, requests: list[str], responses: list[str], batch_size: int = 16,
+                      system: str | None = None) -> list[list[float]]:
+    """log p(y_t | chat(system, request), y_<t) of each response's tokens (the response re-tokenised)."""
     from ..evaluate.evaluator import teacher_forced_logprobs
     from ..models import format_prompts
 
     ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
-    return teacher_forced_logprobs(model, tokenizer, format_prompts(tokenizer, list(requests), chat=True), ids, batch_size=batch_size)
+    return teacher_forced_logprobs(model, tokenizer, format_prompts(tokenizer, list(requests), chat=True, system=system), ids, batch_size=batch_size)
 
 
 def pmi_scores(model, tokenizer, prompts: list[str], responses: list[str]) -> list[float]:
@@ -101,18 +102,13 @@ def harmful_prompt_texts() -> frozenset[str]:
 
 def refusal_ratio_scores(model, tokenizer, prompts: list[str], responses: list[str], harmful: list[bool]) -> list[float]:
     """Mean per-token log p(y | decline, x) − log p(y | comply, x) where ``harmful``, else 0."""
-    from ..models import format_prompts
-
     idx = [i for i, h in enumerate(harmful) if h and responses[i].strip()]
     out = [0.0] * len(responses)
     if not idx:
         return out
-    ids = [tokenizer(responses[i], add_special_tokens=False)["input_ids"] for i in idx]
-    from ..evaluate.evaluator import teacher_forced_logprobs
-
-    req = [prompts[i] for i in idx]
-    dec = teacher_forced_logprobs(model, tokenizer, format_prompts(tokenizer, req, chat=True, system=DECLINE), ids, batch_size=16)
-    com = teacher_forced_logprobs(model, tokenizer, format_prompts(tokenizer, req, chat=True, system=COMPLY), ids, batch_size=16)
+    req, resp = [prompts[i] for i in idx], [responses[i] for i in idx]
+    dec = response_logprobs(model, tokenizer, req, resp, system=DECLINE)
+    com = response_logprobs(model, tokenizer, req, resp, system=COMPLY)
     for i, d, c in zip(idx, dec, com):
         out[i] = sum(a - b for a, b in zip(d, c)) / len(d) if d else 0.0
     return out

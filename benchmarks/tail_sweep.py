@@ -53,6 +53,20 @@ def choose(rows: dict, ref: dict) -> dict:
     return {"key": best[3], "tail": rows[best[3]]["tail"], "beta": rows[best[3]]["beta"], "why": why}
 
 
+def ref_result(out: Path, model, tok, prompts: list[str], rewards) -> dict:
+    """pi_ref's evaluation on the sweep's prompts (``out/rows/ref.json``, measured once, then read)."""
+    from mavis_align.decoding.decoder import MavisDecoder
+    from mavis_align.evaluate import DecoderPolicy, evaluate_policy
+    from mavis_align.generation import SamplingConfig
+    from mavis_align.provenance import write_json
+
+    path = out / "rows" / "ref.json"
+    if not path.exists():
+        write_json(path, evaluate_policy(DecoderPolicy("ref", MavisDecoder(model, tok), SamplingConfig(max_new_tokens=MAX_NEW), chat=True),
+                                         prompts, rewards, model, tok, samples=SAMPLES, seed=SEED, chat=True, keep_examples=2))
+    return json.loads(path.read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/tail_sweep")
@@ -69,7 +83,7 @@ def main() -> None:
     from mavis_align.data import load_prompts
     from mavis_align.decoding.decoder import MavisDecoder
     from mavis_align.demo import balanced_prompts, steering_z
-    from mavis_align.evaluate import DecoderPolicy, evaluate_policy, evaluate_weightings
+    from mavis_align.evaluate import evaluate_weightings
     from mavis_align.evaluate.matched import KL_LEVELS, format_cell, matched_kl, point_of
     from mavis_align.generation import SamplingConfig
     from mavis_align.models import load_causal_lm
@@ -85,11 +99,7 @@ def main() -> None:
     decoder = MavisDecoder(model, tok, [vm])
     prompts = balanced_prompts(load_prompts("hh-mix", "val", seed=0, tokenizer=tok), PER_CATEGORY)
     rewards = get_rewards(OBJECTIVES)
-    ref_path = out / "rows" / "ref.json"
-    if not ref_path.exists():
-        write_json(ref_path, evaluate_policy(DecoderPolicy("ref", MavisDecoder(model, tok), SamplingConfig(max_new_tokens=MAX_NEW), chat=True),
-                                             prompts, rewards, model, tok, samples=SAMPLES, seed=SEED, chat=True, keep_examples=2))
-    ref = json.loads(ref_path.read_text())
+    ref = ref_result(out, model, tok, prompts, rewards)
     rows = {}
     for tail in TAILS:
         for beta in betas:

@@ -48,14 +48,14 @@ import argparse
 import json
 from pathlib import Path
 
-OBJECTIVES = ["helpful", "harmless", "humor"]
+from tail_sweep import MAX_NEW, OBJECTIVES, PER_CATEGORY, SAMPLES, SEED, TOP_K, ref_result  # the same dev prompts and pi_ref row
+
 TOKEN_BETAS = [10.0, 25.0, 50.0, 100.0]
 HORIZON_BETAS = [25.0, 50.0, 100.0, 200.0]
 STEP_N = [2, 4]
 HYBRID_BETAS, HYBRID_N = [50.0, 100.0], [2, 4]
 NUCLEUS_BETAS = [25.0, 50.0, 100.0]
 REPORT_ONLY = ("nucleus", "hybridlow")  # families measured beside the others but outside the rule's choice
-TOP_K, MAX_NEW, SAMPLES, SEED, PER_CATEGORY = 15, 40, 2, 0, 6
 DEFAULT_KEY = "token-beta25"
 
 
@@ -161,9 +161,7 @@ def main() -> None:
     from mavis_align.data import load_prompts
     from mavis_align.decoding.decoder import MavisDecoder
     from mavis_align.demo import balanced_prompts, steering_z
-    from mavis_align.evaluate import DecoderPolicy, evaluate_policy
     from mavis_align.evaluate.matched import KL_LEVELS, format_cell, matched_kl, point_of
-    from mavis_align.generation import SamplingConfig
     from mavis_align.models import load_causal_lm
     from mavis_align.provenance import write_json, write_run_record
     from mavis_align.rewards import get_rewards
@@ -183,11 +181,7 @@ def main() -> None:
     if args.final:  # today's default and the chosen family, every setting of it (no choice is made here)
         chosen_dev = json.loads((res_dir / "tilt_design.json").read_text())["chosen"]
         specs = {k: s for k, s in specs.items() if k == DEFAULT_KEY or s["family"] == chosen_dev["family"]}
-    ref_path = out / "rows" / "ref.json"
-    if not ref_path.exists():
-        write_json(ref_path, evaluate_policy(DecoderPolicy("ref", MavisDecoder(model, tok), SamplingConfig(max_new_tokens=MAX_NEW), chat=True),
-                                             prompts, rewards, model, tok, samples=SAMPLES, seed=SEED, chat=True, keep_examples=2))
-    ref = json.loads(ref_path.read_text())
+    ref = ref_result(out, model, tok, prompts, rewards)
     rows = {}
     for key, spec in specs.items():
         path = out / "rows" / f"{key}.json"

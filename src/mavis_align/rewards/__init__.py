@@ -164,7 +164,7 @@ def load_user_reward(spec: str) -> Reward:
 
 def reward_name(spec: str) -> str:
     """The objective name a reward spec labels trees with: the spec itself, or a user reward's own name."""
-    return load_user_reward(spec).name if _is_user_spec(spec) else spec
+    return get_reward(spec).name if _is_user_spec(spec) else spec  # built once per process (the file is imported once)
 
 
 @functools.lru_cache(maxsize=None)

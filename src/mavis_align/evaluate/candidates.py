@@ -124,18 +124,23 @@ def collect_candidates(config: CandidateBenchConfig, out: str | Path, *, progres
 
             total = len(items) * len(config.positions)
             bar = tqdm(total=total, initial=total - len(todo), desc="candidate states", unit="state")
+        tree = TreeConfig(max_new_tokens=config.max_new_tokens)  # pi_ref sampling at temperature 1, whole vocabulary
+
+        def skip(i: int, t: int, why: str) -> None:
+            h5.create_group(_state_key(i, t)).attrs["skipped"] = why
+            if bar is not None:
+                bar.update(1)
+
         prefixes: dict[int, list[int]] = {}
         for i, t in todo:
             prompt_ids = tok(texts[i], add_special_tokens=False)["input_ids"]
             if i not in prefixes:  # one pi_ref response prefix per prompt, long enough for every position
                 gen = row_generator(config.seed, 2 * i)
-                row = policy.extend([prompt_ids], [0], [max(config.positions) or 1], TreeConfig(max_new_tokens=config.max_new_tokens), gen)[0]
+                row = policy.extend([prompt_ids], [0], [max(config.positions) or 1], tree, gen)[0]
                 prefixes[i] = list(row.token_ids)
             prefix = prefixes[i][:t]
             if len(prefix) < t or (eos is not None and eos in prefix):
-                h5.create_group(_state_key(i, t)).attrs["skipped"] = "the pi_ref response ended before this position"
-                if bar is not None:
-                    bar.update(1)
+                skip(i, t, "the pi_ref response ended before this position")
                 continue
             state = prompt_ids + prefix
             gen = row_generator(config.seed, 2 * i + 1 + 1000003 * t)
@@ -146,7 +151,7 @@ def collect_candidates(config: CandidateBenchConfig, out: str | Path, *, progres
                 chunks = [[int(a)] for a in cand]
                 ref_logp = lp.tolist()
             else:  # k distinct chunks sampled from pi_ref (up to 4k draws)
-                draws = policy.extend([state], [0] * (4 * config.k), [config.chunk] * (4 * config.k), TreeConfig(max_new_tokens=config.max_new_tokens), gen)
+                draws = policy.extend([state], [0] * (4 * config.k), [config.chunk] * (4 * config.k), tree, gen)
                 seen: dict[tuple, float] = {}
                 for d in draws:
                     key = tuple(d.token_ids)
@@ -154,9 +159,7 @@ def collect_candidates(config: CandidateBenchConfig, out: str | Path, *, progres
                         seen[key] = float(sum(d.logprobs_ref))
                 chunks, ref_logp = [list(c) for c in seen], list(seen.values())
                 if len(chunks) < 2:
-                    h5.create_group(_state_key(i, t)).attrs["skipped"] = "pi_ref gives fewer than two distinct chunks here"
-                    if bar is not None:
-                        bar.update(1)
+                    skip(i, t, "pi_ref gives fewer than two distinct chunks here")
                     continue
             budget = config.max_new_tokens - t
             responses: list[list[int]] = [[] for _ in range(len(chunks) * config.rollouts)]
@@ -170,7 +173,7 @@ def collect_candidates(config: CandidateBenchConfig, out: str | Path, *, progres
                 part = rows_src[s : s + config.max_rows]
                 order = sorted(set(part))
                 rows = policy.extend([state + chunks[c] for c in order], [order.index(c) for c in part],
-                                     [budget - len(chunks[c]) for c in part], TreeConfig(max_new_tokens=config.max_new_tokens), gen)
+                                     [budget - len(chunks[c]) for c in part], tree, gen)
                 for c, row in zip(part, rows):
                     responses[c * config.rollouts + filled[c]] = prefix + chunks[c] + list(row.token_ids)
                     filled[c] += 1
